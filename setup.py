@@ -1,0 +1,46 @@
+"""llm-lab: a JAX research codebase for training and studying language models."""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12",
+    "ml-collections>=1.0",
+    "tensorflow-datasets>=4.9.9",
+    "tensorflow-cpu>=2.20",  # tfds builders and TensorBoard summaries
+    "sentencepiece>=0.2",
+    "absl-py>=2.1",
+    "numpy>=2.0",
+    "tqdm>=4.66",
+    "safetensors>=0.4",  # Hugging Face checkpoint format (llm/hf.py)
+    "matplotlib>=3.8",  # plots in notebooks and experiments
+]
+
+EXTRAS_REQUIRE = {
+    # Tests compare against Hugging Face transformers on the CPU build of torch and execute notebooks.
+    "test": [
+        "pytest>=8",
+        "torch==2.13.0",
+        "transformers>=4.50",
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
+    ],
+    # One NVIDIA GPU or a GPU cluster: CUDA 12 wheels of jaxlib (Pallas Triton / Mosaic GPU kernels).
+    "gpu": ["jax[cuda12]>=0.10"],
+    # TPU VMs and pod slices: libtpu (Pallas Mosaic TPU kernels).
+    "tpu": ["jax[tpu]>=0.10"],
+}
+
+setuptools.setup(
+    name="llm-lab",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["llm*", "kernels*", "data*", "experiments*"]),
+    include_package_data=True,
+    package_data={"data": ["corpus/**/*", "tokenizer/*"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
