@@ -1,0 +1,99 @@
+"""TFDS builder `text_corpus`: one example per text file of a local directory.
+
+Files are split into train/validation by a hash of their relative path, so the
+split is deterministic and stable when files are added or removed.
+
+    import data.text_corpus  # registers the builder
+    tfds.load("text_corpus", split="train", data_dir=...)  # the shipped pydoc corpus
+    tfds.load("text_corpus", split="train", data_dir=...,
+              builder_kwargs={"config": config_for_directory("/my/texts")})
+"""
+import dataclasses
+import hashlib
+import os
+import pathlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow_datasets as tfds  # noqa: E402
+
+SHIPPED_CORPUS = pathlib.Path(__file__).resolve().parent / "corpus" / "pydoc"
+VALIDATION_FRACTION = 0.05
+
+
+class CorpusNotFoundError(FileNotFoundError):
+    """The corpus directory is missing or holds no matching text files."""
+
+
+@dataclasses.dataclass(eq=False)
+class TextCorpusConfig(tfds.core.BuilderConfig):
+    """A directory of text files; `pattern` is a glob relative to it."""
+
+    directory: str = str(SHIPPED_CORPUS)
+    pattern: str = "**/*.txt"
+
+
+def config_for_directory(directory: str | os.PathLike, pattern: str = "**/*.txt") -> TextCorpusConfig:
+    """Config whose name is derived from the absolute path, so caches never collide."""
+    path = str(pathlib.Path(directory).expanduser().resolve())
+    digest = hashlib.sha256(f"{path}\0{pattern}".encode()).hexdigest()[:12]
+    name = "".join(c if c.isalnum() else "_" for c in pathlib.Path(path).name)[:40]
+    return TextCorpusConfig(
+        name=f"{name}_{digest}", description=f"Text files {pattern} under {path}",
+        directory=path, pattern=pattern)
+
+
+def list_files(directory: str | os.PathLike, pattern: str = "**/*.txt") -> list[pathlib.Path]:
+    """Sorted matching files under `directory`; raises CorpusNotFoundError if none."""
+    root = pathlib.Path(directory)
+    files = sorted(p for p in root.glob(pattern) if p.is_file()) if root.is_dir() else []
+    if not files:
+        raise CorpusNotFoundError(
+            f"No text files matching {pattern!r} in corpus directory {root} "
+            f"({'missing' if not root.is_dir() else 'empty'}). Point the builder at a directory "
+            "of text files with config_for_directory(path), or restore the shipped corpus with "
+            "`git checkout -- data/corpus/pydoc`.")
+    return files
+
+
+def split_files(relpaths: list[str]) -> dict[str, list[str]]:
+    """Deterministic train/validation split by path hash; both splits are non-empty."""
+    if len(relpaths) < 2:
+        raise CorpusNotFoundError(
+            f"Need at least 2 text files for a train and a validation split, got {relpaths}.")
+    score = {p: int(hashlib.sha256(p.encode()).hexdigest()[:8], 16) / 16**8 for p in relpaths}
+    ranked = sorted(relpaths, key=lambda p: (score[p], p))
+    num_val = sum(score[p] < VALIDATION_FRACTION for p in ranked)
+    num_val = min(max(num_val, 1), len(ranked) - 1)
+    return {"validation": sorted(ranked[:num_val]), "train": sorted(ranked[num_val:])}
+
+
+class TextCorpus(tfds.core.GeneratorBasedBuilder):
+    """Plain text files of a local directory, one example per file."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [TextCorpusConfig(
+        name="pydoc", description="Python 3.11 documentation sources (PSF license), shipped.")]
+    # No downloads, so no checksums file; this also skips tfds' code_path lookup, which
+    # needs the optional `importlib_resources` package.
+    url_infos = None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(
+                {"text": tfds.features.Text(), "path": tfds.features.Text()}),
+            homepage="https://docs.python.org/3.11/",
+            license="PSF-2.0" if self.builder_config.name == "pydoc" else None,
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # Local files only: nothing to download.
+        root = pathlib.Path(self.builder_config.directory)
+        files = list_files(root, self.builder_config.pattern)
+        splits = split_files([p.relative_to(root).as_posix() for p in files])
+        return {name: self._generate_examples(root, paths) for name, paths in splits.items()}
+
+    def _generate_examples(self, root: pathlib.Path, relpaths: list[str]):
+        for rel in relpaths:
+            text = (root / rel).read_text(encoding="utf-8", errors="replace")
+            yield rel, {"text": text, "path": rel}
