@@ -1,7 +1,7 @@
 """TFDS builder `text_corpus`: one example per text file of a local directory.
 
 Files are split into train/validation by a hash of their relative path, so the
-split is deterministic and stable when files are added or removed.
+split is deterministic and does not depend on file order or contents.
 
     import data.text_corpus  # registers the builder
     tfds.load("text_corpus", split="train", data_dir=...)  # the shipped pydoc corpus
@@ -56,14 +56,12 @@ def list_files(directory: str | os.PathLike, pattern: str = "**/*.txt") -> list[
 
 
 def split_files(relpaths: list[str]) -> dict[str, list[str]]:
-    """Deterministic train/validation split by path hash; both splits are non-empty."""
+    """The files with the lowest path hashes (5%, at least 1) are validation, the rest train."""
     if len(relpaths) < 2:
         raise CorpusNotFoundError(
             f"Need at least 2 text files for a train and a validation split, got {relpaths}.")
-    score = {p: int(hashlib.sha256(p.encode()).hexdigest()[:8], 16) / 16**8 for p in relpaths}
-    ranked = sorted(relpaths, key=lambda p: (score[p], p))
-    num_val = sum(score[p] < VALIDATION_FRACTION for p in ranked)
-    num_val = min(max(num_val, 1), len(ranked) - 1)
+    ranked = sorted(relpaths, key=lambda p: (hashlib.sha256(p.encode()).hexdigest(), p))
+    num_val = min(max(round(VALIDATION_FRACTION * len(ranked)), 1), len(ranked) - 1)
     return {"validation": sorted(ranked[:num_val]), "train": sorted(ranked[num_val:])}
 
 
