@@ -1,0 +1,1 @@
+"""Data: the shipped corpus, its tfds builder, tokenizer, packing and input pipeline."""
