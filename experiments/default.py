@@ -2,7 +2,7 @@
 
 Trains in a few minutes on one 2-core CPU and shows the loss fall from ln(vocab) ~ 8.3.
 
-  python -m llm.train --config=experiments/default.py --workdir=/tmp/default
+    python -m llm.train --config=experiments/default.py --workdir=/tmp/default
 
 Every field can be overridden on the command line, e.g. `--config.model.num_layers=2`.
 """
@@ -11,69 +11,69 @@ from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.steps = 600
-  c.batch_size = 16  # global batch, in sequences
-  c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide evenly)
-  c.seq_len = 256
-  c.log_every = 20
-  c.eval_every = 200
-  c.eval_batches = 8
-  c.checkpoint_every = 200
-  c.keep_checkpoints = 2
-  c.z_loss = 1e-4  # weight of log(Z)^2 in the loss (PaLM); 0 disables
-  c.sample_prompt = "The list type"  # decoded at the end of training; "" to skip
-  c.sample_tokens = 48
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 600
+    c.batch_size = 16  # global batch, in sequences
+    c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide evenly)
+    c.seq_len = 256
+    c.log_every = 20
+    c.eval_every = 200
+    c.eval_batches = 8
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 2
+    c.z_loss = 1e-4  # weight of log(Z)^2 in the loss (PaLM); 0 disables
+    c.sample_prompt = "The list type"  # decoded at the end of training; "" to skip
+    c.sample_tokens = 48
 
-  c.data = ml_collections.ConfigDict()
-  c.data.dataset = "text_corpus"  # any tfds name with a text feature, e.g. "lm1b", "c4/en"
-  c.data.text_key = "text"
-  c.data.data_dir = ""  # "" = data.pipeline.default_data_dir()
-  c.data.tokenizer = ""  # "" = the shipped sentencepiece model (4096 pieces)
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "text_corpus"  # any tfds name with a text feature, e.g. "lm1b", "c4/en"
+    c.data.text_key = "text"
+    c.data.data_dir = ""  # "" = data.pipeline.default_data_dir()
+    c.data.tokenizer = ""  # "" = the shipped sentencepiece model (4096 pieces)
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
 
-  c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = 4096  # >= the tokenizer's vocabulary (larger = padded)
-  c.model.num_layers = 4
-  c.model.embed_dim = 256
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.head_dim = placeholder(int)  # None = embed_dim // num_heads
-  c.model.mlp_dim = 768
-  c.model.max_seq_len = 2048  # longest sequence the model accepts (RoPE has no table, this is a guard)
-  c.model.rope_theta = 10_000.0
-  c.model.norm_eps = 1e-6
-  c.model.tie_embeddings = True
-  c.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
-  c.model.param_dtype = "float32"
-  c.model.scan_layers = False  # one compiled block scanned over layers (fast compiles for deep models)
-  c.model.remat = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
-  c.model.attention_impl = placeholder(str)  # None = fastest for the backend; see kernels.attention
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 4096  # >= the tokenizer's vocabulary (larger = padded)
+    c.model.num_layers = 4
+    c.model.embed_dim = 256
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.head_dim = placeholder(int)  # None = embed_dim // num_heads
+    c.model.mlp_dim = 768
+    c.model.max_seq_len = 2048  # longest sequence the model accepts (RoPE has no table, this is a guard)
+    c.model.rope_theta = 10_000.0
+    c.model.norm_eps = 1e-6
+    c.model.tie_embeddings = True
+    c.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
+    c.model.param_dtype = "float32"
+    c.model.scan_layers = False  # one compiled block scanned over layers (fast compiles for deep models)
+    c.model.remat = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
+    c.model.attention_impl = placeholder(str)  # None = fastest for the backend; see kernels.attention
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 3e-3
-  c.optimizer.warmup_steps = 60
-  c.optimizer.min_learning_rate_ratio = 0.1  # cosine decays to this fraction of the peak
-  c.optimizer.weight_decay = 0.1
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.95
-  c.optimizer.eps = 1e-8
-  c.optimizer.grad_clip_norm = 1.0  # 0 disables clipping
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 3e-3
+    c.optimizer.warmup_steps = 60
+    c.optimizer.min_learning_rate_ratio = 0.1  # cosine decays to this fraction of the peak
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.grad_clip_norm = 1.0  # 0 disables clipping
 
-  # Device mesh: one size may be -1 (all remaining devices).
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  # Logical axis -> mesh axes; the only place that says where a tensor dimension lives.
-  c.axis_rules = (
-      ("batch", ("data", "fsdp")),
-      ("embed", "fsdp"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("mlp", "tensor"),
-      ("vocab", "tensor"),
-  )
-  return c
+    # Device mesh: one size may be -1 (all remaining devices).
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    # Logical axis -> mesh axes; the only place that says where a tensor dimension lives.
+    c.axis_rules = (
+            ("batch", ("data", "fsdp")),
+            ("embed", "fsdp"),
+            ("heads", "tensor"),
+            ("kv_heads", "tensor"),
+            ("mlp", "tensor"),
+            ("vocab", "tensor"),
+    )
+    return c

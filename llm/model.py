@@ -23,225 +23,225 @@ from kernels.attention.reference import attention_reference
 from llm.partitioning import shard
 
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "none": None,
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_saveable,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  vocab_size: int = 4096
-  num_layers: int = 4
-  embed_dim: int = 256
-  num_heads: int = 4
-  num_kv_heads: int = 2
-  head_dim: int | None = None  # None = embed_dim // num_heads
-  mlp_dim: int = 768
-  max_seq_len: int = 2048
-  rope_theta: float = 10_000.0
-  norm_eps: float = 1e-6
-  tie_embeddings: bool = True
-  dtype: str = "float32"  # compute
-  param_dtype: str = "float32"
-  scan_layers: bool = False
-  remat: str = "none"  # a key of REMAT_POLICIES
-  attention_impl: str | None = None  # None = kernels.attention picks for the backend
+    vocab_size: int = 4096
+    num_layers: int = 4
+    embed_dim: int = 256
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # None = embed_dim // num_heads
+    mlp_dim: int = 768
+    max_seq_len: int = 2048
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"  # a key of REMAT_POLICIES
+    attention_impl: str | None = None  # None = kernels.attention picks for the backend
 
-  def __post_init__(self):
-    if self.head_dim is None:
-      object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
 
 
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
-  """A parameter with logical axis names; placement happens later, under jit, by the rules table."""
-  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+    """A parameter with logical axis names; placement happens later, under jit, by the rules table."""
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
-  def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
-    self.eps = eps
-    self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale.value.astype(jnp.float32)).astype(x.dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, Llama's "rotate half" layout. x: [B, L, heads, Dh], positions: [B, L]."""
-  half = x.shape[-1] // 2
-  inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, Dh/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    """Rotary embedding, Llama's "rotate half" layout. x: [B, L, heads, Dh], positions: [B, L]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, Dh/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def cached_attention(q, k, v, q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
-  """Attention over a KV cache: query at position p sees cached keys at positions <= p.
+    """Attention over a KV cache: query at position p sees cached keys at positions <= p.
 
-  q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; q_positions: [T]; kv_positions: [S].
-  """
-  mask = kv_positions[None, :] <= q_positions[:, None]  # [T, S]
-  return attention_reference(q, k, v, mask=mask)
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; q_positions: [T]; kv_positions: [S].
+    """
+    mask = kv_positions[None, :] <= q_positions[:, None]  # [T, S]
+    return attention_reference(q, k, v, mask=mask)
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention: H query heads share K key/value heads (H % K == 0)."""
+    """Grouped-query attention: H query heads share K key/value heads (H % K == 0)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    d, h, kv, dh, pdt = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
-    init = nnx.initializers.normal(0.02)
-    out_init = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers))
-    self.wq = _param(rngs, init, (d, h, dh), ("embed", "heads", "head_dim"), pdt)
-    self.wk = _param(rngs, init, (d, kv, dh), ("embed", "kv_heads", "head_dim"), pdt)
-    self.wv = _param(rngs, init, (d, kv, dh), ("embed", "kv_heads", "head_dim"), pdt)
-    self.wo = _param(rngs, out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, kv, dh, pdt = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+        init = nnx.initializers.normal(0.02)
+        out_init = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers))
+        self.wq = _param(rngs, init, (d, h, dh), ("embed", "heads", "head_dim"), pdt)
+        self.wk = _param(rngs, init, (d, kv, dh), ("embed", "kv_heads", "head_dim"), pdt)
+        self.wv = _param(rngs, init, (d, kv, dh), ("embed", "kv_heads", "head_dim"), pdt)
+        self.wo = _param(rngs, out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt)
 
-  def __call__(self, x, positions, segment_ids, cache: dict[str, jax.Array] | None):
-    """x: [B, L, D] -> ([B, L, D], updated cache or None)."""
-    cfg, dt = self.cfg, self.cfg.dtype
-    q = jnp.einsum("bld,dhk->blhk", x, self.wq.value.astype(dt))  # [B, L, H, Dh]
-    k = jnp.einsum("bld,dhk->blhk", x, self.wk.value.astype(dt))  # [B, L, K, Dh]
-    v = jnp.einsum("bld,dhk->blhk", x, self.wv.value.astype(dt))  # [B, L, K, Dh]
-    q = shard(apply_rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
-    k = shard(apply_rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
-    v = shard(v, ("batch", "seq", "kv_heads", "head_dim"))
-    if cache is None:  # training / full forward: the fused attention boundary
-      out = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
-                              implementation=cfg.attention_impl)
-    else:  # decoding: write k, v at cache["index"], attend over the whole cache
-      index = cache["index"]
-      k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
-      q_positions = index + jnp.arange(q.shape[1])
-      out = cached_attention(q, k_all, v_all, q_positions, jnp.arange(k_all.shape[1]))
-      cache = {"k": k_all, "v": v_all, "index": index}
-    out = jnp.einsum("blhk,hkd->bld", out, self.wo.value.astype(dt))  # [B, L, D]
-    return out, cache
+    def __call__(self, x, positions, segment_ids, cache: dict[str, jax.Array] | None):
+        """x: [B, L, D] -> ([B, L, D], updated cache or None)."""
+        cfg, dt = self.cfg, self.cfg.dtype
+        q = jnp.einsum("bld,dhk->blhk", x, self.wq.value.astype(dt))  # [B, L, H, Dh]
+        k = jnp.einsum("bld,dhk->blhk", x, self.wk.value.astype(dt))  # [B, L, K, Dh]
+        v = jnp.einsum("bld,dhk->blhk", x, self.wv.value.astype(dt))  # [B, L, K, Dh]
+        q = shard(apply_rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
+        k = shard(apply_rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
+        v = shard(v, ("batch", "seq", "kv_heads", "head_dim"))
+        if cache is None:  # training / full forward: the fused attention boundary
+            out = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                                            implementation=cfg.attention_impl)
+        else:  # decoding: write k, v at cache["index"], attend over the whole cache
+            index = cache["index"]
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+            q_positions = index + jnp.arange(q.shape[1])
+            out = cached_attention(q, k_all, v_all, q_positions, jnp.arange(k_all.shape[1]))
+            cache = {"k": k_all, "v": v_all, "index": index}
+        out = jnp.einsum("blhk,hkd->bld", out, self.wo.value.astype(dt))  # [B, L, D]
+        return out, cache
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+    """SwiGLU: down(silu(x @ gate) * (x @ up))."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    d, f, pdt = cfg.embed_dim, cfg.mlp_dim, cfg.param_dtype
-    init = nnx.initializers.normal(0.02)
-    self.w_gate = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
-    self.w_up = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
-    self.w_down = _param(rngs, nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers)),
-                         (f, d), ("mlp", "embed"), pdt)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f, pdt = cfg.embed_dim, cfg.mlp_dim, cfg.param_dtype
+        init = nnx.initializers.normal(0.02)
+        self.w_gate = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
+        self.w_up = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
+        self.w_down = _param(rngs, nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers)),
+                                                  (f, d), ("mlp", "embed"), pdt)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    dt = self.cfg.dtype
-    h = jax.nn.silu(x @ self.w_gate.value.astype(dt)) * (x @ self.w_up.value.astype(dt))  # [B, L, F]
-    h = shard(h, ("batch", "seq", "mlp"))
-    return h @ self.w_down.value.astype(dt)  # [B, L, D]
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.cfg.dtype
+        h = jax.nn.silu(x @ self.w_gate.value.astype(dt)) * (x @ self.w_up.value.astype(dt))  # [B, L, F]
+        h = shard(h, ("batch", "seq", "mlp"))
+        return h @ self.w_down.value.astype(dt)  # [B, L, D]
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
-    self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
-    self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
-    self.mlp = MLP(cfg, rngs=rngs)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
+        self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
+        self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids, cache):
-    h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
-    x = x + h
-    x = x + self.mlp(self.mlp_norm(x))
-    return shard(x, ("batch", "seq", "embed")), cache
+    def __call__(self, x, positions, segment_ids, cache):
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return shard(x, ("batch", "seq", "embed")), cache
 
 
 class Transformer(nnx.Module):
-  """tokens: int32[B, L] -> logits: float32[B, L, V]."""
+    """tokens: int32[B, L] -> logits: float32[B, L, V]."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    pdt = cfg.param_dtype
-    self.embed = _param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.embed_dim),
-                        ("vocab", "embed"), pdt)
-    if cfg.scan_layers:  # one Block whose parameters are stacked along a leading "layers" axis
-      @nnx.split_rngs(splits=cfg.num_layers)
-      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def stacked_blocks(rngs: nnx.Rngs) -> Block:
-        return Block(cfg, rngs=rngs)
-      self.blocks = stacked_blocks(rngs)
-    else:
-      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
-    if not cfg.tie_embeddings:
-      self.unembed = _param(rngs, nnx.initializers.normal(0.02), (cfg.embed_dim, cfg.vocab_size),
-                            ("embed", "vocab"), pdt)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = cfg.param_dtype
+        self.embed = _param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.embed_dim),
+                                                ("vocab", "embed"), pdt)
+        if cfg.scan_layers:  # one Block whose parameters are stacked along a leading "layers" axis
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, rngs=rngs)
+            self.blocks = stacked_blocks(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.unembed = _param(rngs, nnx.initializers.normal(0.02), (cfg.embed_dim, cfg.vocab_size),
+                                                        ("embed", "vocab"), pdt)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: dict[str, Any] | None = None):
-    """Returns logits, or (logits, cache) when decoding with a KV cache (see `init_cache`).
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                              segment_ids: jax.Array | None = None, cache: dict[str, Any] | None = None):
+        """Returns logits, or (logits, cache) when decoding with a KV cache (see `init_cache`).
 
-    positions: [B, L] position of each token in its document (default 0..L-1, or the cache
-    index onward when decoding); segment_ids: [B, L] document ids of packed sequences.
-    """
-    cfg = self.cfg
-    if positions is None:
-      start = 0 if cache is None else cache["index"]
-      positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
-    x = self.embed.value.astype(cfg.dtype)[tokens]  # [B, L, D]
-    x = shard(x, ("batch", "seq", "embed"))
-    x, cache = self._run_blocks(x, positions, segment_ids, cache)
-    x = self.final_norm(x)
-    unembed = self.embed.value.T if cfg.tie_embeddings else self.unembed.value  # [D, V]
-    logits = (x @ unembed.astype(cfg.dtype)).astype(jnp.float32)  # [B, L, V]
-    logits = shard(logits, ("batch", "seq", "vocab"))
-    return logits if cache is None else (logits, cache)
+        positions: [B, L] position of each token in its document (default 0..L-1, or the cache
+        index onward when decoding); segment_ids: [B, L] document ids of packed sequences.
+        """
+        cfg = self.cfg
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed.value.astype(cfg.dtype)[tokens]  # [B, L, D]
+        x = shard(x, ("batch", "seq", "embed"))
+        x, cache = self._run_blocks(x, positions, segment_ids, cache)
+        x = self.final_norm(x)
+        unembed = self.embed.value.T if cfg.tie_embeddings else self.unembed.value  # [D, V]
+        logits = (x @ unembed.astype(cfg.dtype)).astype(jnp.float32)  # [B, L, V]
+        logits = shard(logits, ("batch", "seq", "vocab"))
+        return logits if cache is None else (logits, cache)
 
-  def _run_blocks(self, x, positions, segment_ids, cache):
-    """Applies the blocks (a Python loop, or a scan over stacked parameters), with remat."""
-    cfg = self.cfg
+    def _run_blocks(self, x, positions, segment_ids, cache):
+        """Applies the blocks (a Python loop, or a scan over stacked parameters), with remat."""
+        cfg = self.cfg
 
-    def block_fn(graphdef, block_state, x, block_cache):
-      return nnx.merge(graphdef, block_state)(x, positions, segment_ids, block_cache)
+        def block_fn(graphdef, block_state, x, block_cache):
+            return nnx.merge(graphdef, block_state)(x, positions, segment_ids, block_cache)
 
-    if cfg.remat != "none":
-      block_fn = jax.checkpoint(block_fn, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+        if cfg.remat != "none":
+            block_fn = jax.checkpoint(block_fn, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
 
-    def layer_cache(k, v):
-      return None if cache is None else {"k": k, "v": v, "index": cache["index"]}
+        def layer_cache(k, v):
+            return None if cache is None else {"k": k, "v": v, "index": cache["index"]}
 
-    if cfg.scan_layers:
-      graphdef, state = nnx.split(self.blocks)
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
 
-      def body(x, layer):
-        layer_state, k, v = layer
-        x, new = block_fn(graphdef, layer_state, x, layer_cache(k, v))
-        return x, (None, None) if new is None else (new["k"], new["v"])
+            def body(x, layer):
+                layer_state, k, v = layer
+                x, new = block_fn(graphdef, layer_state, x, layer_cache(k, v))
+                return x, (None, None) if new is None else (new["k"], new["v"])
 
-      kv = (None, None) if cache is None else (cache["k"], cache["v"])
-      x, (new_k, new_v) = jax.lax.scan(body, x, (state, *kv))
-    else:
-      new_k, new_v = [], []
-      for i, block in enumerate(self.blocks):
-        graphdef, state = nnx.split(block)
-        kv = (None, None) if cache is None else (cache["k"][i], cache["v"][i])
-        x, new = block_fn(graphdef, state, x, layer_cache(*kv))
-        if new is not None:
-          new_k.append(new["k"])
-          new_v.append(new["v"])
-      new_k, new_v = (jnp.stack(new_k), jnp.stack(new_v)) if new_k else (None, None)
-    if cache is None:
-      return x, None
-    return x, {"k": new_k, "v": new_v, "index": cache["index"] + x.shape[1]}
+            kv = (None, None) if cache is None else (cache["k"], cache["v"])
+            x, (new_k, new_v) = jax.lax.scan(body, x, (state, *kv))
+        else:
+            new_k, new_v = [], []
+            for i, block in enumerate(self.blocks):
+                graphdef, state = nnx.split(block)
+                kv = (None, None) if cache is None else (cache["k"][i], cache["v"][i])
+                x, new = block_fn(graphdef, state, x, layer_cache(*kv))
+                if new is not None:
+                    new_k.append(new["k"])
+                    new_v.append(new["v"])
+            new_k, new_v = (jnp.stack(new_k), jnp.stack(new_v)) if new_k else (None, None)
+        if cache is None:
+            return x, None
+        return x, {"k": new_k, "v": new_v, "index": cache["index"] + x.shape[1]}
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
-  """An empty KV cache: k, v: [layers, B, max_len, K, Dh] in the compute dtype; index: int32[]."""
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  zeros = jnp.zeros(shape, cfg.dtype)
-  return {"k": zeros, "v": zeros, "index": jnp.array(0, jnp.int32)}
+    """An empty KV cache: k, v: [layers, B, max_len, K, Dh] in the compute dtype; index: int32[]."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.dtype)
+    return {"k": zeros, "v": zeros, "index": jnp.array(0, jnp.int32)}

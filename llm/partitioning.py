@@ -25,75 +25,75 @@ _RULES: contextvars.ContextVar[AxisRules | None] = contextvars.ContextVar("axis_
 
 @contextlib.contextmanager
 def axis_rules(rules: AxisRules) -> Iterator[None]:
-  """Within this context, `shard` constrains activations according to `rules`."""
-  token = _RULES.set(tuple(rules))
-  try:
-    yield
-  finally:
-    _RULES.reset(token)
+    """Within this context, `shard` constrains activations according to `rules`."""
+    token = _RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _RULES.reset(token)
 
 
 def logical_to_spec(names: Sequence[str | None], rules: AxisRules) -> PartitionSpec:
-  """Maps logical dimension names to a PartitionSpec; a mesh axis is used at most once."""
-  table = dict(rules)
-  used: set[str] = set()
-  spec = []
-  for name in names:
-    mesh_axes = table.get(name) if name is not None else None
-    if mesh_axes is None:
-      spec.append(None)
-      continue
-    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-    free = tuple(a for a in mesh_axes if a not in used)
-    used.update(free)
-    spec.append(free[0] if len(free) == 1 else (free or None))
-  return PartitionSpec(*spec)
+    """Maps logical dimension names to a PartitionSpec; a mesh axis is used at most once."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        mesh_axes = table.get(name) if name is not None else None
+        if mesh_axes is None:
+            spec.append(None)
+            continue
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        free = tuple(a for a in mesh_axes if a not in used)
+        used.update(free)
+        spec.append(free[0] if len(free) == 1 else (free or None))
+    return PartitionSpec(*spec)
 
 
 def shard(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Constrains activation `x` to the sharding its logical `names` map to (no-op without a mesh)."""
-  rules = _RULES.get()
-  if rules is None or jax.sharding.get_abstract_mesh().empty:
-    return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+    """Constrains activation `x` to the sharding its logical `names` map to (no-op without a mesh)."""
+    rules = _RULES.get()
+    if rules is None or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
 
 
 def mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
-  """Resolves one -1 size to the remaining devices and checks the product."""
-  sizes = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
-  fill = [axis for axis, size in sizes.items() if size == -1]
-  if len(fill) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {fill}; give explicit sizes to the others.")
-  known = math.prod(size for size in sizes.values() if size != -1)
-  if fill:
-    if num_devices % known:
-      raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axis sizes {sizes}.")
-    sizes[fill[0]] = num_devices // known
-  if math.prod(sizes.values()) != num_devices:
-    raise ValueError(
-        f"mesh: sizes {sizes} multiply to {math.prod(sizes.values())}, but there are {num_devices} "
-        "devices; make the product equal the device count (or set one axis to -1).")
-  return sizes
+    """Resolves one -1 size to the remaining devices and checks the product."""
+    sizes = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    if len(fill) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {fill}; give explicit sizes to the others.")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if fill:
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axis sizes {sizes}.")
+        sizes[fill[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(
+                f"mesh: sizes {sizes} multiply to {math.prod(sizes.values())}, but there are {num_devices} "
+                "devices; make the product equal the device count (or set one axis to -1).")
+    return sizes
 
 
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh over all (or the given) devices with axes ("data", "fsdp", "tensor")."""
-  devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(sizes, len(devices))
-  axis_types = (AxisType.Auto,) * len(MESH_AXES)
-  if len(devices) == len(jax.devices()):
-    return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=axis_types)
-  return Mesh(np.array(devices).reshape(tuple(shape.values())), MESH_AXES, axis_types=axis_types)
+    """A mesh over all (or the given) devices with axes ("data", "fsdp", "tensor")."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(sizes, len(devices))
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=axis_types)
+    return Mesh(np.array(devices).reshape(tuple(shape.values())), MESH_AXES, axis_types=axis_types)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: AxisRules) -> nnx.State:
-  """NamedShardings for every variable in `state`, from its `out_sharding` logical names."""
-  def sharding_of(variable: nnx.Variable) -> NamedSharding:
-    names = variable.get_metadata().get("out_sharding") or ()
-    return NamedSharding(mesh, logical_to_spec(names, rules))
-  return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    """NamedShardings for every variable in `state`, from its `out_sharding` logical names."""
+    def sharding_of(variable: nnx.Variable) -> NamedSharding:
+        names = variable.get_metadata().get("out_sharding") or ()
+        return NamedSharding(mesh, logical_to_spec(names, rules))
+    return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, rules: AxisRules) -> NamedSharding:
-  """Sharding of a [batch, seq] input array."""
-  return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
+    """Sharding of a [batch, seq] input array."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
