@@ -6,6 +6,7 @@ Trains in a few minutes on one 2-core CPU and shows the loss fall from ln(vocab)
 
 Every field can be overridden on the command line, e.g. `--config.model.num_layers=2`.
 """
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -42,15 +43,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_kv_heads = 2
     c.model.head_dim = placeholder(int)  # None = embed_dim // num_heads
     c.model.mlp_dim = 768
-    c.model.max_seq_len = 2048  # longest sequence the model accepts (RoPE has no table, this is a guard)
+    c.model.max_seq_len = (
+        2048  # longest sequence the model accepts (RoPE has no table, this is a guard)
+    )
     c.model.rope_theta = 10_000.0
     c.model.norm_eps = 1e-6
     c.model.tie_embeddings = True
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
     c.model.param_dtype = "float32"
-    c.model.scan_layers = False  # one compiled block scanned over layers (fast compiles for deep models)
+    c.model.scan_layers = (
+        False  # one compiled block scanned over layers (fast compiles for deep models)
+    )
     c.model.remat = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
-    c.model.attention_impl = placeholder(str)  # None = fastest for the backend; see kernels.attention
+    c.model.attention_impl = placeholder(
+        str
+    )  # None = fastest for the backend; see kernels.attention
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3
@@ -69,11 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     # Logical axis -> mesh axes; the only place that says where a tensor dimension lives.
     c.axis_rules = (
-            ("batch", ("data", "fsdp")),
-            ("embed", "fsdp"),
-            ("heads", "tensor"),
-            ("kv_heads", "tensor"),
-            ("mlp", "tensor"),
-            ("vocab", "tensor"),
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
     )
     return c

@@ -8,6 +8,7 @@ F mlp hidden, V vocabulary. Every parameter carries logical axis names (`out_sha
 metadata) and activations are constrained by name with `shard`; `llm.partitioning` maps the
 names to a device mesh, so nothing here knows about devices.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,10 +24,10 @@ from kernels.attention.reference import attention_reference
 from llm.partitioning import shard
 
 REMAT_POLICIES = {
-        "none": None,
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.dots_saveable,
-        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -54,7 +55,9 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
 
 
-def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
+def _param(
+    rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...], dtype
+) -> nnx.Param:
     """A parameter with logical axis names; placement happens later, under jit, by the rules table."""
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
@@ -94,7 +97,13 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        d, h, kv, dh, pdt = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+        d, h, kv, dh, pdt = (
+            cfg.embed_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.param_dtype,
+        )
         init = nnx.initializers.normal(0.02)
         out_init = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers))
         self.wq = _param(rngs, init, (d, h, dh), ("embed", "heads", "head_dim"), pdt)
@@ -109,15 +118,22 @@ class Attention(nnx.Module):
         k = jnp.einsum("bld,dhk->blhk", x, self.wk.value.astype(dt))  # [B, L, K, Dh]
         v = jnp.einsum("bld,dhk->blhk", x, self.wv.value.astype(dt))  # [B, L, K, Dh]
         q = shard(apply_rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
-        k = shard(apply_rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
+        k = shard(
+            apply_rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim")
+        )
         v = shard(v, ("batch", "seq", "kv_heads", "head_dim"))
         if cache is None:  # training / full forward: the fused attention boundary
-            out = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
-                                                            implementation=cfg.attention_impl)
+            out = kernels.attention(
+                q, k, v, causal=True, segment_ids=segment_ids, implementation=cfg.attention_impl
+            )
         else:  # decoding: write k, v at cache["index"], attend over the whole cache
             index = cache["index"]
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+            k_all = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype), index, axis=1
+            )
+            v_all = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype), index, axis=1
+            )
             q_positions = index + jnp.arange(q.shape[1])
             out = cached_attention(q, k_all, v_all, q_positions, jnp.arange(k_all.shape[1]))
             cache = {"k": k_all, "v": v_all, "index": index}
@@ -134,12 +150,19 @@ class MLP(nnx.Module):
         init = nnx.initializers.normal(0.02)
         self.w_gate = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
         self.w_up = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
-        self.w_down = _param(rngs, nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers)),
-                                                  (f, d), ("mlp", "embed"), pdt)
+        self.w_down = _param(
+            rngs,
+            nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers)),
+            (f, d),
+            ("mlp", "embed"),
+            pdt,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.cfg.dtype
-        h = jax.nn.silu(x @ self.w_gate.value.astype(dt)) * (x @ self.w_up.value.astype(dt))  # [B, L, F]
+        h = jax.nn.silu(x @ self.w_gate.value.astype(dt)) * (
+            x @ self.w_up.value.astype(dt)
+        )  # [B, L, F]
         h = shard(h, ("batch", "seq", "mlp"))
         return h @ self.w_down.value.astype(dt)  # [B, L, D]
 
@@ -167,23 +190,40 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pdt = cfg.param_dtype
-        self.embed = _param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.embed_dim),
-                                                ("vocab", "embed"), pdt)
+        self.embed = _param(
+            rngs,
+            nnx.initializers.normal(0.02),
+            (cfg.vocab_size, cfg.embed_dim),
+            ("vocab", "embed"),
+            pdt,
+        )
         if cfg.scan_layers:  # one Block whose parameters are stacked along a leading "layers" axis
+
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def stacked_blocks(rngs: nnx.Rngs) -> Block:
                 return Block(cfg, rngs=rngs)
+
             self.blocks = stacked_blocks(rngs)
         else:
             self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         if not cfg.tie_embeddings:
-            self.unembed = _param(rngs, nnx.initializers.normal(0.02), (cfg.embed_dim, cfg.vocab_size),
-                                                        ("embed", "vocab"), pdt)
+            self.unembed = _param(
+                rngs,
+                nnx.initializers.normal(0.02),
+                (cfg.embed_dim, cfg.vocab_size),
+                ("embed", "vocab"),
+                pdt,
+            )
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                              segment_ids: jax.Array | None = None, cache: dict[str, Any] | None = None):
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: dict[str, Any] | None = None,
+    ):
         """Returns logits, or (logits, cache) when decoding with a KV cache (see `init_cache`).
 
         positions: [B, L] position of each token in its document (default 0..L-1, or the cache
@@ -210,7 +250,9 @@ class Transformer(nnx.Module):
             return nnx.merge(graphdef, block_state)(x, positions, segment_ids, block_cache)
 
         if cfg.remat != "none":
-            block_fn = jax.checkpoint(block_fn, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+            block_fn = jax.checkpoint(
+                block_fn, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,)
+            )
 
         def layer_cache(k, v):
             return None if cache is None else {"k": k, "v": v, "index": cache["index"]}

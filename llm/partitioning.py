@@ -4,6 +4,7 @@ Model code names the dimensions of its parameters and activations with logical a
 ("batch", "embed", "heads", ...). One rules table (the config's `axis_rules`) maps each logical
 axis to mesh axes; this module is the only place that turns names into shardings.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,9 @@ MeshAxes = str | tuple[str, ...] | None
 AxisRules = Sequence[tuple[str, MeshAxes]]
 MESH_AXES = ("data", "fsdp", "tensor")
 
-_RULES: contextvars.ContextVar[AxisRules | None] = contextvars.ContextVar("axis_rules", default=None)
+_RULES: contextvars.ContextVar[AxisRules | None] = contextvars.ContextVar(
+    "axis_rules", default=None
+)
 
 
 @contextlib.contextmanager
@@ -63,16 +66,21 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
     sizes = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
     fill = [axis for axis, size in sizes.items() if size == -1]
     if len(fill) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {fill}; give explicit sizes to the others.")
+        raise ValueError(
+            f"mesh: at most one axis may be -1, got {fill}; give explicit sizes to the others."
+        )
     known = math.prod(size for size in sizes.values() if size != -1)
     if fill:
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axis sizes {sizes}.")
+            raise ValueError(
+                f"mesh: {num_devices} devices are not divisible by the fixed axis sizes {sizes}."
+            )
         sizes[fill[0]] = num_devices // known
     if math.prod(sizes.values()) != num_devices:
         raise ValueError(
-                f"mesh: sizes {sizes} multiply to {math.prod(sizes.values())}, but there are {num_devices} "
-                "devices; make the product equal the device count (or set one axis to -1).")
+            f"mesh: sizes {sizes} multiply to {math.prod(sizes.values())}, but there are {num_devices} "
+            "devices; make the product equal the device count (or set one axis to -1)."
+        )
     return sizes
 
 
@@ -88,9 +96,11 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: AxisRules) -> nnx.State:
     """NamedShardings for every variable in `state`, from its `out_sharding` logical names."""
+
     def sharding_of(variable: nnx.Variable) -> NamedSharding:
         names = variable.get_metadata().get("out_sharding") or ()
         return NamedSharding(mesh, logical_to_spec(names, rules))
+
     return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
