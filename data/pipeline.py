@@ -109,6 +109,9 @@ def load_dataset(*, name: str, split: str, seq_len: int, tokenizer: Tokenizer, d
     another directory with the text_corpus builder.
     """
     builder = tfds.builder(name, data_dir=data_dir, **(builder_kwargs or {}))
+    if text_key not in builder.info.features:
+        raise ValueError(f"{builder.info.full_name} has no feature {text_key!r}; pass text_key="
+                         f"one of {list(builder.info.features)}.")
     key = "|".join(map(str, (builder.info.full_name, split, text_key, tokenizer.fingerprint,
                              seq_len, max_documents)))
     stem = "".join(c if c.isalnum() else "_" for c in f"{builder.info.full_name}_{split}")

@@ -103,18 +103,8 @@ def train(directory: str | os.PathLike, output_prefix: str, vocab_size: int,
     return pathlib.Path(output_prefix + ".model")
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    from absl import flags
-
-    start = time.perf_counter()
-    path = train(flags.FLAGS.corpus_dir, flags.FLAGS.output, flags.FLAGS.vocab_size,
-                 flags.FLAGS.pattern, flags.FLAGS.model_type)
-    print(f"Wrote {path} (vocab {Tokenizer(path).vocab_size}) "
-          f"in {time.perf_counter() - start:.1f} s")
-
-
-if __name__ == "__main__":
+def main() -> None:
+    """Command line entry point; flags are defined here so importing this module adds none."""
     from absl import app, flags
 
     from data.text_corpus import SHIPPED_CORPUS
@@ -124,4 +114,17 @@ if __name__ == "__main__":
     flags.DEFINE_string("corpus_dir", str(SHIPPED_CORPUS), "Directory of text files.")
     flags.DEFINE_string("pattern", "**/*.txt", "Glob of the files to read, relative to it.")
     flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece algorithm.")
-    app.run(main)
+
+    def run(argv: list[str]) -> None:
+        del argv
+        f = flags.FLAGS
+        start = time.perf_counter()
+        path = train(f.corpus_dir, f.output, f.vocab_size, f.pattern, f.model_type)
+        print(f"Wrote {path} (vocab {Tokenizer(path).vocab_size}) "
+              f"in {time.perf_counter() - start:.1f} s")
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -92,3 +92,9 @@ def test_load_other_directory(tmp_path):
                       data_dir=str(tmp_path / "tfds"), seed=0,
                       builder_kwargs={"config": config_for_directory(corpus)})
     assert ds.num_rows > 4 and ds.batch(0, 4)["weights"].sum() == 64
+
+
+def test_unknown_text_key(shipped_tfds_dir):
+    with pytest.raises(ValueError, match="no feature 'body'"):
+        load_dataset(name="text_corpus", split="validation", seq_len=16, tokenizer=Tokenizer(),
+                     data_dir=str(shipped_tfds_dir), seed=0, text_key="body")
