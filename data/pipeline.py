@@ -52,7 +52,11 @@ class PackedDataset:
 
     def batch(self, step: int, batch_size: int, *, process_index: int = 0,
               process_count: int = 1) -> dict[str, np.ndarray]:
-        """This process's slice of global batch `step`: each array [batch_size // process_count, seq_len]."""
+        """This process's slice of global batch `step`.
+
+        Returns PACKED_KEYS -> [batch_size // process_count, seq_len]; process p gets rows
+        [p * B / P, (p + 1) * B / P) of the global batch.
+        """
         if batch_size % process_count:
             raise ValueError(
                 f"batch_size {batch_size} is not divisible by process_count {process_count}.")

@@ -32,7 +32,8 @@ class TextCorpusConfig(tfds.core.BuilderConfig):
     pattern: str = "**/*.txt"
 
 
-def config_for_directory(directory: str | os.PathLike, pattern: str = "**/*.txt") -> TextCorpusConfig:
+def config_for_directory(directory: str | os.PathLike,
+                         pattern: str = "**/*.txt") -> TextCorpusConfig:
     """Config whose name is derived from the absolute path, so caches never collide."""
     path = str(pathlib.Path(directory).expanduser().resolve())
     digest = hashlib.sha256(f"{path}\0{pattern}".encode()).hexdigest()[:12]
