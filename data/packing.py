@@ -5,15 +5,17 @@ Each document becomes `[bos] + ids + [eos]` and contributes the pairs
 in order, cut into rows of `seq_len`: rows are filled greedily, a document that does not
 fit continues at the start of the next row, and only the last row is padded.
 """
-from typing import Sequence
+
+from collections.abc import Sequence
 
 import numpy as np
 
 PACKED_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 
-def pack_documents(documents: Sequence[Sequence[int]], seq_len: int, *, bos_id: int,
-                   eos_id: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+def pack_documents(
+    documents: Sequence[Sequence[int]], seq_len: int, *, bos_id: int, eos_id: int, pad_id: int = 0
+) -> dict[str, np.ndarray]:
     """Returns int32 inputs, targets, segment_ids, positions and float32 weights, [rows, seq_len].
 
     segment_ids number the document pieces of a row 1, 2, ... (0 = padding); positions
@@ -24,8 +26,9 @@ def pack_documents(documents: Sequence[Sequence[int]], seq_len: int, *, bos_id: 
     if not documents:
         raise ValueError("No documents to pack.")
     lengths = np.array([len(d) + 1 for d in documents], dtype=np.int64)  # pairs per document
-    tokens = np.concatenate([np.asarray(d, dtype=np.int32) for d in documents] + [
-        np.zeros(0, np.int32)])  # [sum(len(d))]
+    tokens = np.concatenate(
+        [np.asarray(d, dtype=np.int32) for d in documents] + [np.zeros(0, np.int32)]
+    )  # [sum(len(d))]
     total = int(lengths.sum())
     num_rows = -(-total // seq_len)
     starts = np.cumsum(lengths) - lengths  # stream index of each document's first pair

@@ -7,6 +7,7 @@
 Any tfds dataset with a text feature works the same way (e.g. name="lm1b", or
 name="c4/en" with max_documents); `text_key` names the feature.
 """
+
 import dataclasses
 import hashlib
 import logging
@@ -23,7 +24,9 @@ from data.packing import PACKED_KEYS, pack_documents
 from data.tokenizer import Tokenizer
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow_datasets as tfds  # noqa: E402
+import tensorflow_datasets as tfds
+
+_log = logging.getLogger(__name__)
 
 
 def default_data_dir() -> str:
@@ -50,8 +53,9 @@ class PackedDataset:
     def seq_len(self) -> int:
         return self.arrays["inputs"].shape[1]
 
-    def batch(self, step: int, batch_size: int, *, process_index: int = 0,
-              process_count: int = 1) -> dict[str, np.ndarray]:
+    def batch(
+        self, step: int, batch_size: int, *, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
         """This process's slice of global batch `step`.
 
         Returns PACKED_KEYS -> [batch_size // process_count, seq_len]; process p gets rows
@@ -59,13 +63,15 @@ class PackedDataset:
         """
         if batch_size % process_count:
             raise ValueError(
-                f"batch_size {batch_size} is not divisible by process_count {process_count}.")
+                f"batch_size {batch_size} is not divisible by process_count {process_count}."
+            )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
         if batch_size > self.num_rows:
             raise ValueError(
                 f"The split has {self.num_rows} packed rows of length {self.seq_len}, fewer than "
-                f"one batch of {batch_size}: use a smaller batch_size or seq_len, or more data.")
+                f"one batch of {batch_size}: use a smaller batch_size or seq_len, or more data."
+            )
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}.")
         local = batch_size // process_count
@@ -78,9 +84,14 @@ class PackedDataset:
         return {key: self.arrays[key][rows] for key in PACKED_KEYS}
 
 
-def _pack_split(builder: tfds.core.DatasetBuilder, split: str, text_key: str,
-                tokenizer: Tokenizer, seq_len: int,
-                max_documents: int | None) -> dict[str, np.ndarray]:
+def _pack_split(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    text_key: str,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    max_documents: int | None,
+) -> dict[str, np.ndarray]:
     start = time.perf_counter()
     builder.download_and_prepare()
     ds = builder.as_dataset(split=split, shuffle_files=False).map(lambda ex: ex[text_key])
@@ -88,12 +99,23 @@ def _pack_split(builder: tfds.core.DatasetBuilder, split: str, text_key: str,
         ds = ds.take(max_documents)
     texts = [text.decode("utf-8") for text in tfds.as_numpy(ds)]
     loaded = time.perf_counter()
-    arrays = pack_documents(tokenizer.encode_batch(texts), seq_len,
-                            bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                            pad_id=tokenizer.pad_id)
-    logging.info("%s %s: %d documents, %d tokens, %d rows; load %.1f s, tokenize+pack %.1f s",
-                 builder.info.full_name, split, len(texts), int(arrays["weights"].sum()),
-                 len(arrays["inputs"]), loaded - start, time.perf_counter() - loaded)
+    arrays = pack_documents(
+        tokenizer.encode_batch(texts),
+        seq_len,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
+    _log.info(
+        "%s %s: %d documents, %d tokens, %d rows; load %.1f s, tokenize+pack %.1f s",
+        builder.info.full_name,
+        split,
+        len(texts),
+        int(arrays["weights"].sum()),
+        len(arrays["inputs"]),
+        loaded - start,
+        time.perf_counter() - loaded,
+    )
     return arrays
 
 
@@ -104,9 +126,18 @@ def _save_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(f.name, path)
 
 
-def load_dataset(*, name: str, split: str, seq_len: int, tokenizer: Tokenizer, data_dir: str,
-                 seed: int, text_key: str = "text", max_documents: int | None = None,
-                 builder_kwargs: dict[str, Any] | None = None) -> PackedDataset:
+def load_dataset(
+    *,
+    name: str,
+    split: str,
+    seq_len: int,
+    tokenizer: Tokenizer,
+    data_dir: str,
+    seed: int,
+    text_key: str = "text",
+    max_documents: int | None = None,
+    builder_kwargs: dict[str, Any] | None = None,
+) -> PackedDataset:
     """Loads tfds `name` (prepared under data_dir), tokenized and packed; cached as .npz.
 
     builder_kwargs go to tfds.builder, e.g. {"config": config_for_directory(path)} to read
@@ -114,13 +145,29 @@ def load_dataset(*, name: str, split: str, seq_len: int, tokenizer: Tokenizer, d
     """
     builder = tfds.builder(name, data_dir=data_dir, **(builder_kwargs or {}))
     if text_key not in builder.info.features:
-        raise ValueError(f"{builder.info.full_name} has no feature {text_key!r}; pass text_key="
-                         f"one of {list(builder.info.features)}.")
-    key = "|".join(map(str, (builder.info.full_name, split, text_key, tokenizer.fingerprint,
-                             seq_len, max_documents)))
+        raise ValueError(
+            f"{builder.info.full_name} has no feature {text_key!r}; pass text_key="
+            f"one of {list(builder.info.features)}."
+        )
+    key = "|".join(
+        map(
+            str,
+            (
+                builder.info.full_name,
+                split,
+                text_key,
+                tokenizer.fingerprint,
+                seq_len,
+                max_documents,
+            ),
+        )
+    )
     stem = "".join(c if c.isalnum() else "_" for c in f"{builder.info.full_name}_{split}")
-    cache = pathlib.Path(data_dir) / "packed" / (
-        f"{stem}_L{seq_len}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+    cache = (
+        pathlib.Path(data_dir)
+        / "packed"
+        / (f"{stem}_L{seq_len}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+    )
     if cache.exists():
         with np.load(cache) as npz:
             arrays = {k: npz[k] for k in PACKED_KEYS}

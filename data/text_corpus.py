@@ -8,13 +8,15 @@ split is deterministic and does not depend on file order or contents.
     tfds.load("text_corpus", split="train", data_dir=...,
               builder_kwargs={"config": config_for_directory("/my/texts")})
 """
+
 import dataclasses
 import hashlib
 import os
 import pathlib
+from typing import ClassVar
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow_datasets as tfds  # noqa: E402
+import tensorflow_datasets as tfds
 
 SHIPPED_CORPUS = pathlib.Path(__file__).resolve().parent / "corpus" / "pydoc"
 VALIDATION_FRACTION = 0.05
@@ -32,15 +34,19 @@ class TextCorpusConfig(tfds.core.BuilderConfig):
     pattern: str = "**/*.txt"
 
 
-def config_for_directory(directory: str | os.PathLike,
-                         pattern: str = "**/*.txt") -> TextCorpusConfig:
+def config_for_directory(
+    directory: str | os.PathLike, pattern: str = "**/*.txt"
+) -> TextCorpusConfig:
     """Config whose name is derived from the absolute path, so caches never collide."""
     path = str(pathlib.Path(directory).expanduser().resolve())
     digest = hashlib.sha256(f"{path}\0{pattern}".encode()).hexdigest()[:12]
     name = "".join(c if c.isalnum() else "_" for c in pathlib.Path(path).name)[:40]
     return TextCorpusConfig(
-        name=f"{name}_{digest}", description=f"Text files {pattern} under {path}",
-        directory=path, pattern=pattern)
+        name=f"{name}_{digest}",
+        description=f"Text files {pattern} under {path}",
+        directory=path,
+        pattern=pattern,
+    )
 
 
 def list_files(directory: str | os.PathLike, pattern: str = "**/*.txt") -> list[pathlib.Path]:
@@ -52,7 +58,8 @@ def list_files(directory: str | os.PathLike, pattern: str = "**/*.txt") -> list[
             f"No text files matching {pattern!r} in corpus directory {root} "
             f"({'missing' if not root.is_dir() else 'empty'}). Point the builder at a directory "
             "of text files with config_for_directory(path), or restore the shipped corpus with "
-            "`git checkout -- data/corpus/pydoc`.")
+            "`git checkout -- data/corpus/pydoc`."
+        )
     return files
 
 
@@ -60,7 +67,8 @@ def split_files(relpaths: list[str]) -> dict[str, list[str]]:
     """The files with the lowest path hashes (5%, at least 1) are validation, the rest train."""
     if len(relpaths) < 2:
         raise CorpusNotFoundError(
-            f"Need at least 2 text files for a train and a validation split, got {relpaths}.")
+            f"Need at least 2 text files for a train and a validation split, got {relpaths}."
+        )
     ranked = sorted(relpaths, key=lambda p: (hashlib.sha256(p.encode()).hexdigest(), p))
     num_val = min(max(round(VALIDATION_FRACTION * len(ranked)), 1), len(ranked) - 1)
     return {"validation": sorted(ranked[:num_val]), "train": sorted(ranked[num_val:])}
@@ -70,9 +78,12 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
     """Plain text files of a local directory, one example per file."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [TextCorpusConfig(
-        name="pydoc", description="Python 3.11 documentation sources (PSF license), shipped.")]
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS: ClassVar[list[TextCorpusConfig]] = [
+        TextCorpusConfig(
+            name="pydoc", description="Python 3.11 documentation sources (PSF license), shipped."
+        )
+    ]
     # No downloads, so no checksums file; this also skips tfds' code_path lookup, which
     # needs the optional `importlib_resources` package.
     url_infos = None
@@ -80,7 +91,8 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict(
-                {"text": tfds.features.Text(), "path": tfds.features.Text()}),
+                {"text": tfds.features.Text(), "path": tfds.features.Text()}
+            ),
             homepage="https://docs.python.org/3.11/",
             license="PSF-2.0" if self.builder_config.name == "pydoc" else None,
         )

@@ -6,6 +6,7 @@ without unk, and normalization is off, so decode(encode(text)) == text.
 Train (about a minute on 2 cores):
     python -m data.tokenizer --vocab_size=4096 --output=data/tokenizer/pydoc_4k
 """
+
 import hashlib
 import os
 import pathlib
@@ -33,7 +34,8 @@ class Tokenizer:
         self.path = pathlib.Path(path)
         if not self.path.is_file():
             raise TokenizerNotFoundError(
-                f"Tokenizer model {self.path} not found. Rebuild it with: {REBUILD_HINT}")
+                f"Tokenizer model {self.path} not found. Rebuild it with: {REBUILD_HINT}"
+            )
         proto = self.path.read_bytes()
         self._sp = spm.SentencePieceProcessor()
         try:
@@ -45,7 +47,8 @@ class Tokenizer:
         if self._sp.pad_id() != PAD_ID:
             raise TokenizerLoadError(
                 f"Tokenizer model {self.path} has pad_id={self._sp.pad_id()}, need {PAD_ID}. "
-                f"Rebuild it with: {REBUILD_HINT}")
+                f"Rebuild it with: {REBUILD_HINT}"
+            )
         self.fingerprint = hashlib.sha256(proto).hexdigest()  # Keys caches of tokenized data.
 
     @property
@@ -85,20 +88,37 @@ def _paragraphs(directory: pathlib.Path, pattern: str, max_bytes: int):
                 yield paragraph + "\n"
 
 
-def train(directory: str | os.PathLike, output_prefix: str, vocab_size: int,
-          pattern: str = "**/*.txt", model_type: str = "bpe") -> pathlib.Path:
+def train(
+    directory: str | os.PathLike,
+    output_prefix: str,
+    vocab_size: int,
+    pattern: str = "**/*.txt",
+    model_type: str = "bpe",
+) -> pathlib.Path:
     """Trains a model on the text files under `directory`; writes `{output_prefix}.model`."""
     max_bytes = 8192
     pathlib.Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=_paragraphs(pathlib.Path(directory), pattern, max_bytes),
-        model_prefix=output_prefix, vocab_size=vocab_size, model_type=model_type,
-        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-        byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
-        add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
-        allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
-        max_sentence_length=max_bytes + 1, num_threads=os.cpu_count() or 1,
-        minloglevel=2)
+        model_prefix=output_prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        pad_id=PAD_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        byte_fallback=True,
+        character_coverage=0.9995,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=["\n"],
+        max_sentence_length=max_bytes + 1,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
     pathlib.Path(output_prefix + ".vocab").unlink(missing_ok=True)  # Only the .model is used.
     return pathlib.Path(output_prefix + ".model")
 
@@ -120,8 +140,10 @@ def main() -> None:
         f = flags.FLAGS
         start = time.perf_counter()
         path = train(f.corpus_dir, f.output, f.vocab_size, f.pattern, f.model_type)
-        print(f"Wrote {path} (vocab {Tokenizer(path).vocab_size}) "
-              f"in {time.perf_counter() - start:.1f} s")
+        print(
+            f"Wrote {path} (vocab {Tokenizer(path).vocab_size}) "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
 
     app.run(run)
 

@@ -1,4 +1,5 @@
 """Shared fixtures for the data tests."""
+
 import pytest
 import tensorflow_datasets as tfds
 

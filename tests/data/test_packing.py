@@ -1,4 +1,5 @@
 """Invariants of pack_documents."""
+
 import time
 
 import numpy as np
@@ -28,8 +29,12 @@ def test_invariants(seq_len):
     docs = _documents(0, 40, 150)
     out = pack_documents(docs, seq_len, bos_id=BOS, eos_id=EOS)
     assert {k: v.dtype for k, v in out.items()} == {
-        "inputs": np.int32, "targets": np.int32, "segment_ids": np.int32,
-        "positions": np.int32, "weights": np.float32}
+        "inputs": np.int32,
+        "targets": np.int32,
+        "segment_ids": np.int32,
+        "positions": np.int32,
+        "weights": np.float32,
+    }
     assert all(v.shape == out["inputs"].shape and v.shape[1] == seq_len for v in out.values())
     real = out["weights"] > 0
     assert np.all(real == (out["segment_ids"] > 0))
@@ -66,8 +71,10 @@ def test_no_target_crosses_documents():
 
 
 def test_large_input_is_fast():
-    docs = [np.arange(n, dtype=np.int32) % 4000 + 3 for n in
-            np.random.default_rng(1).integers(0, 20000, 400)]  # ~4M tokens
+    docs = [
+        np.arange(n, dtype=np.int32) % 4000 + 3
+        for n in np.random.default_rng(1).integers(0, 20000, 400)
+    ]  # ~4M tokens
     start = time.perf_counter()
     out = pack_documents(docs, 1024, bos_id=BOS, eos_id=EOS)
     assert time.perf_counter() - start < 5.0

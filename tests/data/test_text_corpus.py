@@ -1,4 +1,5 @@
 """The text_corpus tfds builder on a temp directory and on the shipped corpus."""
+
 import pathlib
 
 import pytest
@@ -8,16 +9,22 @@ from data import text_corpus
 
 
 def _load(config, split, data_dir):
-    ds = tfds.load("text_corpus", split=split, data_dir=str(data_dir),
-                   builder_kwargs={"config": config} if config else None)
+    ds = tfds.load(
+        "text_corpus",
+        split=split,
+        data_dir=str(data_dir),
+        builder_kwargs={"config": config} if config else None,
+    )
     return {ex["path"].decode(): ex["text"].decode() for ex in tfds.as_numpy(ds)}
 
 
 def test_temp_directory_splits(tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)
-    texts = {f"sub/doc{i}.txt" if i % 2 else f"doc{i}.txt": f"Document {i}: héllo\n" * (i + 1)
-             for i in range(30)}
+    texts = {
+        f"sub/doc{i}.txt" if i % 2 else f"doc{i}.txt": f"Document {i}: héllo\n" * (i + 1)
+        for i in range(30)
+    }
     for rel, text in texts.items():
         (corpus / rel).write_text(text, encoding="utf-8")
     (corpus / "notes.md").write_text("not matched by the pattern")
@@ -39,7 +46,9 @@ def test_configs_do_not_collide(tmp_path):
 
 def test_split_files_nonempty():
     assert text_corpus.split_files(["a", "b"]) in (
-        {"validation": ["a"], "train": ["b"]}, {"validation": ["b"], "train": ["a"]})
+        {"validation": ["a"], "train": ["b"]},
+        {"validation": ["b"], "train": ["a"]},
+    )
     splits = text_corpus.split_files([f"f{i}" for i in range(200)])
     assert len(splits["validation"]) == 10 and len(splits["train"]) == 190
 
@@ -48,8 +57,9 @@ def test_split_files_nonempty():
 def test_missing_or_empty_corpus(tmp_path, make):
     config = text_corpus.config_for_directory(make(tmp_path))
     with pytest.raises(text_corpus.CorpusNotFoundError, match=str(make(tmp_path))):
-        tfds.builder("text_corpus", config=config, data_dir=str(tmp_path / "tfds")
-                     ).download_and_prepare()
+        tfds.builder(
+            "text_corpus", config=config, data_dir=str(tmp_path / "tfds")
+        ).download_and_prepare()
 
 
 def test_shipped_corpus_loads(shipped_tfds_dir):

@@ -1,8 +1,8 @@
 """The shipped SentencePiece tokenizer and its error messages."""
+
 import pytest
 
-from data.tokenizer import (REBUILD_HINT, Tokenizer, TokenizerLoadError,
-                            TokenizerNotFoundError)
+from data.tokenizer import REBUILD_HINT, Tokenizer, TokenizerLoadError, TokenizerNotFoundError
 
 
 @pytest.fixture(scope="module")
@@ -15,13 +15,16 @@ def test_shipped_model(tokenizer):
     assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
 
 
-@pytest.mark.parametrize("text", [
-    "The quick brown fox jumps over the lazy dog.",
-    "  leading spaces, trailing\ttabs\t\n\nand blank lines\n",
-    ".. function:: open(file, mode='r')\n\n   >>> print(1 + 2)\n   3\n",
-    "Unicode: héllo wörld, ñ, 日本語, emoji 🐍, math ∑ x² ≤ ∞",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The quick brown fox jumps over the lazy dog.",
+        "  leading spaces, trailing\ttabs\t\n\nand blank lines\n",
+        ".. function:: open(file, mode='r')\n\n   >>> print(1 + 2)\n   3\n",
+        "Unicode: héllo wörld, ñ, 日本語, emoji 🐍, math ∑ x² ≤ ∞",
+        "",
+    ],
+)
 def test_round_trip(tokenizer, text):
     ids = tokenizer.encode(text)
     assert all(0 <= i < tokenizer.vocab_size for i in ids)
@@ -29,7 +32,7 @@ def test_round_trip(tokenizer, text):
 
 
 def test_no_unknown_ids(tokenizer):
-    assert 3 not in tokenizer.encode("rare characters: \u2603 \U0001F600 \u0f12")
+    assert 3 not in tokenizer.encode("rare characters: \u2603 \U0001f600 \u0f12")
 
 
 def test_missing_model(tmp_path):
