@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 
-import data.text_corpus  # noqa: F401  (registers the `text_corpus` builder)
+import data.text_corpus  # noqa: F401  (registers `text_corpus`; quiets TF logs before import)
 from data.packing import PACKED_KEYS, pack_documents
 from data.tokenizer import Tokenizer
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow_datasets as tfds
+import tensorflow_datasets as tfds  # isort: skip  (after data.text_corpus)
 
 _log = logging.getLogger(__name__)
 
