@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -94,14 +95,24 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
     return Mesh(np.array(devices).reshape(tuple(shape.values())), MESH_AXES, axis_types=axis_types)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: AxisRules) -> nnx.State:
-    """NamedShardings for every variable in `state`, from its `out_sharding` logical names."""
+def state_shardings(state: Any, mesh: Mesh, rules: AxisRules) -> Any:
+    """NamedShardings with the structure of `state`: each nnx.Variable is placed by its logical
+    `out_sharding` names; every other leaf (step counters, ...) is replicated."""
 
-    def sharding_of(variable: nnx.Variable) -> NamedSharding:
-        names = variable.get_metadata().get("out_sharding") or ()
-        return NamedSharding(mesh, logical_to_spec(names, rules))
+    def sharding_of(x: Any) -> Any:
+        if isinstance(x, nnx.Variable):
+            names = x.get_metadata().get("out_sharding") or ()
+            return x.replace(NamedSharding(mesh, logical_to_spec(names, rules)))
+        return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """Abstract arrays (jax.ShapeDtypeStruct) that carry their target sharding."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
 
 
 def batch_sharding(mesh: Mesh, rules: AxisRules) -> NamedSharding:

@@ -1,0 +1,145 @@
+"""Validation of an experiment config: every mistake found before compiling, one clear message each."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from llm.model import REMAT_POLICIES, ModelConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas_gpu", "pallas_tpu")
+
+
+class ConfigError(ValueError):
+    """A config mistake; the message names the field and the fix."""
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The typed model config of an experiment config."""
+    return ModelConfig(**config.model.to_dict())
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
+    for field in fields:
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        _check(
+            isinstance(value, int) and value > 0,
+            f"config.{field} must be a positive integer, got {value!r}: set --config.{field}=N.",
+        )
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first inconsistency in `config`."""
+    _positive(
+        config,
+        "steps",
+        "batch_size",
+        "seq_len",
+        "log_every",
+        "grad_accum_steps",
+        "eval_batches",
+        "keep_checkpoints",
+    )
+    for field in ("eval_every", "checkpoint_every"):
+        _check(
+            config[field] >= 0, f"config.{field} must be >= 0 (0 disables), got {config[field]}."
+        )
+    _check(
+        config.batch_size % config.grad_accum_steps == 0,
+        f"config.batch_size={config.batch_size} is not divisible by config.grad_accum_steps="
+        f"{config.grad_accum_steps}: pick a batch size that splits into equal micro-batches.",
+    )
+    validate_model(config.model)
+    _check(
+        config.seq_len <= config.model.max_seq_len,
+        f"config.seq_len={config.seq_len} is longer than the model accepts "
+        f"(config.model.max_seq_len={config.model.max_seq_len}): lower seq_len or raise max_seq_len.",
+    )
+    opt = config.optimizer
+    _check(
+        opt.learning_rate > 0,
+        f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate}.",
+    )
+    _check(
+        0 <= opt.warmup_steps < config.steps,
+        f"config.optimizer.warmup_steps={opt.warmup_steps} must be in [0, steps={config.steps}).",
+    )
+    _check(
+        0 <= opt.min_learning_rate_ratio <= 1,
+        f"config.optimizer.min_learning_rate_ratio must be in [0, 1], got {opt.min_learning_rate_ratio}.",
+    )
+    _check(
+        opt.grad_clip_norm >= 0,
+        "config.optimizer.grad_clip_norm must be >= 0 (0 disables clipping).",
+    )
+    _check(config.z_loss >= 0, f"config.z_loss must be >= 0, got {config.z_loss}.")
+
+
+def validate_model(model: ml_collections.ConfigDict) -> None:
+    """Checks the model fields alone (also used when loading a checkpoint's config)."""
+    _positive(
+        model,
+        "vocab_size",
+        "num_layers",
+        "embed_dim",
+        "num_heads",
+        "num_kv_heads",
+        "mlp_dim",
+        "max_seq_len",
+    )
+    _check(
+        model.num_heads % model.num_kv_heads == 0,
+        f"config.model.num_heads={model.num_heads} is not divisible by config.model.num_kv_heads="
+        f"{model.num_kv_heads}: grouped-query attention shares each kv head among an equal number of "
+        "query heads; choose num_kv_heads dividing num_heads.",
+    )
+    if model.head_dim is None:
+        _check(
+            model.embed_dim % model.num_heads == 0,
+            f"config.model.embed_dim={model.embed_dim} is not divisible by config.model.num_heads="
+            f"{model.num_heads}: set --config.model.head_dim explicitly or change the sizes.",
+        )
+    head_dim = model.head_dim or model.embed_dim // model.num_heads
+    _check(head_dim % 2 == 0, f"head_dim={head_dim} must be even for rotary embeddings.")
+    _check(model.dtype in DTYPES, f"config.model.dtype={model.dtype!r} is not one of {DTYPES}.")
+    _check(
+        model.param_dtype in DTYPES,
+        f"config.model.param_dtype={model.param_dtype!r} is not one of {DTYPES}.",
+    )
+    _check(
+        model.remat in REMAT_POLICIES,
+        f"config.model.remat={model.remat!r} is not one of {tuple(REMAT_POLICIES)}.",
+    )
+    _check(
+        model.attention_impl is None or model.attention_impl in ATTENTION_IMPLS,
+        f"config.model.attention_impl={model.attention_impl!r} is not one of {ATTENTION_IMPLS} "
+        "(or unset, to pick the fastest for the backend).",
+    )
+    _check(model.rope_theta > 0, f"config.model.rope_theta must be > 0, got {model.rope_theta}.")
+
+
+def check_vocab(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> None:
+    _check(
+        config.model.vocab_size >= tokenizer_vocab_size,
+        f"config.model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+        f"vocabulary ({tokenizer_vocab_size}): set --config.model.vocab_size={tokenizer_vocab_size} "
+        "or larger (a larger, padded vocabulary is fine).",
+    )
+
+
+def check_batch_divides(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """The global batch must split evenly over the data-parallel devices and the processes."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    _check(
+        config.batch_size % shards == 0 and config.batch_size % jax.process_count() == 0,
+        f"config.batch_size={config.batch_size} does not split over {shards} data-parallel devices "
+        f"and {jax.process_count()} processes: use a multiple of {shards * jax.process_count()}.",
+    )

@@ -1,0 +1,246 @@
+"""Train a language model: config -> data -> model -> jitted step -> checkpoints -> metrics.
+
+  python -m llm.train --config=experiments/default.py --workdir=/tmp/default
+  python -m llm.train --config=experiments/default.py --workdir=/tmp/small --config.model.num_layers=2
+
+Rerunning the same command with the same workdir resumes from the latest checkpoint: a batch is
+a pure function of (seed, step), so the data order resumes exactly too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from data import pipeline, tokenizer as tokenizer_lib, text_corpus
+from llm import checkpoint, config as config_lib, flops, partitioning
+from llm.metrics import MetricsWriter
+from llm.model import Transformer
+from llm.train_step import make_eval_step, make_optimizer, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/default.py", "Experiment config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+
+# Mistakes a user can fix; reported as one message and exit status 2, never a traceback.
+USER_ERRORS = (
+    config_lib.ConfigError,
+    text_corpus.CorpusNotFoundError,
+    tokenizer_lib.TokenizerNotFoundError,
+    tokenizer_lib.TokenizerLoadError,
+    checkpoint.CheckpointMismatchError,
+    PermissionError,
+)
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> pathlib.Path:
+    """Creates `workdir`, refuses to resume with a different model, and writes config.json."""
+    path = pathlib.Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(
+            f"workdir {workdir} is not writable ({e.strerror}): pass a --workdir you can write to."
+        ) from None
+    saved = path / "config.json"
+    if saved.exists():
+        checkpoint.check_same_model(json.loads(saved.read_text())["model"], config.model.to_dict())
+    saved.write_text(config.to_json_best_effort(indent=2))
+    return path
+
+
+def load_data(config: ml_collections.ConfigDict):
+    """Tokenizer and the packed train and eval splits."""
+    tokenizer = tokenizer_lib.Tokenizer(config.data.tokenizer or tokenizer_lib.SHIPPED_MODEL)
+    config_lib.check_vocab(config, tokenizer.vocab_size)
+    kwargs = dict(
+        name=config.data.dataset,
+        seq_len=config.seq_len,
+        tokenizer=tokenizer,
+        data_dir=config.data.data_dir or pipeline.default_data_dir(),
+        seed=config.seed,
+        text_key=config.data.text_key,
+    )
+    train = pipeline.load_dataset(split=config.data.train_split, **kwargs)
+    evaluation = pipeline.load_dataset(split=config.data.eval_split, **kwargs)
+    return tokenizer, train, evaluation
+
+
+def evaluate(eval_step, params, eval_data, config, put) -> dict[str, float]:
+    """Mean next-token loss and perplexity over the first `eval_batches` validation batches."""
+    total, count = 0.0, 0.0
+    for i in range(config.eval_batches):
+        ce_sum, num = eval_step(params, put(eval_data.batch(i, config.batch_size)))
+        total, count = total + float(ce_sum), count + float(num)
+    loss = total / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains `config` in `workdir` (resuming if it has a checkpoint); returns the last metrics."""
+    config_lib.validate(config)
+    path = prepare_workdir(workdir, config)
+    tokenizer, train_data, eval_data = load_data(config)
+    mesh = partitioning.make_mesh(config.mesh.to_dict())
+    rules = tuple(config.axis_rules)
+    config_lib.check_batch_divides(config, mesh)
+    cfg = config_lib.model_config(config)
+    tx, schedule = make_optimizer(config.optimizer, config.steps)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+    def init_state():
+        params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    with jax.set_mesh(mesh), partitioning.axis_rules(rules):
+        abstract = jax.eval_shape(init_state)
+        shardings = partitioning.state_shardings(abstract, mesh, rules)
+        data_sharding = partitioning.batch_sharding(mesh, rules)
+        manager = checkpoint.make_manager(path, keep=config.keep_checkpoints)
+        state = checkpoint.restore_latest(manager, partitioning.with_shardings(abstract, shardings))
+        if state is None:
+            state = jax.jit(init_state, out_shardings=shardings)()
+        start = int(state["step"])
+        logging.info("Starting at step %d of %d.", start, config.steps)
+
+        def put(batch):
+            return {
+                k: jax.make_array_from_process_local_data(data_sharding, v)
+                for k, v in batch.items()
+            }
+
+        def local_batch(step):
+            return train_data.batch(
+                step,
+                config.batch_size,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+
+        step_fn = make_train_step(
+            graphdef, tx, schedule, grad_accum_steps=config.grad_accum_steps, z_loss=config.z_loss
+        )
+        t = time.perf_counter()
+        train_step = (
+            jax.jit(step_fn, out_shardings=(shardings, None), donate_argnums=0)
+            .lower(state, put(local_batch(start)))
+            .compile()
+        )
+        eval_step = jax.jit(make_eval_step(graphdef))
+        compile_seconds = time.perf_counter() - t
+
+        counts = flops.param_counts(cfg)
+        flops_per_token = flops.train_flops_per_token(cfg, config.seq_len)
+        peak = flops.peak_flops(jax.devices()[0])
+        tokens_per_step = config.batch_size * config.seq_len
+        print(
+            f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
+            f"non-embedding); {flops_per_token / 1e6:.1f} MFLOP per trained token; "
+            f"train step compiled in {compile_seconds:.1f} s; {jax.device_count()} "
+            f"{jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}",
+            flush=True,
+        )
+        writer = MetricsWriter(path) if jax.process_index() == 0 else None
+        metrics: dict[str, float] = {}
+        progress = tqdm(
+            total=config.steps,
+            initial=start,
+            desc="train",
+            dynamic_ncols=True,
+            disable=jax.process_index() != 0,
+        )
+        tick, steps_since = time.perf_counter(), 0
+        for step in range(start, config.steps):
+            state, step_metrics = train_step(state, put(local_batch(step)))
+            steps_since += 1
+            progress.update(1)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                seconds = time.perf_counter() - tick
+                tokens_per_second = steps_since * tokens_per_step / seconds
+                achieved = tokens_per_second * flops_per_token / jax.device_count()
+                metrics.update(
+                    tokens_per_second=tokens_per_second,
+                    tflops_per_device=achieved / 1e12,
+                )
+                if peak:
+                    metrics["mfu"] = achieved / peak
+                if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+                    metrics.update(evaluate(eval_step, state["params"], eval_data, config, put))
+                if writer:
+                    writer.write(done, metrics)
+                progress.set_postfix(
+                    loss=f"{metrics['loss']:.3f}",
+                    tok_s=f"{tokens_per_second:,.0f}",
+                    mfu=f"{metrics['mfu']:.1%}" if peak else "n/a",
+                )
+                tick, steps_since = time.perf_counter(), 0
+            if config.checkpoint_every and (
+                done % config.checkpoint_every == 0 or done == config.steps
+            ):
+                checkpoint.save(manager, state)
+        progress.close()
+        manager.wait_until_finished()
+        if writer:
+            writer.close()
+        if start < config.steps and config.sample_prompt:
+            print_sample(state["params"], graphdef, tokenizer, config)
+    return metrics
+
+
+def print_sample(params, graphdef, tokenizer, config) -> None:
+    from llm.sample import generate  # decoding is only needed at the end
+
+    prompt = [tokenizer.bos_id] + tokenizer.encode(config.sample_prompt)
+    tokens = generate(
+        nnx.merge(graphdef, params),
+        jnp.array([prompt], jnp.int32),
+        max_new_tokens=config.sample_tokens,
+        rng=jax.random.key(config.seed),
+        temperature=0.8,
+        top_k=40,
+    )
+    print(f"sample: {tokenizer.decode(list(np.asarray(tokens[0, 1:])))}", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax and tfds log every step of their work at INFO
+    if not _WORKDIR.value:
+        sys.exit("error: --workdir is required, e.g. --workdir=/tmp/run1")
+    try:
+        metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if "eval_loss" in metrics:
+        print(
+            f"final: loss {metrics['loss']:.3f}, eval loss {metrics['eval_loss']:.3f} "
+            f"(perplexity {metrics['eval_perplexity']:.1f}), "
+            f"{metrics['tokens_per_second']:,.0f} tokens/s",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)

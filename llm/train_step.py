@@ -1,0 +1,129 @@
+"""The pure pieces of training: optimizer, loss, and the jitted train and eval steps."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+TrainState = dict[str, Any]  # {"step": int32[], "params": nnx.State, "opt_state": optax state}
+# inputs, targets, segment_ids, positions: int32[B, L]; weights: f32[B, L]
+Batch = dict[str, jax.Array]
+
+
+def make_optimizer(
+    opt: ml_collections.ConfigDict, steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup then cosine decay, global-norm clipping; norms are not decayed."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=opt.learning_rate,
+        warmup_steps=opt.warmup_steps,
+        decay_steps=steps,
+        end_value=opt.learning_rate * opt.min_learning_rate_ratio,
+    )
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "scale" not in jax.tree_util.keystr(path), params
+        )
+
+    tx = optax.chain(
+        optax.clip_by_global_norm(opt.grad_clip_norm)
+        if opt.grad_clip_norm > 0
+        else optax.identity(),
+        optax.adamw(
+            schedule,
+            b1=opt.b1,
+            b2=opt.b2,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+    return tx, schedule
+
+
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float
+) -> tuple[jax.Array, jax.Array]:
+    """Summed weighted next-token loss (+ z_loss·log(Z)²) and summed cross-entropy alone.
+
+    logits: f32[B, L, V]; targets: int32[B, L]; weights: f32[B, L].
+    """
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = (log_z - target_logit) * weights
+    return jnp.sum(ce + z_loss * jnp.square(log_z) * weights), jnp.sum(ce)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    grad_accum_steps: int,
+    z_loss: float,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """One optimizer step over a batch split into `grad_accum_steps` micro-batches."""
+
+    def loss_fn(params, batch: Batch):
+        model = nnx.merge(graphdef, params)
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        loss_sum, ce_sum = cross_entropy(logits, batch["targets"], batch["weights"], z_loss)
+        return loss_sum, ce_sum
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        params = state["params"]
+        if grad_accum_steps == 1:
+            (_, ce_sum), grads = grad_fn(params, batch)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
+                batch,
+            )
+
+            def accumulate(carry, micro_batch):
+                grads, ce_sum = carry
+                (_, ce), g = grad_fn(params, micro_batch)
+                return (jax.tree.map(jnp.add, grads, g), ce_sum + ce), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, ce_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), micro)
+        num_tokens = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+        grads = jax.tree.map(lambda g: g / num_tokens, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+        }
+        metrics = {
+            "loss": ce_sum / num_tokens,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state["step"]),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
+    """Summed cross-entropy and number of target tokens of a batch."""
+
+    def eval_step(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        logits = nnx.merge(graphdef, params)(
+            batch["inputs"], batch["positions"], batch["segment_ids"]
+        )
+        _, ce_sum = cross_entropy(logits, batch["targets"], batch["weights"], 0.0)
+        return ce_sum, jnp.sum(batch["weights"])
+
+    return eval_step
