@@ -34,51 +34,63 @@ _AUTO = {"gpu": ("pallas_gpu", "cudnn", "xla"), "tpu": ("pallas_tpu", "xla")}
 
 
 class UnsupportedError(ValueError):
-  """An explicitly requested implementation cannot run these inputs here."""
+    """An explicitly requested implementation cannot run these inputs here."""
 
 
 def _module(implementation: str) -> types.ModuleType | None:
-  """The backend module, or None if its file does not exist (yet)."""
-  name = f"{__package__}.{_MODULES[implementation]}"
-  if importlib.util.find_spec(name) is None:
-    return None
-  return importlib.import_module(name)  # Import errors propagate.
+    """The backend module, or None if its file does not exist (yet)."""
+    name = f"{__package__}.{_MODULES[implementation]}"
+    if importlib.util.find_spec(name) is None:
+        return None
+    return importlib.import_module(name)  # Import errors propagate.
 
 
 def _validate(q, k, v, segment_ids, sliding_window, mask, softmax_scale, block_sizes) -> None:
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if jnp.ndim(x) != 4:
-      raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape {jnp.shape(x)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
-  if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  if q.shape[0] != k.shape[0]:
-    raise ValueError(f"q and k batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
-  if q.shape[3] != k.shape[3]:
-    raise ValueError(f"q and k head_dim differ: {q.shape[3]} vs {k.shape[3]}")
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k/v kv_heads ({k.shape[2]})")
-  if segment_ids is not None:
-    if q.shape[1] != k.shape[1]:
-      raise ValueError(f"segment_ids require q_seq == kv_seq, got {q.shape[1]} and {k.shape[1]}")
-    if jnp.shape(segment_ids) != q.shape[:2]:
-      raise ValueError(f"segment_ids must have shape [batch, seq] = {q.shape[:2]}, "
-                       f"got {jnp.shape(segment_ids)}")
-    if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
-      raise ValueError(f"segment_ids must be integers, got {jnp.result_type(segment_ids)}")
-  if sliding_window is not None and (
-      isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1):
-    raise ValueError(f"sliding_window must be a positive int, got {sliding_window!r}")
-  if mask is not None and not isinstance(mask, masks_lib.Mask):
-    raise ValueError(f"mask must be a kernels Mask object, got {type(mask).__name__}")
-  if softmax_scale is not None and not (isinstance(softmax_scale, (int, float))
-                                        and math.isfinite(softmax_scale)):
-    raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
-  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-    raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(
+                f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape {jnp.shape(x)}"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k head_dim differ: {q.shape[3]} vs {k.shape[3]}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"q heads ({q.shape[2]}) must be a multiple of k/v kv_heads ({k.shape[2]})"
+        )
+    if segment_ids is not None:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(
+                f"segment_ids require q_seq == kv_seq, got {q.shape[1]} and {k.shape[1]}"
+            )
+        if jnp.shape(segment_ids) != q.shape[:2]:
+            raise ValueError(
+                f"segment_ids must have shape [batch, seq] = {q.shape[:2]}, "
+                f"got {jnp.shape(segment_ids)}"
+            )
+        if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+            raise ValueError(f"segment_ids must be integers, got {jnp.result_type(segment_ids)}")
+    if sliding_window is not None and (
+        isinstance(sliding_window, bool)
+        or not isinstance(sliding_window, int)
+        or sliding_window < 1
+    ):
+        raise ValueError(f"sliding_window must be a positive int, got {sliding_window!r}")
+    if mask is not None and not isinstance(mask, masks_lib.Mask):
+        raise ValueError(f"mask must be a kernels Mask object, got {type(mask).__name__}")
+    if softmax_scale is not None and not (
+        isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
+    ):
+        raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
 
 
 def attention(
@@ -94,45 +106,52 @@ def attention(
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
-  """Multi-head attention with GQA/MQA, masks and packed segments.
+    """Multi-head attention with GQA/MQA, masks and packed segments.
 
-  causal, sliding_window (query sees itself and the W-1 keys before) and
-  mask intersect. With q_seq != kv_seq, query i sits at position
-  i + kv_seq - q_seq (last query aligned with last key). Rows that see no
-  key give zeros. implementation: "xla", "cudnn", "pallas_gpu",
-  "pallas_tpu" or None (fastest supported one for jax.default_backend()).
-  Returns [batch, q_seq, heads, head_dim] in q.dtype.
+    causal, sliding_window (query sees itself and the W-1 keys before) and
+    mask intersect. With q_seq != kv_seq, query i sits at position
+    i + kv_seq - q_seq (last query aligned with last key). Rows that see no
+    key give zeros. implementation: "xla", "cudnn", "pallas_gpu",
+    "pallas_tpu" or None (fastest supported one for jax.default_backend()).
+    Returns [batch, q_seq, heads, head_dim] in q.dtype.
 
-  Raises:
-    ValueError: bad inputs (the message names the argument).
-    UnsupportedError: the requested implementation cannot run these inputs.
-    NotImplementedError: the requested implementation is not written yet.
-  """
-  if implementation is not None and implementation not in _MODULES:
-    raise ValueError(f"implementation must be one of {sorted(_MODULES)} or None, "
-                     f"got {implementation!r}")
-  _validate(q, k, v, segment_ids, sliding_window, mask, softmax_scale, block_sizes)
-  full_mask = masks_lib.combine([
-      masks_lib.CausalMask() if causal else None,
-      masks_lib.SlidingWindowMask(sliding_window) if sliding_window is not None else None,
-      mask,
-  ])
-  if full_mask is not None:
-    full_mask.validate(q.shape[1], k.shape[1])
-  scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-  kwargs = dict(mask=full_mask, segment_ids=segment_ids, block_sizes=block_sizes)
+    Raises:
+      ValueError: bad inputs (the message names the argument).
+      UnsupportedError: the requested implementation cannot run these inputs.
+      NotImplementedError: the requested implementation is not written yet.
+    """
+    if implementation is not None and implementation not in _MODULES:
+        raise ValueError(
+            f"implementation must be one of {sorted(_MODULES)} or None, got {implementation!r}"
+        )
+    _validate(q, k, v, segment_ids, sliding_window, mask, softmax_scale, block_sizes)
+    full_mask = masks_lib.combine(
+        [
+            masks_lib.CausalMask() if causal else None,
+            masks_lib.SlidingWindowMask(sliding_window) if sliding_window is not None else None,
+            mask,
+        ]
+    )
+    if full_mask is not None:
+        full_mask.validate(q.shape[1], k.shape[1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    kwargs = {"mask": full_mask, "segment_ids": segment_ids, "block_sizes": block_sizes}
 
-  if implementation is None:
-    for name in _AUTO.get(jax.default_backend(), ("xla",)):
-      module = _module(name)
-      if module is not None and module.unsupported_reason(q, k, v, **kwargs) is None:
-        return module.attention(q, k, v, softmax_scale=scale, **kwargs)
-    raise UnsupportedError("no attention implementation supports these inputs")  # xla always does.
+    if implementation is None:
+        for name in _AUTO.get(jax.default_backend(), ("xla",)):
+            module = _module(name)
+            if module is not None and module.unsupported_reason(q, k, v, **kwargs) is None:
+                return module.attention(q, k, v, softmax_scale=scale, **kwargs)
+        raise UnsupportedError(
+            "no attention implementation supports these inputs"
+        )  # xla always does.
 
-  module = _module(implementation)
-  if module is None:
-    raise NotImplementedError(f"implementation={implementation!r} is not implemented yet "
-                              f"(no module kernels/attention/{_MODULES[implementation]}.py)")
-  if (reason := module.unsupported_reason(q, k, v, **kwargs)) is not None:
-    raise UnsupportedError(f"implementation={implementation!r} cannot run: {reason}")
-  return module.attention(q, k, v, softmax_scale=scale, **kwargs)
+    module = _module(implementation)
+    if module is None:
+        raise NotImplementedError(
+            f"implementation={implementation!r} is not implemented yet "
+            f"(no module kernels/attention/{_MODULES[implementation]}.py)"
+        )
+    if (reason := module.unsupported_reason(q, k, v, **kwargs)) is not None:
+        raise UnsupportedError(f"implementation={implementation!r} cannot run: {reason}")
+    return module.attention(q, k, v, softmax_scale=scale, **kwargs)

@@ -28,56 +28,67 @@ def attention_reference_with_lse(
     segment_ids: jax.Array | None = None,  # int32 [batch, seq], q_seq == kv_seq
     softmax_scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Returns (out [batch, q_seq, heads, head_dim] in q.dtype, lse f32 [batch, heads, q_seq]).
+    """Returns (out [batch, q_seq, heads, head_dim] in q.dtype, lse f32 [batch, heads, q_seq]).
 
-  lse is the natural-log sum of exp(scale * q.k) over visible keys (-inf for
-  rows that see nothing).
-  """
-  batch, q_seq, heads, head_dim = q.shape
-  kv_seq, kv_heads = k.shape[1], k.shape[2]
-  group = heads // kv_heads
-  scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    lse is the natural-log sum of exp(scale * q.k) over visible keys (-inf for
+    rows that see nothing).
+    """
+    batch, q_seq, heads, head_dim = q.shape
+    kv_seq, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
 
-  q5 = q.astype(jnp.float32).reshape(batch, q_seq, kv_heads, group, head_dim)
-  s = jnp.einsum("bqhgd,bkhd->bhgqk", q5, k.astype(jnp.float32)) * scale
+    q5 = q.astype(jnp.float32).reshape(batch, q_seq, kv_heads, group, head_dim)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q5, k.astype(jnp.float32)) * scale
 
-  visible = jnp.ones((1, q_seq, kv_seq), bool)  # [batch or 1, q_seq, kv_seq]
-  if mask is not None:
-    visible = visible & jnp.asarray(mask, bool)[None]
-  if segment_ids is not None:
-    visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  visible = visible[:, None, None]  # [batch or 1, 1, 1, q_seq, kv_seq]
+    visible = jnp.ones((1, q_seq, kv_seq), bool)  # [batch or 1, q_seq, kv_seq]
+    if mask is not None:
+        visible = visible & jnp.asarray(mask, bool)[None]
+    if segment_ids is not None:
+        visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    visible = visible[:, None, None]  # [batch or 1, 1, 1, q_seq, kv_seq]
 
-  s = jnp.where(visible, s, _NEG)
-  m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))  # Cancels out exactly.
-  p = jnp.where(visible, jnp.exp(s - m), 0.0)  # [b, kv_heads, group, q_seq, kv_seq]
-  l = p.sum(axis=-1, keepdims=True)
-  has_any = l > 0
-  l_safe = jnp.where(has_any, l, 1.0)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", p / l_safe, v.astype(jnp.float32))
-  out = out.reshape(batch, q_seq, heads, head_dim).astype(q.dtype)
-  lse = jnp.where(has_any, m + jnp.log(l_safe), -jnp.inf)[..., 0]
-  return out, lse.reshape(batch, heads, q_seq)
+    s = jnp.where(visible, s, _NEG)
+    m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))  # Cancels out exactly.
+    p = jnp.where(visible, jnp.exp(s - m), 0.0)  # [b, kv_heads, group, q_seq, kv_seq]
+    l = p.sum(axis=-1, keepdims=True)
+    has_any = l > 0
+    l_safe = jnp.where(has_any, l, 1.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p / l_safe, v.astype(jnp.float32))
+    out = out.reshape(batch, q_seq, heads, head_dim).astype(q.dtype)
+    lse = jnp.where(has_any, m + jnp.log(l_safe), -jnp.inf)[..., 0]
+    return out, lse.reshape(batch, heads, q_seq)
 
 
 def attention_reference(q, k, v, *, mask=None, segment_ids=None, softmax_scale=None) -> jax.Array:
-  """`attention_reference_with_lse` without the lse."""
-  return attention_reference_with_lse(
-      q, k, v, mask=mask, segment_ids=segment_ids, softmax_scale=softmax_scale)[0]
+    """`attention_reference_with_lse` without the lse."""
+    return attention_reference_with_lse(
+        q, k, v, mask=mask, segment_ids=segment_ids, softmax_scale=softmax_scale
+    )[0]
 
 
 # Backend interface (registered as implementation "xla").
 
 
-def unsupported_reason(q, k, v, *, mask: masks_lib.Mask | None, segment_ids,
-                       block_sizes: BlockSizes | None) -> str | None:
-  del q, k, v, mask, segment_ids, block_sizes
-  return None  # Runs everywhere.
+def unsupported_reason(
+    q, k, v, *, mask: masks_lib.Mask | None, segment_ids, block_sizes: BlockSizes | None
+) -> str | None:
+    del q, k, v, mask, segment_ids, block_sizes
+    return None  # Runs everywhere.
 
 
-def attention(q, k, v, *, mask: masks_lib.Mask | None, segment_ids, softmax_scale: float,
-              block_sizes: BlockSizes | None) -> jax.Array:
-  del block_sizes  # No blocking.
-  dense = None if mask is None else mask.dense(q.shape[1], k.shape[1])
-  return attention_reference(q, k, v, mask=dense, segment_ids=segment_ids,
-                             softmax_scale=softmax_scale)
+def attention(
+    q,
+    k,
+    v,
+    *,
+    mask: masks_lib.Mask | None,
+    segment_ids,
+    softmax_scale: float,
+    block_sizes: BlockSizes | None,
+) -> jax.Array:
+    del block_sizes  # No blocking.
+    dense = None if mask is None else mask.dense(q.shape[1], k.shape[1])
+    return attention_reference(
+        q, k, v, mask=dense, segment_ids=segment_ids, softmax_scale=softmax_scale
+    )

@@ -13,70 +13,78 @@ B, S, H, KVH, D = 2, 16, 4, 2, 8
 
 
 def _qkv(q_shape=(B, S, H, D), kv_shape=(B, S, KVH, D), dtype=jnp.float32):
-  return jnp.ones(q_shape, dtype), jnp.ones(kv_shape, dtype), jnp.ones(kv_shape, dtype)
+    return jnp.ones(q_shape, dtype), jnp.ones(kv_shape, dtype), jnp.ones(kv_shape, dtype)
 
 
-@pytest.mark.parametrize("args,kwargs,names", [
-    (_qkv(q_shape=(B, S, H)), {}, "q"),
-    (_qkv(kv_shape=(B, S, KVH)), {}, "k"),
-    ((*_qkv()[:2], jnp.ones((B, S + 1, KVH, D))), {}, "k and v"),
-    (_qkv(kv_shape=(B + 1, S, KVH, D)), {}, "batch"),
-    (_qkv(kv_shape=(B, S, KVH, D * 2)), {}, "head_dim"),
-    (_qkv(kv_shape=(B, S, 3, D)), {}, "kv_heads"),
-    (_qkv(), dict(segment_ids=jnp.zeros((B, S + 1), jnp.int32)), "segment_ids"),
-    (_qkv(), dict(segment_ids=jnp.zeros((B, S), jnp.float32)), "segment_ids"),
-    (_qkv(kv_shape=(B, S * 2, KVH, D)), dict(segment_ids=jnp.zeros((B, S), jnp.int32)),
-     "segment_ids"),
-    (_qkv(), dict(sliding_window=0), "sliding_window"),
-    (_qkv(), dict(mask=np.ones((S, S), bool)), "mask"),
-    (_qkv(), dict(mask=kernels.BlockSparseMask(((True,),), 4, 4)), "mask"),
-    (_qkv(), dict(implementation="flash"), "implementation"),
-    (_qkv(), dict(block_sizes=(64, 64)), "block_sizes"),
-    ((jnp.ones((B, S, H, D), jnp.int32),) + _qkv()[1:], {}, "q"),
-])
+@pytest.mark.parametrize(
+    "args,kwargs,names",
+    [
+        (_qkv(q_shape=(B, S, H)), {}, "q"),
+        (_qkv(kv_shape=(B, S, KVH)), {}, "k"),
+        ((*_qkv()[:2], jnp.ones((B, S + 1, KVH, D))), {}, "k and v"),
+        (_qkv(kv_shape=(B + 1, S, KVH, D)), {}, "batch"),
+        (_qkv(kv_shape=(B, S, KVH, D * 2)), {}, "head_dim"),
+        (_qkv(kv_shape=(B, S, 3, D)), {}, "kv_heads"),
+        (_qkv(), {"segment_ids": jnp.zeros((B, S + 1), jnp.int32)}, "segment_ids"),
+        (_qkv(), {"segment_ids": jnp.zeros((B, S), jnp.float32)}, "segment_ids"),
+        (
+            _qkv(kv_shape=(B, S * 2, KVH, D)),
+            {"segment_ids": jnp.zeros((B, S), jnp.int32)},
+            "segment_ids",
+        ),
+        (_qkv(), {"sliding_window": 0}, "sliding_window"),
+        (_qkv(), {"mask": np.ones((S, S), bool)}, "mask"),
+        (_qkv(), {"mask": kernels.BlockSparseMask(((True,),), 4, 4)}, "mask"),
+        (_qkv(), {"implementation": "flash"}, "implementation"),
+        (_qkv(), {"block_sizes": (64, 64)}, "block_sizes"),
+        ((jnp.ones((B, S, H, D), jnp.int32),) + _qkv()[1:], {}, "q"),
+    ],
+)
 def test_bad_inputs_raise_value_error_naming_argument(args, kwargs, names):
-  with pytest.raises(ValueError, match=names):
-    kernels.attention(*args, **kwargs)
+    with pytest.raises(ValueError, match=names):
+        kernels.attention(*args, **kwargs)
 
 
 def test_cudnn_on_cpu_raises_clear_error():
-  with pytest.raises(kernels.UnsupportedError, match="cudnn.*GPU"):
-    kernels.attention(*_qkv(dtype=jnp.bfloat16), implementation="cudnn")
+    with pytest.raises(kernels.UnsupportedError, match="cudnn.*GPU"):
+        kernels.attention(*_qkv(dtype=jnp.bfloat16), implementation="cudnn")
 
 
 @pytest.mark.parametrize("name", ["pallas_gpu", "pallas_tpu"])
 def test_unwritten_backend_raises_not_implemented(name, monkeypatch):
-  monkeypatch.setattr(api, "_module", lambda implementation: None)
-  with pytest.raises(NotImplementedError, match=name):
-    kernels.attention(*_qkv(), implementation=name)
+    monkeypatch.setattr(api, "_module", lambda implementation: None)
+    with pytest.raises(NotImplementedError, match=name):
+        kernels.attention(*_qkv(), implementation=name)
 
 
 def test_backend_import_error_propagates(monkeypatch):
-  monkeypatch.setitem(api._MODULES, "pallas_gpu", "_no_such_dependency_test")
-  monkeypatch.setattr(api.importlib.util, "find_spec", lambda name: object())
-  with pytest.raises(ImportError):
-    kernels.attention(*_qkv(), implementation="pallas_gpu")
+    monkeypatch.setitem(api._MODULES, "pallas_gpu", "_no_such_dependency_test")
+    monkeypatch.setattr(api.importlib.util, "find_spec", lambda name: object())
+    with pytest.raises(ImportError):
+        kernels.attention(*_qkv(), implementation="pallas_gpu")
 
 
 def test_none_on_cpu_picks_xla(monkeypatch):
-  calls = []
-  real = api._module
-  monkeypatch.setattr(api, "_module", lambda name: calls.append(name) or real(name))
-  out = kernels.attention(*_qkv(), causal=True)
-  assert calls == ["xla"] and out.shape == (B, S, H, D)
+    calls = []
+    real = api._module
+    monkeypatch.setattr(api, "_module", lambda name: calls.append(name) or real(name))
+    out = kernels.attention(*_qkv(), causal=True)
+    assert calls == ["xla"] and out.shape == (B, S, H, D)
 
 
 def test_causal_and_window_arguments_match_mask_objects():
-  keys = jax.random.split(jax.random.key(0), 3)
-  q, k, v = (jax.random.normal(kk, s) for kk, s in zip(keys, [(B, S, H, D), (B, S, KVH, D),
-                                                               (B, S, KVH, D)]))
-  a = kernels.attention(q, k, v, causal=True, sliding_window=5, mask=kernels.StridedMask(2))
-  mask = kernels.CausalMask() & kernels.SlidingWindowMask(5) & kernels.StridedMask(2)
-  b = attention_reference(q, k, v, mask=mask.dense(S, S))
-  np.testing.assert_allclose(a, b, atol=1e-6)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (
+        jax.random.normal(kk, s)
+        for kk, s in zip(keys, [(B, S, H, D), (B, S, KVH, D), (B, S, KVH, D)])
+    )
+    a = kernels.attention(q, k, v, causal=True, sliding_window=5, mask=kernels.StridedMask(2))
+    mask = kernels.CausalMask() & kernels.SlidingWindowMask(5) & kernels.StridedMask(2)
+    b = attention_reference(q, k, v, mask=mask.dense(S, S))
+    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_works_under_jit_and_returns_q_dtype():
-  q, k, v = _qkv(dtype=jnp.bfloat16)
-  out = jax.jit(lambda q, k, v: kernels.attention(q, k, v, sliding_window=4))(q, k, v)
-  assert out.dtype == jnp.bfloat16 and out.shape == q.shape
+    q, k, v = _qkv(dtype=jnp.bfloat16)
+    out = jax.jit(lambda q, k, v: kernels.attention(q, k, v, sliding_window=4))(q, k, v)
+    assert out.dtype == jnp.bfloat16 and out.shape == q.shape

@@ -4,4 +4,4 @@ from attention_test_base import AttentionTestBase
 
 
 class TestXla(AttentionTestBase):
-  IMPLEMENTATION = "xla"
+    IMPLEMENTATION = "xla"
