@@ -28,6 +28,10 @@ import tensorflow_datasets as tfds  # isort: skip  (after data.text_corpus)
 _log = logging.getLogger(__name__)
 
 
+class DataError(ValueError):
+    """Data that cannot serve the request (too few rows, a missing text feature, ...)."""
+
+
 def default_data_dir() -> str:
     """$LLM_LAB_DATA_DIR if set, else ~/.cache/llm-lab/tfds."""
     return os.path.expanduser(os.environ.get("LLM_LAB_DATA_DIR", "~/.cache/llm-lab/tfds"))
@@ -67,7 +71,7 @@ class PackedDataset:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
         if batch_size > self.num_rows:
-            raise ValueError(
+            raise DataError(
                 f"The split has {self.num_rows} packed rows of length {self.seq_len}, fewer than "
                 f"one batch of {batch_size}: use a smaller batch_size or seq_len, or more data."
             )
@@ -142,9 +146,15 @@ def load_dataset(
     builder_kwargs go to tfds.builder, e.g. {"config": config_for_directory(path)} to read
     another directory with the text_corpus builder.
     """
-    builder = tfds.builder(name, data_dir=data_dir, **(builder_kwargs or {}))
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, **(builder_kwargs or {}))
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataError(
+            f"no tfds dataset named {name!r}: use 'text_corpus' (the shipped corpus, or any "
+            "directory of text files) or a tfds catalog name such as 'lm1b'."
+        ) from e
     if text_key not in builder.info.features:
-        raise ValueError(
+        raise DataError(
             f"{builder.info.full_name} has no feature {text_key!r}; pass text_key="
             f"one of {list(builder.info.features)}."
         )

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "text_corpus"  # any tfds name with a text feature, e.g. "lm1b", "c4/en"
     c.data.text_key = "text"
+    c.data.text_dir = ""  # a local directory of .txt files to read instead (text_corpus builder)
     c.data.data_dir = ""  # "" = data.pipeline.default_data_dir()
     c.data.tokenizer = ""  # "" = the shipped sentencepiece model (4096 pieces)
     c.data.train_split = "train"

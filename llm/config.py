@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import ml_collections
+from ml_collections import config_flags
 
 from llm.model import REMAT_POLICIES, ModelConfig
 
@@ -13,6 +16,22 @@ ATTENTION_IMPLS = ("xla", "cudnn", "pallas_gpu", "pallas_tpu")
 
 class ConfigError(ValueError):
     """A config mistake; the message names the field and the fix."""
+
+
+def define_config_flag(default: str) -> config_flags.FlagHolder:
+    """`--config=FILE` plus `--config.a.b=value` overrides; a misspelled field exits with a message.
+
+    ml_collections resolves override names while defining the flag, so the error surfaces here.
+    """
+    try:
+        return config_flags.DEFINE_config_file(
+            "config", default, "Experiment config file.", lock_config=True
+        )
+    except (AttributeError, KeyError) as e:
+        while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(msg))
+            e = e.args[0]
+        hint = " ".join(str(e.args[0] if e.args else e).split())
+        sys.exit(f"error: unknown config field in a --config.* override: {hint}")
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

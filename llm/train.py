@@ -23,7 +23,6 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from data import pipeline, tokenizer as tokenizer_lib, text_corpus
@@ -32,9 +31,7 @@ from llm.metrics import MetricsWriter
 from llm.model import Transformer
 from llm.train_step import make_eval_step, make_optimizer, make_train_step
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/default.py", "Experiment config file.", lock_config=True
-)
+_CONFIG = config_lib.define_config_flag("experiments/default.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 
 # Mistakes a user can fix; reported as one message and exit status 2, never a traceback.
@@ -43,6 +40,7 @@ USER_ERRORS = (
     text_corpus.CorpusNotFoundError,
     tokenizer_lib.TokenizerNotFoundError,
     tokenizer_lib.TokenizerLoadError,
+    pipeline.DataError,
     checkpoint.CheckpointMismatchError,
     PermissionError,
 )
@@ -71,8 +69,12 @@ def load_data(config: ml_collections.ConfigDict):
     """Tokenizer and the packed train and eval splits."""
     tokenizer = tokenizer_lib.Tokenizer(config.data.tokenizer or tokenizer_lib.SHIPPED_MODEL)
     config_lib.check_vocab(config, tokenizer.vocab_size)
+    builder_kwargs = None
+    if config.data.text_dir:
+        builder_kwargs = {"config": text_corpus.config_for_directory(config.data.text_dir)}
     kwargs = dict(
         name=config.data.dataset,
+        builder_kwargs=builder_kwargs,
         seq_len=config.seq_len,
         tokenizer=tokenizer,
         data_dir=config.data.data_dir or pipeline.default_data_dir(),
