@@ -1,0 +1,98 @@
+"""llm.sample: cached decoding agrees with the full forward pass; the sampling filters."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llm.model import ModelConfig, Transformer
+from llm.sample import generate, top_k_filter, top_p_filter
+
+PROMPT, NEW = 5, 8
+
+
+@functools.cache
+def tiny_model(scan: bool = False) -> Transformer:
+    """Built once per layout (jitted: eager initialization is slow) and shared by the tests."""
+    cfg = ModelConfig(
+        vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
+        max_seq_len=32, scan_layers=scan,
+    )  # fmt: skip
+    return nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))()
+
+
+def prompt() -> jax.Array:
+    return jax.random.randint(jax.random.key(1), (2, PROMPT), 0, 64, jnp.int32)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_greedy_matches_uncached_argmax(scan):
+    model = tiny_model(scan)
+    out = generate(model, prompt(), max_new_tokens=NEW, rng=jax.random.key(0), greedy=True)
+    assert out.shape == (2, PROMPT + NEW) and out.dtype == jnp.int32
+    np.testing.assert_array_equal(out[:, :PROMPT], prompt())
+    # model(out)[:, t - 1] is model(out[:, :t])[:, -1] for a causal model: one uncached pass.
+    expected = jnp.argmax(nnx.jit(model)(out)[:, PROMPT - 1 : -1], axis=-1)  # [B, NEW]
+    np.testing.assert_array_equal(out[:, PROMPT:], expected)
+
+
+def test_top_k_1_is_greedy():
+    model, rng = tiny_model(), jax.random.key(3)
+    greedy = generate(model, prompt(), max_new_tokens=NEW, rng=rng, greedy=True)
+    top1 = generate(model, prompt(), max_new_tokens=NEW, rng=rng, temperature=2.0, top_k=1)
+    np.testing.assert_array_equal(top1, greedy)
+
+
+def test_sampling_is_deterministic_per_rng():
+    model = tiny_model()
+    kw = {"max_new_tokens": NEW, "temperature": 0.7, "top_k": 20, "top_p": 0.9}
+    a = generate(model, prompt(), rng=jax.random.key(0), **kw)
+    b = generate(model, prompt(), rng=jax.random.key(0), **kw)
+    c = generate(model, prompt(), rng=jax.random.key(1), **kw)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_after_eos_only_eos():
+    model = tiny_model()
+    first = generate(model, prompt(), max_new_tokens=1, rng=jax.random.key(0), greedy=True)
+    eos = int(first[0, PROMPT])  # row 0 emits it first
+    out = generate(
+        model, prompt(), max_new_tokens=NEW, rng=jax.random.key(0), greedy=True, eos_id=eos
+    )
+    np.testing.assert_array_equal(out[0, PROMPT:], eos)
+
+
+def test_top_p_keeps_smallest_set_with_mass_p():
+    probs = np.array([[0.05, 0.5, 0.15, 0.1, 0.2], [0.2, 0.1, 0.05, 0.15, 0.5]])
+    logits = jnp.log(jnp.asarray(probs))
+    for p, size in [(0.3, 1), (0.6, 2), (0.8, 3), (0.9, 4), (0.99, 5)]:
+        kept = np.isfinite(top_p_filter(logits, p))
+        np.testing.assert_array_equal(kept, probs >= np.sort(probs)[:, ::-1][:, size - 1 : size])
+        np.testing.assert_array_equal(np.asarray(top_p_filter(logits, p))[kept], logits[kept])
+
+
+def test_top_p_random_against_numpy():
+    logits = jax.random.normal(jax.random.key(0), (4, 64)) * 3
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+    for p in [0.1, 0.5, 0.9]:
+        kept = np.isfinite(top_p_filter(logits, p))
+        for row, kept_row in zip(probs, kept):
+            order = np.argsort(-row)
+            size = np.searchsorted(np.cumsum(row[order]), p) + 1  # smallest prefix with mass >= p
+            assert set(np.flatnonzero(kept_row)) == set(order[:size])
+
+
+def test_top_k_filter():
+    logits = jnp.array([[1.0, 4.0, 3.0, 2.0], [0.0, -1.0, 5.0, 2.0]])
+    kept = np.isfinite(top_k_filter(logits, 2))
+    np.testing.assert_array_equal(kept, [[False, True, True, False], [False, False, True, True]])
+    assert np.isfinite(top_k_filter(logits, 10)).all()
+
+
+def test_too_long_is_an_error():
+    with pytest.raises(ValueError, match="max_seq_len=32"):
+        generate(tiny_model(), prompt(), max_new_tokens=40, rng=jax.random.key(0))
