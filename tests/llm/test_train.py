@@ -1,0 +1,90 @@
+"""Training: the loss falls, checkpoints round-trip, and a resumed run equals an uninterrupted one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llm import checkpoint, config as config_lib, train
+from llm.metrics import read_metrics
+from llm.model import Transformer
+from llm.train_step import make_optimizer, make_train_step
+
+
+def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(tiny_config):
+    cfg = config_lib.model_config(tiny_config)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tx, schedule = make_optimizer(tiny_config.optimizer, steps=30)
+    step = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum_steps=2, z_loss=1e-4))
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 33)), jnp.int32)
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": jnp.broadcast_to(jnp.arange(32), (4, 32)),
+        "segment_ids": jnp.ones((4, 32), jnp.int32),
+        "weights": jnp.ones((4, 32), jnp.float32),
+    }
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[0] == pytest.approx(np.log(cfg.vocab_size), rel=0.05)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_config):
+    cfg = config_lib.model_config(tiny_config)
+    params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    tx, _ = make_optimizer(tiny_config.optimizer, steps=10)
+    state = {"step": jnp.array(7, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    manager = checkpoint.make_manager(tmp_path)
+    checkpoint.save(manager, state)
+    manager.wait_until_finished()
+    restored = checkpoint.restore_latest(manager, jax.eval_shape(lambda: state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    only_params = checkpoint.restore_params(tmp_path, jax.eval_shape(lambda: params))
+    np.testing.assert_array_equal(only_params["embed"].value, params["embed"].value)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_config, monkeypatch):
+    full = train.train_and_evaluate(tiny_config, str(tmp_path / "full"))
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+    assert "eval_loss" in full
+
+    save = checkpoint.save
+
+    def save_then_die(manager, state, **kwargs):  # the run dies right after its step-3 save
+        save(manager, state, **kwargs)
+        manager.wait_until_finished()
+        raise Interrupted
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Interrupted):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(checkpoint, "save", save)
+    train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+
+    records = read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # history kept across the restart
+    for record in records:
+        assert record["loss"] == pytest.approx(expected[record["step"]], rel=1e-6)
+
+
+def test_resuming_with_a_different_model_is_refused(tmp_path, tiny_config):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+    wider = tiny_config.copy_and_resolve_references()
+    with wider.unlocked():
+        wider.model.embed_dim = 96
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="model.embed_dim: 64 -> 96"):
+        train.train_and_evaluate(wider, str(tmp_path))
