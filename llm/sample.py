@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from data.tokenizer import SHIPPED_MODEL, Tokenizer
@@ -160,6 +160,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         sys.exit("error: --workdir is required: the --workdir of a `python -m llm.train` run.")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
     try:
         model, config = load_run(FLAGS.workdir)
         tokenizer = Tokenizer(config.data.tokenizer or SHIPPED_MODEL)
