@@ -22,6 +22,11 @@ MeshAxes = str | tuple[str, ...] | None
 AxisRules = Sequence[tuple[str, MeshAxes]]
 MESH_AXES = ("data", "fsdp", "tensor")
 
+
+class MeshError(ValueError):
+    """Mesh sizes that do not fit the devices; the message says how to fix them."""
+
+
 _RULES: contextvars.ContextVar[AxisRules | None] = contextvars.ContextVar(
     "axis_rules", default=None
 )
@@ -67,18 +72,18 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
     sizes = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
     fill = [axis for axis, size in sizes.items() if size == -1]
     if len(fill) > 1:
-        raise ValueError(
+        raise MeshError(
             f"mesh: at most one axis may be -1, got {fill}; give explicit sizes to the others."
         )
     known = math.prod(size for size in sizes.values() if size != -1)
     if fill:
         if num_devices % known:
-            raise ValueError(
+            raise MeshError(
                 f"mesh: {num_devices} devices are not divisible by the fixed axis sizes {sizes}."
             )
         sizes[fill[0]] = num_devices // known
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(
+        raise MeshError(
             f"mesh: sizes {sizes} multiply to {math.prod(sizes.values())}, but there are {num_devices} "
             "devices; make the product equal the device count (or set one axis to -1)."
         )

@@ -42,6 +42,7 @@ USER_ERRORS = (
     tokenizer_lib.TokenizerLoadError,
     pipeline.DataError,
     checkpoint.CheckpointMismatchError,
+    partitioning.MeshError,
     PermissionError,
 )
 
@@ -83,6 +84,8 @@ def load_data(config: ml_collections.ConfigDict):
     )
     train = pipeline.load_dataset(split=config.data.train_split, **kwargs)
     evaluation = pipeline.load_dataset(split=config.data.eval_split, **kwargs)
+    for dataset in (train, evaluation):  # too little data is a DataError now, not mid-training
+        dataset.batch(0, config.batch_size)
     return tokenizer, train, evaluation
 
 
@@ -100,10 +103,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains `config` in `workdir` (resuming if it has a checkpoint); returns the last metrics."""
     config_lib.validate(config)
     path = prepare_workdir(workdir, config)
-    tokenizer, train_data, eval_data = load_data(config)
     mesh = partitioning.make_mesh(config.mesh.to_dict())
     rules = tuple(config.axis_rules)
     config_lib.check_batch_divides(config, mesh)
+    tokenizer, train_data, eval_data = load_data(config)
     cfg = config_lib.model_config(config)
     tx, schedule = make_optimizer(config.optimizer, config.steps)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))

@@ -8,7 +8,9 @@ from flax import nnx
 
 from llm.model import ModelConfig, Transformer
 
-CFG = ModelConfig(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64)
+CFG = ModelConfig(
+    vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64
+)
 
 
 def random_tokens(shape, seed=0):
@@ -75,8 +77,9 @@ def test_scan_and_remat_match_the_plain_loop(remat):
 def test_every_parameter_names_each_of_its_axes(scan_layers):
     import dataclasses
 
-    model = Transformer(dataclasses.replace(CFG, scan_layers=scan_layers, tie_embeddings=False),
-                        rngs=nnx.Rngs(0))
+    model = Transformer(
+        dataclasses.replace(CFG, scan_layers=scan_layers, tie_embeddings=False), rngs=nnx.Rngs(0)
+    )
     known = {"batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers"}
     for path, variable in nnx.iter_graph(model):
         if isinstance(variable, nnx.Param):

@@ -1,0 +1,87 @@
+"""Each user mistake ends with one clear message naming the problem and the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from data import pipeline, tokenizer, text_corpus
+from llm import config as config_lib, train
+
+
+def override(config, **fields):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for dotted, value in fields.items():
+            *parents, name = dotted.split("__")
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[name] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    "fields, error, message",
+    [
+        (
+            {"model__num_kv_heads": 3},
+            config_lib.ConfigError,
+            "not divisible by config.model.num_kv",
+        ),
+        ({"seq_len": 4096}, config_lib.ConfigError, "longer than the model accepts"),
+        ({"model__vocab_size": 1000}, config_lib.ConfigError, "smaller than the tokenizer"),
+        ({"model__remat": "some"}, config_lib.ConfigError, "config.model.remat"),
+        ({"batch_size": 12}, config_lib.ConfigError, "use a multiple of 8"),
+        (
+            {"data__text_dir": "/nonexistent/corpus"},
+            text_corpus.CorpusNotFoundError,
+            "/nonexistent",
+        ),
+        (
+            {"data__tokenizer": "/nonexistent/sp.model"},
+            tokenizer.TokenizerNotFoundError,
+            "data.tokenizer",
+        ),
+        ({"data__dataset": "no_such_corpus"}, pipeline.DataError, "no tfds dataset named"),
+        ({"seq_len": 2000, "model__max_seq_len": 4096}, pipeline.DataError, "fewer than one batch"),
+    ],
+)
+def test_config_and_data_mistakes(tmp_path, tiny_config, fields, error, message):
+    with pytest.raises(error, match=message):
+        train.train_and_evaluate(override(tiny_config, **fields), str(tmp_path))
+
+
+def test_corrupt_tokenizer_file(tmp_path, tiny_config):
+    corrupt = tmp_path / "corrupt.model"
+    corrupt.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(tokenizer.TokenizerLoadError, match="corrupt.model"):
+        train.train_and_evaluate(
+            override(tiny_config, data__tokenizer=str(corrupt)), str(tmp_path / "w")
+        )
+
+
+def test_unwritable_workdir(tmp_path, tiny_config):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="not writable"):
+        train.train_and_evaluate(tiny_config, str(blocker / "workdir"))
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.model.num_layer=2", 'Did you mean "num_layers"'),
+        ("--config.model.num_heads=5", "not divisible by config.model.num_kv_heads"),
+    ],
+)
+def test_command_line_mistakes_exit_with_a_message_not_a_traceback(tmp_path, flag, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "llm.train", f"--workdir={tmp_path}", flag],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
