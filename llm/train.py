@@ -239,10 +239,12 @@ def main(argv: list[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if "eval_loss" in metrics:
+        mfu = f"{metrics['mfu']:.1%}" if "mfu" in metrics else "n/a (no peak FLOP/s for this device)"
         print(
             f"final: loss {metrics['loss']:.3f}, eval loss {metrics['eval_loss']:.3f} "
             f"(perplexity {metrics['eval_perplexity']:.1f}), "
-            f"{metrics['tokens_per_second']:,.0f} tokens/s",
+            f"{metrics['tokens_per_second']:,.0f} tokens/s, "
+            f"{metrics['tflops_per_device'] * 1e3:.1f} GFLOP/s per device, MFU {mfu}",
             flush=True,
         )
 
