@@ -101,10 +101,34 @@ def attention(
     softmax_scale: float,
     block_sizes: BlockSizes | None,
 ) -> jax.Array:
-    """Flash attention; see the module docstring. Returns [batch, q_seq, heads, head_dim]."""
+    """Backend entry point: `flash_attention`, interpreted on CPU."""
+    return flash_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        segment_ids=segment_ids,
+        softmax_scale=softmax_scale,
+        block_sizes=block_sizes,
+        interpret=jax.default_backend() == "cpu",
+    )
+
+
+def flash_attention(
+    q: jax.Array,  # [batch, q_seq, heads, head_dim]
+    k: jax.Array,  # [batch, kv_seq, kv_heads, head_dim]
+    v: jax.Array,  # [batch, kv_seq, kv_heads, head_dim]
+    *,
+    mask: masks_lib.Mask | None,
+    segment_ids: jax.Array | None,  # int [batch, seq]
+    softmax_scale: float,
+    block_sizes: BlockSizes | None,
+    interpret: bool,
+) -> jax.Array:
+    """Flash attention (see the module docstring). Returns [batch, q_seq, heads, head_dim]."""
     bs = _block_sizes(q, block_sizes)
     q_seq, kv_seq, head_dim = q.shape[1], k.shape[1], q.shape[-1]
-    cfg = Config(mask, q_seq, kv_seq, float(softmax_scale), bs, jax.default_backend() == "cpu")
+    cfg = Config(mask, q_seq, kv_seq, float(softmax_scale), bs, interpret)
     q_pad = _round_up(q_seq, max(b for b, _ in _pairs(bs)))
     kv_pad = _round_up(kv_seq, max(b for _, b in _pairs(bs)))
     d_pad = max(16, 1 << (head_dim - 1).bit_length())

@@ -17,8 +17,8 @@ import numpy as np
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.attention import masks as masks_lib
-from kernels.attention.mask_info import FULL, PARTIAL, mask_info
 from kernels.attention.block_sizes import BlockSizes
+from kernels.attention.mask_info import FULL, PARTIAL, mask_info
 
 NEG = -1e30  # Finite score of masked pairs (masked rows never produce inf - inf).
 LOG2E = math.log2(math.e)
