@@ -1,5 +1,6 @@
 """llm.hf against transformers' LlamaForCausalLM: same logits both ways, clear errors."""
 
+import functools
 import json
 
 import jax
@@ -31,7 +32,9 @@ def hf_model(tie: bool) -> transformers.LlamaForCausalLM:
     return model
 
 
+@functools.cache
 def our_model(tie: bool, scan: bool) -> Transformer:
+    """A small random model of ours (shared: the tests only read it)."""
     cfg = ModelConfig(
         vocab_size=VOCAB, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
         rope_theta=500.0, tie_embeddings=tie, scan_layers=scan,

@@ -16,12 +16,12 @@ PROMPT, NEW = 5, 8
 
 @functools.cache
 def tiny_model(scan: bool = False) -> Transformer:
-    """Built once per layout (jitted: eager initialization is slow) and shared by the tests."""
+    """Built once per layout and shared by the tests (which only read it)."""
     cfg = ModelConfig(
         vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
         max_seq_len=32, scan_layers=scan,
     )  # fmt: skip
-    return nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))()
+    return Transformer(cfg, rngs=nnx.Rngs(0))
 
 
 def prompt() -> jax.Array:
@@ -35,7 +35,7 @@ def test_greedy_matches_uncached_argmax(scan):
     assert out.shape == (2, PROMPT + NEW) and out.dtype == jnp.int32
     np.testing.assert_array_equal(out[:, :PROMPT], prompt())
     # model(out)[:, t - 1] is model(out[:, :t])[:, -1] for a causal model: one uncached pass.
-    expected = jnp.argmax(nnx.jit(model)(out)[:, PROMPT - 1 : -1], axis=-1)  # [B, NEW]
+    expected = jnp.argmax(model(out)[:, PROMPT - 1 : -1], axis=-1)  # [B, NEW]
     np.testing.assert_array_equal(out[:, PROMPT:], expected)
 
 
