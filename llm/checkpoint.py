@@ -53,10 +53,10 @@ def check_same_model(saved: dict, current: dict) -> None:
 
 
 def make_manager(
-    workdir: str | pathlib.Path, *, keep: int = 2, async_save: bool = True
+    workdir: str | pathlib.Path, *, keep: int = 2, async_save: bool = True, create: bool = True
 ) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=create
     )
     return ocp.CheckpointManager(
         pathlib.Path(workdir).resolve() / "checkpoints",
@@ -103,11 +103,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -
 
 def restore_params(workdir: str | pathlib.Path, abstract_params: nnx.State) -> nnx.State:
     """The parameters of the latest checkpoint in `workdir` (no optimizer state is read)."""
-    manager = make_manager(workdir, async_save=False)
-    step = manager.latest_step()
+    directory = pathlib.Path(workdir) / "checkpoints"
+    manager = make_manager(workdir, async_save=False, create=False) if directory.is_dir() else None
+    step = manager.latest_step() if manager else None
     if step is None:
         raise CheckpointNotFoundError(
-            f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first with "
+            f"no checkpoint in {directory}: train first with "
             f"`python -m llm.train --config=experiments/default.py --workdir={workdir}`."
         )
     restored = manager.restore(
