@@ -77,7 +77,7 @@ def _visit(kind_ref, num_ref, slot, block, step, body) -> None:
 def _params(cfg: Config, semantics: tuple[str, ...]) -> dict:
     return {
         "compiler_params": pltpu.CompilerParams(dimension_semantics=semantics),
-        "interpret": pltpu.InterpretParams() if cfg.interpret else False,
+        "interpret": pltpu.InterpretParams(dma_execution_mode="eager") if cfg.interpret else False,
     }
 
 
