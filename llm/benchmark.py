@@ -1,0 +1,277 @@
+"""Training-step throughput: ours (JAX) against Hugging Face Llama (torch), and the matmul ceiling.
+
+    python -m llm.benchmark --configs=default,large --steps=10 --warmup=3 --out=/tmp/bench.json
+
+For each config it times one full training step (forward, backward, clipped AdamW update), built
+exactly as `llm.train` builds it (`make_optimizer`, `make_train_step`, jit with the state
+donated), on a fixed random batch; then the same model as `transformers.LlamaForCausalLM` with
+`torch.optim.AdamW`, timed the same way. The run also measures the machine's matmul ceiling
+(FLOP/s of a large matmul in JAX) so the step can be read as a fraction of it. Every figure is
+the best of `--steps` timed steps (other processes share the machine); medians are kept in the
+JSON. On a GPU both sides run in bfloat16 and torch is compiled with `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from experiments import default as default_experiment
+from llm import config as config_lib, flops, hf
+from llm.model import Transformer
+from llm.train_step import make_optimizer, make_train_step
+
+_CONFIGS = flags.DEFINE_list("configs", ["default", "large"], "Configs to time (keys of CONFIGS).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per measurement.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation, allocator).")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time the Hugging Face / torch baseline.")
+_OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
+
+# Overrides of experiments/default.py: batch size, sequence length and model fields.
+CONFIGS: dict[str, dict] = {
+    "default": {},
+    "large": dict(
+        batch_size=1,
+        seq_len=512,
+        model=dict(embed_dim=512, num_layers=8, num_heads=8, num_kv_heads=4, mlp_dim=1536),
+    ),
+}
+MATMUL_SIZE = 2048
+
+
+@dataclasses.dataclass
+class Timing:
+    """Seconds per call of the timed calls."""
+
+    seconds: list[float]
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def time_calls(fn: Callable[[], object], steps: int, warmup: int) -> Timing:
+    """Times `steps` calls of `fn` (which must block until its work is done) after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return Timing(seconds)
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def experiment(name: str) -> ml_collections.ConfigDict:
+    """experiments/default.py with the overrides of CONFIGS[name]."""
+    config = default_experiment.get_config()
+    overrides = dict(CONFIGS[name])
+    config.model.update(overrides.pop("model", {}))
+    config.update(overrides)
+    if on_gpu():
+        config.model.dtype = "bfloat16"
+    config_lib.validate(config)
+    return config
+
+
+def random_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """A fixed batch of random tokens: one document per row, every target counted."""
+    shape = (config.batch_size, config.seq_len)
+    rng = np.random.default_rng(0)
+    return {
+        "inputs": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
+        "targets": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
+        "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+        "segment_ids": np.ones(shape, np.int32),
+        "weights": np.ones(shape, np.float32),
+    }
+
+
+def time_ours(config: ml_collections.ConfigDict, batch: dict, steps: int, warmup: int) -> Timing:
+    """Our jitted, donated training step, as `llm.train` compiles it."""
+    cfg = config_lib.model_config(config)
+    tx, schedule = make_optimizer(config.optimizer, config.steps)
+    model = Transformer(cfg, rngs=nnx.Rngs(config.seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    step_fn = make_train_step(
+        graphdef, tx, schedule, grad_accum_steps=config.grad_accum_steps, z_loss=config.z_loss
+    )
+    batch = jax.device_put(batch)
+    train_step = jax.jit(step_fn, donate_argnums=0).lower(state, batch).compile()
+
+    def step():
+        nonlocal state
+        state, metrics = train_step(state, batch)
+        jax.block_until_ready(metrics["loss"])
+
+    return time_calls(step, steps, warmup)
+
+
+def time_torch(config: ml_collections.ConfigDict, batch: dict, steps: int, warmup: int) -> Timing:
+    """The same model as `transformers.LlamaForCausalLM`: AdamW step with clipping, same batch."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(config.seed)
+    cfg = config_lib.model_config(config)
+    hf_config = transformers.LlamaConfig(**hf._config_to_hf(cfg), attn_implementation="sdpa")
+    device = "cuda" if on_gpu() else "cpu"
+    model = transformers.LlamaForCausalLM(hf_config).to(device).train()
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=opt.learning_rate,
+        betas=(opt.b1, opt.b2),
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+    )
+    inputs, targets, positions = (
+        torch.from_numpy(batch[k]).long().to(device) for k in ("inputs", "targets", "positions")
+    )
+
+    def loss_fn():
+        logits = model(input_ids=inputs, position_ids=positions).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    if on_gpu():
+        loss_fn = torch.compile(loss_fn)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=on_gpu()):
+            loss = loss_fn()
+        loss.backward()
+        if opt.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip_norm)
+        optimizer.step()
+        loss.item()  # waits for the step
+
+    return time_calls(step, steps, warmup)
+
+
+def matmul_ceiling(steps: int) -> float:
+    """FLOP/s of a large square matmul in JAX (float32 on CPU, bfloat16 on GPU), best of `steps`."""
+    n = MATMUL_SIZE * (4 if on_gpu() else 1)
+    dtype = jnp.bfloat16 if on_gpu() else jnp.float32
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    matmul = jax.jit(jnp.matmul)
+    timing = time_calls(lambda: matmul(a, b).block_until_ready(), max(steps, 5), 2)
+    return 2 * n**3 / timing.best
+
+
+def benchmark(name: str, ceiling: float, steps: int, warmup: int, with_torch: bool) -> dict:
+    """Times config `name` both ways; returns its row of results."""
+    config = experiment(name)
+    cfg = config_lib.model_config(config)
+    batch = random_batch(config)
+    tokens = config.batch_size * config.seq_len
+    flops_per_token = flops.train_flops_per_token(cfg, config.seq_len)
+
+    def figures(timing: Timing) -> dict:
+        return {
+            "ms_per_step": 1e3 * timing.best,
+            "ms_per_step_median": 1e3 * timing.median,
+            "tokens_per_second": tokens / timing.best,
+            "flops_per_second": tokens * flops_per_token / timing.best,
+            "fraction_of_ceiling": tokens * flops_per_token / timing.best / ceiling,
+        }
+
+    row = {
+        "config": name,
+        "params": flops.param_counts(cfg)["total"],
+        "batch_size": config.batch_size,
+        "seq_len": config.seq_len,
+        "flops_per_token": flops_per_token,
+        "ours": figures(time_ours(config, batch, steps, warmup)),
+    }
+    if with_torch:
+        row["torch"] = figures(time_torch(config, batch, steps, warmup))
+        row["ours_over_torch"] = (
+            row["ours"]["tokens_per_second"] / row["torch"]["tokens_per_second"]
+        )
+    return row
+
+
+def print_table(rows: list[dict], ceiling: float) -> None:
+    print(f"\nmatmul ceiling ({MATMUL_SIZE}^3 in JAX): {ceiling / 1e12:.3f} TFLOP/s")
+    header = (
+        f"{'config':<8} {'params':>7} {'B x L':>8} {'impl':<6} {'ms/step':>8} {'tokens/s':>9} "
+        f"{'TFLOP/s':>8} {'ceiling':>8} {'ours/torch':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        for impl in ("ours", "torch"):
+            if impl not in row:
+                continue
+            r = row[impl]
+            ratio = f"{row['ours_over_torch']:.2f}x" if impl == "ours" and "torch" in row else ""
+            print(
+                f"{row['config']:<8} {row['params'] / 1e6:>6.1f}M "
+                f"{row['batch_size']:>3}x{row['seq_len']:<4} {impl:<6} {r['ms_per_step']:>8.1f} "
+                f"{r['tokens_per_second']:>9,.0f} {r['flops_per_second'] / 1e12:>8.3f} "
+                f"{r['fraction_of_ceiling']:>8.2f} {ratio:>10}"
+            )
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    unknown = set(_CONFIGS.value) - set(CONFIGS)
+    if unknown:
+        raise app.UsageError(f"unknown --configs {sorted(unknown)}; known: {sorted(CONFIGS)}")
+    env = environment()
+    print(", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    ceiling = matmul_ceiling(_STEPS.value)
+    rows = [
+        benchmark(name, ceiling, _STEPS.value, _WARMUP.value, _TORCH.value)
+        for name in _CONFIGS.value
+    ]
+    print_table(rows, ceiling)
+    if _OUT.value:
+        results = {"environment": env, "matmul_flops_per_second": ceiling, "results": rows}
+        with open(_OUT.value, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
