@@ -30,7 +30,8 @@ from absl import app, flags
 from flax import nnx
 
 from experiments import default as default_experiment
-from llm import config as config_lib, flops, hf
+from llm import config as config_lib
+from llm import flops, hf
 from llm.model import Transformer
 from llm.train_step import make_optimizer, make_train_step
 
@@ -43,11 +44,17 @@ _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.
 # Overrides of experiments/default.py: batch size, sequence length and model fields.
 CONFIGS: dict[str, dict] = {
     "default": {},
-    "large": dict(
-        batch_size=1,
-        seq_len=512,
-        model=dict(embed_dim=512, num_layers=8, num_heads=8, num_kv_heads=4, mlp_dim=1536),
-    ),
+    "large": {
+        "batch_size": 1,
+        "seq_len": 512,
+        "model": {
+            "embed_dim": 512,
+            "num_layers": 8,
+            "num_heads": 8,
+            "num_kv_heads": 4,
+            "mlp_dim": 1536,
+        },
+    },
 }
 MATMUL_SIZE = 2048
 
