@@ -81,10 +81,13 @@ def _flash_bwd(cfg: Config, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _pad(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """Zero-pads `axis` of x up to `size` (no copy if already that long)."""
+    if x.shape[axis] == size:
+        return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
+    return jnp.pad(x, widths)
 
 
 def _round_up(n: int, multiple: int) -> int:
