@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from data import pipeline, tokenizer as tokenizer_lib, text_corpus
 from llm import checkpoint, config as config_lib, flops, partitioning
+from llm.preemption import Preempted, PreemptionWatcher
 from llm.metrics import MetricsWriter
 from llm.model import Transformer
 from llm.train_step import make_eval_step, make_optimizer, make_train_step
@@ -100,7 +101,15 @@ def evaluate(eval_step, params, eval_data, config, put) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains `config` in `workdir` (resuming if it has a checkpoint); returns the last metrics."""
+    """Trains `config` in `workdir` (resuming if it has a checkpoint); returns the last metrics.
+
+    On SIGTERM/SIGINT it saves at the next step boundary and raises `Preempted` once committed.
+    """
+    with PreemptionWatcher() as preemption:
+        return _train(config, workdir, preemption)
+
+
+def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, float]:
     config_lib.validate(config)
     path = prepare_workdir(workdir, config)
     mesh = partitioning.make_mesh(config.mesh.to_dict())
@@ -174,6 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         tick, steps_since = time.perf_counter(), 0
         for step in range(start, config.steps):
+            if preemption.should_stop(step):
+                break
             state, step_metrics = train_step(state, put(local_batch(step)))
             steps_since += 1
             progress.update(1)
@@ -207,6 +218,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         manager.wait_until_finished()
         if writer:
             writer.close()
+        last = int(state["step"])
+        if last < config.steps:  # stopped early: preempted
+            if manager.latest_step() != last:
+                checkpoint.save(manager, state, force=True)
+                manager.wait_until_finished()
+            raise Preempted(last, preemption.exit_status)
         if start < config.steps and config.sample_prompt:
             print_sample(state["params"], graphdef, tokenizer, config)
     return metrics
@@ -238,8 +255,13 @@ def main(argv: list[str]) -> None:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_status)
     if "eval_loss" in metrics:
-        mfu = f"{metrics['mfu']:.1%}" if "mfu" in metrics else "n/a (no peak FLOP/s for this device)"
+        mfu = (
+            f"{metrics['mfu']:.1%}" if "mfu" in metrics else "n/a (no peak FLOP/s for this device)"
+        )
         print(
             f"final: loss {metrics['loss']:.3f}, eval loss {metrics['eval_loss']:.3f} "
             f"(perplexity {metrics['eval_perplexity']:.1f}), "
