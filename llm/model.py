@@ -73,6 +73,17 @@ class RMSNorm(nnx.Module):
         return (x32 * self.scale.value.astype(jnp.float32)).astype(x.dtype)
 
 
+def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
+    """x[..., *in] @ w[*in, *out], computed as one 2-D matmul over the flattened tokens.
+
+    Keeping the token axes out of the dot makes the backward weight gradients plain 2-D
+    matmuls too: with [B, L, ...] operands XLA CPU materializes transposes of the activations.
+    """
+    n_in = math.prod(w.shape[:in_dims])
+    y = x.reshape(-1, n_in) @ w.reshape(n_in, -1)
+    return y.reshape(*x.shape[: x.ndim - in_dims], *w.shape[in_dims:])
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, Llama's "rotate half" layout. x: [B, L, heads, Dh], positions: [B, L]."""
     half = x.shape[-1] // 2
@@ -114,9 +125,9 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, segment_ids, cache: dict[str, jax.Array] | None):
         """x: [B, L, D] -> ([B, L, D], updated cache or None)."""
         cfg, dt = self.cfg, self.cfg.dtype
-        q = jnp.einsum("bld,dhk->blhk", x, self.wq.value.astype(dt))  # [B, L, H, Dh]
-        k = jnp.einsum("bld,dhk->blhk", x, self.wk.value.astype(dt))  # [B, L, K, Dh]
-        v = jnp.einsum("bld,dhk->blhk", x, self.wv.value.astype(dt))  # [B, L, K, Dh]
+        q = dense(x, self.wq.value.astype(dt))  # [B, L, H, Dh]
+        k = dense(x, self.wk.value.astype(dt))  # [B, L, K, Dh]
+        v = dense(x, self.wv.value.astype(dt))  # [B, L, K, Dh]
         q = shard(apply_rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
         k = shard(
             apply_rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim")
@@ -137,7 +148,7 @@ class Attention(nnx.Module):
             q_positions = index + jnp.arange(q.shape[1])
             out = cached_attention(q, k_all, v_all, q_positions, jnp.arange(k_all.shape[1]))
             cache = {"k": k_all, "v": v_all, "index": index}
-        out = jnp.einsum("blhk,hkd->bld", out, self.wo.value.astype(dt))  # [B, L, D]
+        out = dense(out, self.wo.value.astype(dt), in_dims=2)  # [B, L, D]
         return out, cache
 
 
@@ -160,11 +171,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.cfg.dtype
-        h = jax.nn.silu(x @ self.w_gate.value.astype(dt)) * (
-            x @ self.w_up.value.astype(dt)
+        h = jax.nn.silu(dense(x, self.w_gate.value.astype(dt))) * dense(
+            x, self.w_up.value.astype(dt)
         )  # [B, L, F]
         h = shard(h, ("batch", "seq", "mlp"))
-        return h @ self.w_down.value.astype(dt)  # [B, L, D]
+        return dense(h, self.w_down.value.astype(dt))  # [B, L, D]
 
 
 class Block(nnx.Module):
@@ -238,7 +249,7 @@ class Transformer(nnx.Module):
         x, cache = self._run_blocks(x, positions, segment_ids, cache)
         x = self.final_norm(x)
         unembed = self.embed.value.T if cfg.tie_embeddings else self.unembed.value  # [D, V]
-        logits = (x @ unembed.astype(cfg.dtype)).astype(jnp.float32)  # [B, L, V]
+        logits = dense(x, unembed.astype(cfg.dtype)).astype(jnp.float32)  # [B, L, V]
         logits = shard(logits, ("batch", "seq", "vocab"))
         return logits if cache is None else (logits, cache)
 
