@@ -86,7 +86,7 @@ def dq(q, k, v, dout, lse, delta, segment_ids, info: MaskInfo, cfg: Config) -> j
         return b, h, i, 0
 
     def kv_map(b, h, i, j, idx, kind, num):
-        return b, h // group, idx[i * width + j], 0
+        return b, lax.div(h, group), idx[i * width + j], 0  # kv head; h >= 0.
 
     q_spec = pl.BlockSpec((None, None, bq, d), q_map)
     kv_spec = pl.BlockSpec((None, None, bkv, d), kv_map)

@@ -175,7 +175,7 @@ def forward(q, k, v, segment_ids, info: MaskInfo, cfg: Config) -> tuple[jax.Arra
         return b, h, i, 0
 
     def kv_map(b, h, i, j, idx, kind, num):
-        return b, h // group, idx[i * width + j], 0
+        return b, lax.div(h, group), idx[i * width + j], 0  # kv head; h >= 0.
 
     in_specs = [
         pl.BlockSpec((None, None, bq, d), q_map),
