@@ -2,6 +2,7 @@
 
 import csv
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -116,3 +117,64 @@ def test_cli_writes_json_and_plots(tmp_path, capsys):
     assert len(result["holdout"]["runs"]) == 9 and result["holdout"]["rmse_log"] < 0.05
     for png in ("isoflop.png", "frontier.png", "predicted_vs_observed.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def tiny_sweep():
+    import ml_collections
+
+    return ml_collections.ConfigDict(
+        {
+            "base": "experiments/default.py",
+            "budgets": (2e9, 4e9),
+            "shapes": tuple(
+                {"embed_dim": w, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "mlp_dim": w}
+                for w in (32, 64)
+            ),
+            "min_steps": 2,
+            "evals_per_run": 2,
+            "warmup_fraction": 0.1,
+            "overrides": {"batch_size": 8, "seq_len": 32, "sample_prompt": ""},
+        }
+    )
+
+
+def test_sweep_plans_resumes_and_collects(tmp_path):
+    from experiments.scaling import sweep
+
+    calls = []
+
+    def fake_train(config, workdir):  # evaluates every eval_every steps with a made-up loss
+        calls.append(workdir)
+        pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+        writer = sweep.metrics.MetricsWriter(workdir, tensorboard=False)
+        for step in range(config.eval_every, config.steps + 1, config.eval_every):
+            writer.write(step, {"loss": 5.0, "eval_loss": 5.0 - step / config.steps})
+        if config.steps % config.eval_every:
+            writer.write(config.steps, {"loss": 4.0, "eval_loss": 4.0})
+
+    runs = sweep.plan(tiny_sweep())
+    assert len(runs) == 4 and all(r.steps >= 2 for r in runs)
+    for run in runs:  # the budget sets the steps: C = flops per token x tokens
+        cfg = sweep.config_lib.model_config(
+            sweep.apply(sweep.load_config("experiments/default.py"), run.overrides)
+        )
+        tokens = (run.steps + 1) * 8 * 32
+        assert run.steps * 8 * 32 <= run.budget / flops.train_flops_per_token(cfg, 32) < tokens
+
+    csv_path = sweep.run_sweep(tiny_sweep(), str(tmp_path), train_fn=fake_train)
+    assert len(calls) == 4
+    (tmp_path / runs[0].name / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\n')
+    sweep.run_sweep(tiny_sweep(), str(tmp_path), train_fn=fake_train)  # reruns the unfinished one
+    assert calls[4:] == [str(tmp_path / runs[0].name)]
+
+    table = scaling.read_runs(csv_path)
+    assert set(table["run"]) == {r.name for r in runs} and len(table["run"]) >= 8
+    final = scaling.final_rows(table)
+    assert np.allclose(final["flops"], final["budget"], rtol=0.1)
+
+    sweep.run_sweep(tiny_sweep(), str(tmp_path / "cluster"), print_commands=True)
+    commands = (tmp_path / "cluster" / "commands.sh").read_text().splitlines()
+    assert len(commands) == 4 and all(
+        c.startswith("python -m llm.train --config=") for c in commands
+    )
+    assert f"--config.steps={runs[0].steps}" in commands[0]

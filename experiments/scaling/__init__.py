@@ -1,0 +1,1 @@
+"""Scaling-law sweeps: IsoFLOP sweep configs and the runner (experiments/scaling/sweep.py)."""

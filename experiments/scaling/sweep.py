@@ -1,0 +1,190 @@
+"""Runs an IsoFLOP sweep and collects its evaluated checkpoints into one CSV for llm.scaling.
+
+    python -m experiments.scaling.sweep --sweep=experiments/scaling/isoflop_small.py --workdir=DIR
+    python -m experiments.scaling.sweep --sweep=... --workdir=DIR --print_commands  # for a cluster
+
+Runs go sequentially through llm.train.train_and_evaluate into DIR/<run>; a run whose final step
+is in its metrics.jsonl is not rerun. With --print_commands, DIR/commands.sh gets one
+`python -m llm.train` command per run instead. Either way DIR/runs.csv collects every run's
+evaluations so far: params, non_embedding_params, active_params, tokens, flops, loss (eval loss),
+and config columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import pathlib
+import shlex
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from llm import config as config_lib
+from llm import flops, metrics, train
+
+_SWEEP = config_flags.DEFINE_config_file("sweep", None, "Sweep config file.", lock_config=True)
+_PRINT_COMMANDS = flags.DEFINE_bool("print_commands", False, "Write DIR/commands.sh, run nothing.")
+# --workdir is llm.train's flag (llm.train defines it on import).
+
+COLUMNS = ("params", "non_embedding_params", "active_params", "tokens", "flops", "loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    budget: float
+    overrides: dict[str, Any]  # dotted config field -> value, applied to the sweep's base config
+
+    @property
+    def steps(self) -> int:
+        return self.overrides["steps"]
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, as `--config=path` loads it."""
+    spec = importlib.util.spec_from_file_location("sweep_base_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def apply(
+    config: ml_collections.ConfigDict, overrides: dict[str, Any]
+) -> ml_collections.ConfigDict:
+    """A copy of `config` with dotted fields overridden."""
+    config = config.copy_and_resolve_references()
+    for dotted, value in overrides.items():
+        *parents, name = dotted.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    return config
+
+
+def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
+    """One run per (budget, shape) with at least `min_steps` steps, its steps set by the budget."""
+    common = dict(sweep.overrides)
+    base = apply(load_config(sweep.base), common)
+    tokens_per_step = base.batch_size * base.seq_len
+    runs = []
+    for budget in sweep.budgets:
+        for shape in sweep.shapes:
+            model = {f"model.{k}": v for k, v in shape.items()}
+            cfg = config_lib.model_config(apply(base, model))
+            steps = int(budget / (flops.train_flops_per_token(cfg, base.seq_len) * tokens_per_step))
+            if steps < sweep.min_steps:
+                continue
+            every = max(1, steps // sweep.evals_per_run)
+            schedule = {
+                "steps": steps,
+                "optimizer.warmup_steps": max(1, round(sweep.warmup_fraction * steps)),
+                "log_every": every,
+                "eval_every": every,
+                "checkpoint_every": steps,
+            }
+            name = f"c{budget:.0e}_w{shape['embed_dim']}".replace("+", "")
+            runs.append(Run(name, budget, {**common, **model, **schedule}))
+    return runs
+
+
+def command(run: Run, base: str, workdir: pathlib.Path) -> str:
+    """The `python -m llm.train` command line of one run."""
+    args = [f"--config={base}", f"--workdir={workdir / run.name}"]
+    args += [f"--config.{k}={v}" for k, v in run.overrides.items()]
+    return " ".join(["python -m llm.train", *map(shlex.quote, args)])
+
+
+def is_finished(run: Run, workdir: pathlib.Path) -> bool:
+    path = workdir / run.name
+    return (path / "metrics.jsonl").exists() and any(
+        r["step"] == run.steps for r in metrics.read_metrics(path)
+    )
+
+
+def collect(runs: list[Run], base: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]:
+    """One row per evaluated checkpoint of each run that has metrics (last record per step)."""
+    rows = []
+    for run in runs:
+        path = workdir / run.name
+        if not (path / "metrics.jsonl").exists():
+            continue
+        config = apply(base, run.overrides)
+        cfg = config_lib.model_config(config)
+        counts = flops.param_counts(cfg)
+        per_token = flops.train_flops_per_token(cfg, config.seq_len)
+        evals = {r["step"]: r for r in metrics.read_metrics(path) if "eval_loss" in r}
+        for step, record in sorted(evals.items()):
+            tokens = step * config.batch_size * config.seq_len
+            rows.append(
+                {
+                    "params": counts["total"],
+                    "non_embedding_params": counts["non_embedding"],
+                    "active_params": counts["total"],  # dense: every parameter is active
+                    "tokens": tokens,
+                    "flops": tokens * per_token,
+                    "loss": record["eval_loss"],
+                    "train_loss": record["loss"],
+                    "budget": run.budget,
+                    "run": run.name,
+                    "step": step,
+                    "final": step == run.steps,
+                    **{
+                        k.split(".")[-1]: v
+                        for k, v in run.overrides.items()
+                        if k.startswith("model.")
+                    },
+                    "batch_size": config.batch_size,
+                    "seq_len": config.seq_len,
+                }
+            )
+    return rows
+
+
+def run_sweep(
+    sweep: ml_collections.ConfigDict,
+    workdir: str,
+    train_fn: Callable[[ml_collections.ConfigDict, str], Any] = train.train_and_evaluate,
+    print_commands: bool = False,
+) -> pathlib.Path:
+    """Trains (or writes commands for) the unfinished runs; returns the path of runs.csv."""
+    out = pathlib.Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(sweep)
+    base = load_config(sweep.base)
+    if print_commands:
+        lines = [command(r, sweep.base, out) for r in runs]
+        (out / "commands.sh").write_text("\n".join(lines) + "\n")
+    else:
+        for i, run in enumerate(runs):
+            if is_finished(run, out):
+                print(f"[{i + 1}/{len(runs)}] {run.name}: finished, skipped", flush=True)
+                continue
+            print(f"[{i + 1}/{len(runs)}] {run.name}: {run.steps} steps", flush=True)
+            train_fn(apply(base, run.overrides), str(out / run.name))
+    rows = collect(runs, base, out)
+    path = out / "runs.csv"
+    with path.open("w", newline="") as f:
+        fieldnames = list(rows[0]) if rows else list(COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not _SWEEP.value or not flags.FLAGS.workdir:
+        raise app.UsageError("--sweep=FILE and --workdir=DIR are required.")
+    path = run_sweep(_SWEEP.value, flags.FLAGS.workdir, print_commands=_PRINT_COMMANDS.value)
+    print(f"runs: {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
