@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "safetensors>=0.4",  # Hugging Face checkpoint format (llm/hf.py)
     "matplotlib>=3.8",  # plots in notebooks and experiments
+    "scipy>=1.11",  # L-BFGS fits of scaling laws (llm/scaling.py)
 ]
 
 EXTRAS_REQUIRE = {
