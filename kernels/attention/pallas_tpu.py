@@ -5,6 +5,11 @@ this module validates, pads sequences to block multiples, transposes to
 head-major layout and wires the custom VJP. On CPU the kernels run in TPU
 interpret mode, so `kernels.attention(..., implementation="pallas_tpu")` works
 there too (slowly; for tests).
+
+Supported: bfloat16/float32; head_dim a multiple of 128 (TPU lane width; 64
+too in CPU interpret mode); block sizes multiples of 128 (8 in interpret
+mode); GQA/MQA; q_seq != kv_seq; segment ids; any mask whose predicate is
+exact in the kernel blocks (`Mask.kernel_block_error`).
 """
 
 from __future__ import annotations
@@ -30,12 +35,27 @@ def _interpret() -> bool:
     return jax.default_backend() != "tpu"
 
 
-def _block_sizes(q, k, block_sizes: BlockSizes | None) -> BlockSizes:
-    """Requested (or default) sizes, clamped to the aligned sequence lengths."""
+def _block_error(mask: masks_lib.Mask | None, blocks: BlockSizes) -> str | None:
+    """The first pass whose (block_q, block_kv) the mask's predicate cannot handle."""
+    for bq, bkv in _PASSES:
+        if mask is not None and (
+            err := mask.kernel_block_error(getattr(blocks, bq), getattr(blocks, bkv))
+        ):
+            return err
+    return None
+
+
+def _block_sizes(q, k, mask: masks_lib.Mask | None, block_sizes: BlockSizes | None) -> BlockSizes:
+    """Requested (or default) sizes, clamped to the aligned sequence lengths.
+
+    Defaults are halved (down to the alignment) until they fit a block-sparse layout.
+    """
+    align = 8 if _interpret() else 128
     if block_sizes is None:
         backend = "cpu" if _interpret() else "tpu"
         block_sizes = default_block_sizes(backend, q.shape[-1], q.dtype)
-    align = 8 if _interpret() else 128
+        while _block_error(mask, block_sizes) and block_sizes.block_q % (2 * align) == 0:
+            block_sizes = BlockSizes.uniform(block_sizes.block_q // 2, block_sizes.block_kv // 2)
     q_cap = -(-q.shape[1] // align) * align
     kv_cap = -(-k.shape[1] // align) * align
     return BlockSizes(
@@ -68,14 +88,7 @@ def unsupported_reason(
         for f in dataclasses.fields(BlockSizes):
             if (value := getattr(block_sizes, f.name)) % align:
                 return f"pallas_tpu needs block_sizes.{f.name} a multiple of {align}, got {value}"
-    if mask is not None:
-        blocks = _block_sizes(q, k, block_sizes)
-        for bq, bkv in _PASSES:
-            if (
-                err := mask.kernel_block_error(getattr(blocks, bq), getattr(blocks, bkv))
-            ) is not None:
-                return err
-    return None
+    return _block_error(mask, _block_sizes(q, k, mask, block_sizes))
 
 
 def _pad_seq(x: jax.Array, block: int, fill: float = 0.0) -> jax.Array:
@@ -168,4 +181,4 @@ def attention(
     cfg = Config(mask, q.shape[1], k.shape[1], softmax_scale, _interpret())
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
-    return _attention(q, k, v, segment_ids, cfg, _block_sizes(q, k, block_sizes))
+    return _attention(q, k, v, segment_ids, cfg, _block_sizes(q, k, mask, block_sizes))

@@ -159,6 +159,17 @@ def test_matches_splash_attention():
         ),
         AttentionSpec("strided_f32", 1, 512, 512, 2, 1, 128, mask=masks.StridedMask(3, 16)),
         AttentionSpec("decode_hd256", 2, 1, 1024, 8, 1, 256, "bfloat16", causal=True),
+        AttentionSpec(  # Default 512 blocks shrink to the 256 layout blocks.
+            "block_sparse_256",
+            1,
+            2048,
+            2048,
+            2,
+            2,
+            128,
+            "bfloat16",
+            mask=masks.BlockSparseMask.from_array(np.tril(np.ones((8, 8), bool)), 256, 256),
+        ),
     ],
     ids=lambda s: s.name,
 )
