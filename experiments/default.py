@@ -70,11 +70,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.grad_clip_norm = 1.0  # 0 disables clipping
 
-    # Device mesh: one size may be -1 (all remaining devices).
+    # Device mesh: one size may be -1 (all remaining devices); data x fsdp x ... = device count.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
+    c.mesh.data = -1  # data parallel: replicated parameters, split batch
+    c.mesh.fsdp = 1  # fully sharded data parallel: parameters and optimizer state split on embed
+    c.mesh.expert = 1  # expert parallelism (not implemented yet: must be 1)
+    c.mesh.sequence = 1  # context parallelism (not implemented yet: must be 1)
+    c.mesh.tensor = 1  # tensor parallel (Megatron): heads, mlp and vocab split; innermost axis
     # Logical axis -> mesh axes; the only place that says where a tensor dimension lives.
     c.axis_rules = (
         ("batch", ("data", "fsdp")),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import jax
 import ml_collections
 from ml_collections import config_flags
 
+from llm import partitioning
 from llm.model import REMAT_POLICIES, ModelConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -100,6 +102,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "config.optimizer.grad_clip_norm must be >= 0 (0 disables clipping).",
     )
     _check(config.z_loss >= 0, f"config.z_loss must be >= 0, got {config.z_loss}.")
+    validate_mesh(config)
+
+
+def validate_mesh(config: ml_collections.ConfigDict) -> None:
+    """Mesh sizes are positive or -1; axes for parallelism not implemented yet are size 1."""
+    unknown = set(config.mesh) - set(partitioning.MESH_AXES)
+    _check(
+        not unknown,
+        f"config.mesh has unknown axes {sorted(unknown)}; the axes are {partitioning.MESH_AXES}.",
+    )
+    for axis, size in config.mesh.items():
+        _check(
+            isinstance(size, int) and (size > 0 or size == -1),
+            f"config.mesh.{axis} must be a positive integer or -1 (all remaining devices), "
+            f"got {size!r}.",
+        )
+    rules = tuple(config.axis_rules)
+    named = {a for name, _ in rules for a in partitioning.mesh_axes_of(name, rules)}
+    _check(
+        named <= set(partitioning.MESH_AXES),
+        f"config.axis_rules names unknown mesh axes {sorted(named - set(partitioning.MESH_AXES))}; "
+        f"the mesh axes are {partitioning.MESH_AXES}.",
+    )
+    for axis, kind in (("sequence", "context"), ("expert", "expert")):
+        _check(
+            config.mesh.get(axis, 1) == 1,
+            f"config.mesh.{axis}={config.mesh[axis]}: {kind} parallelism is not implemented yet; "
+            f"set --config.mesh.{axis}=1.",
+        )
 
 
 def validate_model(model: ml_collections.ConfigDict) -> None:
@@ -154,11 +185,40 @@ def check_vocab(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) ->
     )
 
 
-def check_batch_divides(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-    """The global batch must split evenly over the data-parallel devices and the processes."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+# Logical axes the rules table may shard -> the config field that sets their size.
+SHARDED_SIZES = {
+    "batch": "batch_size",
+    "seq": "seq_len",
+    "embed": "model.embed_dim",
+    "heads": "model.num_heads",
+    "kv_heads": "model.num_kv_heads",
+    "head_dim": "model.head_dim",
+    "mlp": "model.mlp_dim",
+    "vocab": "model.vocab_size",
+}
+
+
+def check_sharding(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Every dimension the rules table shards splits evenly over its mesh axes, and the global
+    batch over the processes (each feeds an equal share)."""
+    rules = tuple(config.axis_rules)
+    model = model_config(config)
+    for name, field in SHARDED_SIZES.items():
+        axes = partitioning.mesh_axes_of(name, rules)
+        shards = math.prod(mesh.shape[a] for a in axes)
+        size = (
+            getattr(model, field[len("model.") :]) if field.startswith("model.") else config[field]
+        )
+        over = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+        _check(
+            size % shards == 0,
+            f"config.{field}={size} does not split over {over} ({shards} devices; axis_rules "
+            f"shard {name!r} over {axes}): make config.{field} a multiple of {shards}, or shrink "
+            "those mesh axes (or change config.axis_rules).",
+        )
+    processes = jax.process_count()
     _check(
-        config.batch_size % shards == 0 and config.batch_size % jax.process_count() == 0,
-        f"config.batch_size={config.batch_size} does not split over {shards} data-parallel devices "
-        f"and {jax.process_count()} processes: use a multiple of {shards * jax.process_count()}.",
+        config.batch_size % processes == 0,
+        f"config.batch_size={config.batch_size} does not split over {processes} processes: "
+        f"use a multiple of {processes}.",
     )

@@ -14,13 +14,16 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MeshAxes = str | tuple[str, ...] | None
 AxisRules = Sequence[tuple[str, MeshAxes]]
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outermost to innermost: jax.make_mesh lays the last axes on the fastest links, so tensor
+# parallelism (a collective in every layer) gets neighbouring devices and data parallelism (one
+# gradient reduction per step) spans hosts. "sequence" and "expert" are size 1 until context and
+# expert parallelism are implemented.
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 
 class MeshError(ValueError):
@@ -44,15 +47,13 @@ def axis_rules(rules: AxisRules) -> Iterator[None]:
 
 def logical_to_spec(names: Sequence[str | None], rules: AxisRules) -> PartitionSpec:
     """Maps logical dimension names to a PartitionSpec; a mesh axis is used at most once."""
-    table = dict(rules)
     used: set[str] = set()
     spec = []
     for name in names:
-        mesh_axes = table.get(name) if name is not None else None
-        if mesh_axes is None:
+        mesh_axes = mesh_axes_of(name, rules) if name is not None else ()
+        if not mesh_axes:
             spec.append(None)
             continue
-        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
         free = tuple(a for a in mesh_axes if a not in used)
         used.update(free)
         spec.append(free[0] if len(free) == 1 else (free or None))
@@ -91,13 +92,23 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over all (or the given) devices with axes ("data", "fsdp", "tensor")."""
+    """A mesh with axes MESH_AXES over all (or the given) devices, in topology-aware order."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(sizes, len(devices))
-    axis_types = (AxisType.Auto,) * len(MESH_AXES)
-    if len(devices) == len(jax.devices()):
-        return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=axis_types)
-    return Mesh(np.array(devices).reshape(tuple(shape.values())), MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(
+        tuple(shape.values()),
+        MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def mesh_axes_of(name: str, rules: AxisRules) -> tuple[str, ...]:
+    """The mesh axes the rules table maps logical axis `name` to (empty: replicated)."""
+    mesh_axes = dict(rules).get(name)
+    if mesh_axes is None:
+        return ()
+    return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: AxisRules) -> Any:
@@ -123,3 +134,26 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 def batch_sharding(mesh: Mesh, rules: AxisRules) -> NamedSharding:
     """Sharding of a [batch, seq] input array."""
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes of the largest shard per leaf of `tree` (arrays, or abstract arrays with a sharding)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * x.dtype.itemsize
+    return total
+
+
+def memory_report(state: Any, compiled: jax.stages.Compiled) -> dict[str, int]:
+    """Per-device bytes: the state's parameters and optimizer state (from their shardings), and the
+    compiled step's temporaries (activations, gradients, ...) from XLA's memory analysis."""
+    report = {
+        "params": bytes_per_device(state["params"]),
+        "optimizer": bytes_per_device(state["opt_state"]),
+    }
+    analysis = compiled.memory_analysis()
+    if analysis is not None:  # some backends do not report
+        report["temp"] = analysis.temp_size_in_bytes
+        report["arguments"] = analysis.argument_size_in_bytes
+    return report

@@ -14,6 +14,7 @@ import os
 import pathlib
 import sys
 import time
+from typing import Any, NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -21,16 +22,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
 from tqdm import tqdm
 
 from data import pipeline, tokenizer as tokenizer_lib, text_corpus
-from llm import checkpoint, config as config_lib, flops, partitioning
+from llm import checkpoint, config as config_lib, distributed, flops, partitioning
 from llm.preemption import Preempted, PreemptionWatcher
 from llm.metrics import MetricsWriter
 from llm.model import Transformer
-from llm.train_step import make_eval_step, make_optimizer, make_train_step
+from llm.train_step import Batch, TrainState, make_eval_step, make_optimizer, make_train_step
 
 _CONFIG = config_lib.define_config_flag("experiments/default.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -109,29 +112,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return _train(config, workdir, preemption)
 
 
+class Setup(NamedTuple):
+    """The train state on the mesh and what it was built with."""
+
+    state: TrainState
+    shardings: Any  # NamedShardings with the structure of `state`
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def setup_state(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    manager: ocp.CheckpointManager | None = None,
+) -> Setup:
+    """The train state placed by the rules table on `mesh`: `manager`'s latest checkpoint
+    (resharded onto this mesh, whatever mesh saved it), else a fresh init.
+
+    Call under `jax.set_mesh(mesh)` and `partitioning.axis_rules(config.axis_rules)`.
+    """
+    rules = tuple(config.axis_rules)
+    cfg = config_lib.model_config(config)
+    tx, schedule = make_optimizer(config.optimizer, config.steps)
+    graphdef = None
+
+    def init_state():
+        nonlocal graphdef  # static structure, recorded while tracing
+        graphdef, params, _ = nnx.split(
+            Transformer(cfg, rngs=nnx.Rngs(config.seed)), nnx.Param, ...
+        )
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    abstract = jax.eval_shape(init_state)
+    shardings = partitioning.state_shardings(abstract, mesh, rules)
+    state = None
+    if manager is not None:
+        state = checkpoint.restore_latest(manager, partitioning.with_shardings(abstract, shardings))
+    if state is None:
+        state = jax.jit(init_state, out_shardings=shardings)()
+    return Setup(state, shardings, graphdef, tx, schedule)
+
+
+def compile_train_step(config: ml_collections.ConfigDict, setup: Setup, batch: Batch):
+    """The train step compiled ahead of time for `batch`; its new state keeps the state's shardings."""
+    step_fn = make_train_step(
+        setup.graphdef,
+        setup.tx,
+        setup.schedule,
+        grad_accum_steps=config.grad_accum_steps,
+        z_loss=config.z_loss,
+    )
+    jitted = jax.jit(step_fn, out_shardings=(setup.shardings, None), donate_argnums=0)
+    return jitted.lower(setup.state, batch).compile()
+
+
+def format_memory(report: dict[str, int]) -> str:
+    """One line: per-device MiB of each entry of `partitioning.memory_report`."""
+    return "memory per device: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in report.items())
+
+
 def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, float]:
     config_lib.validate(config)
     path = prepare_workdir(workdir, config)
     mesh = partitioning.make_mesh(config.mesh.to_dict())
     rules = tuple(config.axis_rules)
-    config_lib.check_batch_divides(config, mesh)
+    config_lib.check_sharding(config, mesh)
     tokenizer, train_data, eval_data = load_data(config)
     cfg = config_lib.model_config(config)
-    tx, schedule = make_optimizer(config.optimizer, config.steps)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-
-    def init_state():
-        params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     with jax.set_mesh(mesh), partitioning.axis_rules(rules):
-        abstract = jax.eval_shape(init_state)
-        shardings = partitioning.state_shardings(abstract, mesh, rules)
         data_sharding = partitioning.batch_sharding(mesh, rules)
         manager = checkpoint.make_manager(path, keep=config.keep_checkpoints)
-        state = checkpoint.restore_latest(manager, partitioning.with_shardings(abstract, shardings))
-        if state is None:
-            state = jax.jit(init_state, out_shardings=shardings)()
+        setup = setup_state(config, mesh, manager)
+        state, graphdef = setup.state, setup.graphdef
         start = int(state["step"])
         logging.info("Starting at step %d of %d.", start, config.steps)
 
@@ -149,15 +203,8 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
                 process_count=jax.process_count(),
             )
 
-        step_fn = make_train_step(
-            graphdef, tx, schedule, grad_accum_steps=config.grad_accum_steps, z_loss=config.z_loss
-        )
         t = time.perf_counter()
-        train_step = (
-            jax.jit(step_fn, out_shardings=(shardings, None), donate_argnums=0)
-            .lower(state, put(local_batch(start)))
-            .compile()
-        )
+        train_step = compile_train_step(config, setup, put(local_batch(start)))
         eval_step = jax.jit(make_eval_step(graphdef))
         compile_seconds = time.perf_counter() - t
 
@@ -169,7 +216,8 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
             f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
             f"non-embedding); {flops_per_token / 1e6:.1f} MFLOP per trained token; "
             f"train step compiled in {compile_seconds:.1f} s; {jax.device_count()} "
-            f"{jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}",
+            f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
+            f"mesh {dict(mesh.shape)}\n{format_memory(partitioning.memory_report(state, train_step))}",
             flush=True,
         )
         writer = MetricsWriter(path) if jax.process_index() == 0 else None
@@ -251,6 +299,7 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         sys.exit("error: --workdir is required, e.g. --workdir=/tmp/run1")
     try:
+        distributed.initialize()
         metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
