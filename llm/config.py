@@ -213,8 +213,8 @@ def check_sharding(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
         _check(
             size % shards == 0,
             f"config.{field}={size} does not split over {over} ({shards} devices; axis_rules "
-            f"shard {name!r} over {axes}): make config.{field} a multiple of {shards}, or shrink "
-            "those mesh axes (or change config.axis_rules).",
+            f"shard {name!r} over {axes}): use a multiple of {shards} for config.{field}, or "
+            "shrink those mesh axes (or change config.axis_rules).",
         )
     processes = jax.process_count()
     _check(
