@@ -1,0 +1,71 @@
+"""A checkpoint saved under one mesh resumes under another with the same losses, and the
+memory report sees FSDP divide the parameter bytes."""
+
+import jax
+import pytest
+
+from llm import checkpoint, partitioning, train
+from llm.metrics import read_metrics
+
+
+class Interrupted(Exception):
+    pass
+
+
+def with_mesh(config, **sizes):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, **sizes})
+    return config
+
+
+def test_save_under_fsdp_resume_under_tensor_and_data(tmp_path, tiny_config, monkeypatch):
+    train.train_and_evaluate(with_mesh(tiny_config, data=8), str(tmp_path / "full"))
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
+
+    save = checkpoint.save
+
+    def save_then_die(manager, state, **kwargs):  # the fsdp=8 run dies after its step-3 save
+        save(manager, state, **kwargs)
+        manager.wait_until_finished()
+        raise Interrupted
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Interrupted):
+        train.train_and_evaluate(with_mesh(tiny_config, fsdp=8), str(tmp_path / "resharded"))
+    monkeypatch.setattr(checkpoint, "save", save)
+    train.train_and_evaluate(with_mesh(tiny_config, data=4, tensor=2), str(tmp_path / "resharded"))
+
+    records = read_metrics(tmp_path / "resharded")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for record in records:
+        assert record["loss"] == pytest.approx(expected[record["step"]], rel=1e-5)
+
+
+def test_memory_report_shrinks_parameters_by_the_fsdp_factor(tiny_config):
+    reports = {}
+    for fsdp in (1, 8):
+        config = with_mesh(tiny_config, data=8 // fsdp, fsdp=fsdp)
+        mesh = partitioning.make_mesh(config.mesh.to_dict())
+        with jax.set_mesh(mesh), partitioning.axis_rules(tuple(config.axis_rules)):
+            setup = train.setup_state(config, mesh)
+            abstract_batch = {
+                k: jax.ShapeDtypeStruct(
+                    (config.batch_size, config.seq_len),
+                    dtype,
+                    sharding=partitioning.batch_sharding(mesh, tuple(config.axis_rules)),
+                )
+                for k, dtype in (
+                    ("inputs", "int32"),
+                    ("targets", "int32"),
+                    ("positions", "int32"),
+                    ("segment_ids", "int32"),
+                    ("weights", "float32"),
+                )
+            }
+            compiled = train.compile_train_step(config, setup, abstract_batch)
+            reports[fsdp] = partitioning.memory_report(setup.state, compiled)
+    print({k: train.format_memory(v) for k, v in reports.items()})
+    assert reports[8]["params"] * 8 == reports[1]["params"]
+    assert reports[8]["optimizer"] < reports[1]["optimizer"] / 7  # mu, nu split; the count is not
+    assert reports[1]["temp"] > 0
