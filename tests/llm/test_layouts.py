@@ -1,6 +1,8 @@
 """Layouts: every mesh of the default rules table trains exactly like one device, and places
 each parameter (and its optimizer state) where the table says."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,3 +136,73 @@ def test_layout_matches_one_device_and_the_rules_table(tiny_config, sizes):
             assert shard == tuple(
                 d // (sizes[e] if e else 1) for d, e in zip(var[...].shape, expected)
             )
+
+
+@pytest.mark.parametrize(
+    "fields, error, message",
+    [
+        (
+            {"mesh.data": 1, "mesh.tensor": 8},
+            config_lib.ConfigError,
+            "config.model.num_heads=4 does not split",
+        ),
+        (
+            {"mesh.data": 4, "mesh.tensor": 2, "model.num_kv_heads": 1},
+            config_lib.ConfigError,
+            "config.model.num_kv_heads=1",
+        ),
+        (
+            {"mesh.data": 4, "mesh.tensor": 2, "model.mlp_dim": 129},
+            config_lib.ConfigError,
+            "config.model.mlp_dim=129",
+        ),
+        (
+            {"mesh.data": 4, "mesh.tensor": 2, "model.vocab_size": 4097},
+            config_lib.ConfigError,
+            "config.model.vocab_size=4097",
+        ),
+        (
+            {"mesh.data": 1, "mesh.fsdp": 8, "model.embed_dim": 60, "model.head_dim": 16},
+            config_lib.ConfigError,
+            "config.model.embed_dim=60 does not split over mesh.fsdp=8",
+        ),
+        (
+            {"mesh.data": 8, "batch_size": 12},
+            config_lib.ConfigError,
+            "use a multiple of 8 for config.batch_size",
+        ),
+        ({"mesh.data": 3}, partitioning.MeshError, "multiply to 3, but there are 8 devices"),
+        ({"mesh.data": -1, "mesh.fsdp": -1}, partitioning.MeshError, "at most one axis may be -1"),
+        (
+            {"mesh.data": 4, "mesh.sequence": 2},
+            config_lib.ConfigError,
+            "context parallelism is not implemented yet",
+        ),
+        (
+            {"mesh.data": 4, "mesh.expert": 2},
+            config_lib.ConfigError,
+            "expert parallelism is not implemented yet",
+        ),
+        (
+            {"mesh.tensor": 0},
+            config_lib.ConfigError,
+            "config.mesh.tensor must be a positive integer or -1",
+        ),
+        (
+            {"axis_rules": (("embed", "model"),)},
+            config_lib.ConfigError,
+            "unknown mesh axes ['model']",
+        ),
+    ],
+)
+def test_mesh_mistakes_are_named_before_compiling(tmp_path, tiny_config, fields, error, message):
+    config = tiny_config.copy_and_resolve_references()
+    with config.unlocked():
+        for dotted, value in fields.items():
+            *parents, name = dotted.split(".")
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[name] = value
+    with pytest.raises(error, match=re.escape(message)):
+        train.train_and_evaluate(config, str(tmp_path))
