@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm import config as config_lib, partitioning, train
+from llm import config as config_lib
+from llm import partitioning, train
 from llm.train_step import cross_entropy
 
-# Measured max deviation from one device over these layouts, float32: losses 6e-7 relative,
-# gradients and parameters 3 steps on ~1e-7 absolute.
+# Measured max deviation from one device, float32, over all LAYOUTS: losses 1.1e-7 relative,
+# per-token gradients 1.1e-8 absolute (largest |g| 2.6e-2), parameters after 3 AdamW steps 3.7e-7.
 RTOL, ATOL = 1e-5, 1e-6
 STEPS = 3
 LAYOUTS = [

@@ -6,10 +6,12 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from llm import train
+from llm import distributed, train
+from llm.config import ConfigError
 from llm.metrics import read_metrics
 
 PROCESSES = 2
@@ -107,3 +109,13 @@ def test_process_shards_are_disjoint_and_cover_the_global_batch(tiny_config):
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value)
         rows = [{r.tobytes() for r in p["inputs"]} for p in parts]
         assert not rows[0] & rows[1]
+
+
+def test_partial_multiprocess_flags_are_a_config_error():
+    with pytest.raises(ConfigError, match="--num_processes=N"):
+        distributed.initialize(coordinator_address="localhost:1234")
+
+
+def test_single_process_initialize_is_a_no_op():
+    distributed.initialize()
+    assert jax.process_count() == 1
