@@ -14,14 +14,14 @@ from ml_collections.config_dict import placeholder
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.steps = 600
+    c.steps = 300
     c.batch_size = 16  # global batch, in sequences
     c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide evenly)
     c.seq_len = 256
-    c.log_every = 20
-    c.eval_every = 200
+    c.log_every = 10
+    c.eval_every = 100
     c.eval_batches = 8
-    c.checkpoint_every = 200
+    c.checkpoint_every = 100
     c.keep_checkpoints = 2
     c.z_loss = 1e-4  # weight of log(Z)^2 in the loss (PaLM); 0 disables
     c.sample_prompt = "The list type"  # decoded at the end of training; "" to skip
@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3
-    c.optimizer.warmup_steps = 60
+    c.optimizer.warmup_steps = 30
     c.optimizer.min_learning_rate_ratio = 0.1  # cosine decays to this fraction of the peak
     c.optimizer.weight_decay = 0.1
     c.optimizer.b1 = 0.9

@@ -70,7 +70,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
@@ -125,9 +125,9 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, segment_ids, cache: dict[str, jax.Array] | None):
         """x: [B, L, D] -> ([B, L, D], updated cache or None)."""
         cfg, dt = self.cfg, self.cfg.dtype
-        q = dense(x, self.wq.value.astype(dt))  # [B, L, H, Dh]
-        k = dense(x, self.wk.value.astype(dt))  # [B, L, K, Dh]
-        v = dense(x, self.wv.value.astype(dt))  # [B, L, K, Dh]
+        q = dense(x, self.wq[...].astype(dt))  # [B, L, H, Dh]
+        k = dense(x, self.wk[...].astype(dt))  # [B, L, K, Dh]
+        v = dense(x, self.wv[...].astype(dt))  # [B, L, K, Dh]
         q = shard(apply_rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
         k = shard(
             apply_rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim")
@@ -148,7 +148,7 @@ class Attention(nnx.Module):
             q_positions = index + jnp.arange(q.shape[1])
             out = cached_attention(q, k_all, v_all, q_positions, jnp.arange(k_all.shape[1]))
             cache = {"k": k_all, "v": v_all, "index": index}
-        out = dense(out, self.wo.value.astype(dt), in_dims=2)  # [B, L, D]
+        out = dense(out, self.wo[...].astype(dt), in_dims=2)  # [B, L, D]
         return out, cache
 
 
@@ -171,11 +171,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.cfg.dtype
-        h = jax.nn.silu(dense(x, self.w_gate.value.astype(dt))) * dense(
-            x, self.w_up.value.astype(dt)
+        h = jax.nn.silu(dense(x, self.w_gate[...].astype(dt))) * dense(
+            x, self.w_up[...].astype(dt)
         )  # [B, L, F]
         h = shard(h, ("batch", "seq", "mlp"))
-        return dense(h, self.w_down.value.astype(dt))  # [B, L, D]
+        return dense(h, self.w_down[...].astype(dt))  # [B, L, D]
 
 
 class Block(nnx.Module):
@@ -244,11 +244,11 @@ class Transformer(nnx.Module):
         if positions is None:
             start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.embed.value.astype(cfg.dtype)[tokens]  # [B, L, D]
+        x = self.embed[...].astype(cfg.dtype)[tokens]  # [B, L, D]
         x = shard(x, ("batch", "seq", "embed"))
         x, cache = self._run_blocks(x, positions, segment_ids, cache)
         x = self.final_norm(x)
-        unembed = self.embed.value.T if cfg.tie_embeddings else self.unembed.value  # [D, V]
+        unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]  # [D, V]
         logits = dense(x, unembed.astype(cfg.dtype)).astype(jnp.float32)  # [B, L, V]
         logits = shard(logits, ("batch", "seq", "vocab"))
         return logits if cache is None else (logits, cache)

@@ -94,8 +94,10 @@ MASKS_FOR_INFO = [None] + [c[0] for c in CASES]
     [(12, 12, 4, 4), (12, 12, 2, 4), (5, 12, 2, 4), (9, 10, 4, 3), (12, 12, 4, 2)],
 )
 def test_mask_info_agrees_with_dense(mask, q_seq, kv_seq, bq, bk):
-    if mask is not None and mask.kernel_block_error(bq, bk):
-        pytest.skip("blocks not aligned with the block-sparse layout")
+    if mask is not None and mask.kernel_block_error(bq, bk):  # misaligned: refused, not skipped
+        with pytest.raises(ValueError):
+            mask_info(mask, q_seq, kv_seq, bq, bk)
+        return
     dense = np.ones((q_seq, kv_seq), bool) if mask is None else mask.dense(q_seq, kv_seq)
     info = mask_info(mask, q_seq, kv_seq, bq, bk)
     nq, nk = -(-q_seq // bq), -(-kv_seq // bk)

@@ -68,9 +68,9 @@ def test_scan_and_remat_match_the_plain_loop(remat):
     grad_loop = nnx.grad(loss)(loop)
     grad_scan = nnx.grad(loss)(scan)
     np.testing.assert_allclose(
-        grad_loop.blocks[1].mlp.w_down.value, grad_scan.blocks.mlp.w_down.value[1], atol=1e-6
+        grad_loop.blocks[1].mlp.w_down[...], grad_scan.blocks.mlp.w_down[...][1], atol=1e-6
     )
-    np.testing.assert_allclose(grad_loop.embed.value, grad_scan.embed.value, atol=1e-6)
+    np.testing.assert_allclose(grad_loop.embed[...], grad_scan.embed[...], atol=1e-6)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -84,7 +84,7 @@ def test_every_parameter_names_each_of_its_axes(scan_layers):
     for path, variable in nnx.iter_graph(model):
         if isinstance(variable, nnx.Param):
             names = variable.get_metadata()["out_sharding"]
-            assert len(names) == variable.value.ndim, path
+            assert len(names) == variable[...].ndim, path
             assert set(names) <= known, path
 
 
@@ -93,7 +93,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
 
     model = Transformer(dataclasses.replace(CFG, dtype="bfloat16"), rngs=nnx.Rngs(0))
     logits = model(random_tokens((1, 8)))
-    assert model.embed.value.dtype == jnp.float32
+    assert model.embed[...].dtype == jnp.float32
     assert logits.dtype == jnp.float32
     reference = Transformer(CFG, rngs=nnx.Rngs(0))(random_tokens((1, 8)))
     np.testing.assert_allclose(logits, reference, atol=0.05)
