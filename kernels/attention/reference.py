@@ -38,25 +38,28 @@ def attention_reference_with_lse(
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
 
-    q5 = q.astype(jnp.float32).reshape(batch, q_seq, kv_heads, group, head_dim)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", q5, k.astype(jnp.float32)) * scale
+    # Scores laid out [b, kv_heads, q_seq, group, kv_seq]: the order the matmul produces them in.
+    q5 = q.astype(jnp.float32).reshape(batch, q_seq, kv_heads, group, head_dim) * scale
+    s = jnp.einsum("bqhgd,bkhd->bhqgk", q5, k.astype(jnp.float32))
 
     visible = jnp.ones((1, q_seq, kv_seq), bool)  # [batch or 1, q_seq, kv_seq]
     if mask is not None:
         visible = visible & jnp.asarray(mask, bool)[None]
     if segment_ids is not None:
         visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    visible = visible[:, None, None]  # [batch or 1, 1, 1, q_seq, kv_seq]
+    visible = visible[:, None, :, None, :]  # [batch or 1, 1, q_seq, 1, kv_seq]
 
     s = jnp.where(visible, s, _NEG)
     m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))  # Cancels out exactly.
-    p = jnp.where(visible, jnp.exp(s - m), 0.0)  # [b, kv_heads, group, q_seq, kv_seq]
+    p = jnp.where(visible, jnp.exp(s - m), 0.0)  # [b, kv_heads, q_seq, group, kv_seq]
     l = p.sum(axis=-1, keepdims=True)
     has_any = l > 0
     l_safe = jnp.where(has_any, l, 1.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", p / l_safe, v.astype(jnp.float32))
-    out = out.reshape(batch, q_seq, heads, head_dim).astype(q.dtype)
-    lse = jnp.where(has_any, m + jnp.log(l_safe), -jnp.inf)[..., 0]
+    # Normalize after the p.v product: [q_seq, head_dim] divisions instead of [q_seq, kv_seq].
+    out = jnp.einsum("bhqgk,bkhd->bhqgd", p, v.astype(jnp.float32)) / l_safe
+    out = out.transpose(0, 2, 1, 3, 4).reshape(batch, q_seq, heads, head_dim).astype(q.dtype)
+    lse = jnp.where(has_any, m + jnp.log(l_safe), -jnp.inf)[..., 0]  # [b, kv_heads, q_seq, group]
+    lse = lse.transpose(0, 1, 3, 2)
     return out, lse.reshape(batch, heads, q_seq)
 
 
