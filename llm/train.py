@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 import time
 from typing import Any, NamedTuple
 
@@ -56,9 +57,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> pathlib.
     path = pathlib.Path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        tempfile.NamedTemporaryFile(dir=path).close()  # unique per process: hosts may share path
     except OSError as e:
         raise PermissionError(
             f"workdir {workdir} is not writable ({e.strerror}): pass a --workdir you can write to."
@@ -66,7 +65,10 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> pathlib.
     saved = path / "config.json"
     if saved.exists():
         checkpoint.check_same_model(json.loads(saved.read_text())["model"], config.model.to_dict())
-    saved.write_text(config.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:  # atomically: other hosts may be reading it
+        with tempfile.NamedTemporaryFile("w", dir=path, delete=False) as f:
+            f.write(config.to_json_best_effort(indent=2))
+        os.replace(f.name, saved)
     return path
 
 

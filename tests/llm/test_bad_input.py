@@ -6,50 +6,39 @@ import sys
 import pytest
 
 from data import pipeline, tokenizer, text_corpus
+from config_overrides import overridden
 from llm import config as config_lib, train
-
-
-def override(config, **fields):
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        for dotted, value in fields.items():
-            *parents, name = dotted.split("__")
-            node = config
-            for parent in parents:
-                node = node[parent]
-            node[name] = value
-    return config
 
 
 @pytest.mark.parametrize(
     "fields, error, message",
     [
         (
-            {"model__num_kv_heads": 3},
+            {"model.num_kv_heads": 3},
             config_lib.ConfigError,
             "not divisible by config.model.num_kv",
         ),
         ({"seq_len": 4096}, config_lib.ConfigError, "longer than the model accepts"),
-        ({"model__vocab_size": 1000}, config_lib.ConfigError, "smaller than the tokenizer"),
-        ({"model__remat": "some"}, config_lib.ConfigError, "config.model.remat"),
+        ({"model.vocab_size": 1000}, config_lib.ConfigError, "smaller than the tokenizer"),
+        ({"model.remat": "some"}, config_lib.ConfigError, "config.model.remat"),
         ({"batch_size": 12}, config_lib.ConfigError, "use a multiple of 8"),
         (
-            {"data__text_dir": "/nonexistent/corpus"},
+            {"data.text_dir": "/nonexistent/corpus"},
             text_corpus.CorpusNotFoundError,
             "/nonexistent",
         ),
         (
-            {"data__tokenizer": "/nonexistent/sp.model"},
+            {"data.tokenizer": "/nonexistent/sp.model"},
             tokenizer.TokenizerNotFoundError,
             "data.tokenizer",
         ),
-        ({"data__dataset": "no_such_corpus"}, pipeline.DataError, "no tfds dataset named"),
-        ({"seq_len": 2000, "model__max_seq_len": 4096}, pipeline.DataError, "fewer than one batch"),
+        ({"data.dataset": "no_such_corpus"}, pipeline.DataError, "no tfds dataset named"),
+        ({"seq_len": 2000, "model.max_seq_len": 4096}, pipeline.DataError, "fewer than one batch"),
     ],
 )
 def test_config_and_data_mistakes(tmp_path, tiny_config, fields, error, message):
     with pytest.raises(error, match=message):
-        train.train_and_evaluate(override(tiny_config, **fields), str(tmp_path))
+        train.train_and_evaluate(overridden(tiny_config, fields), str(tmp_path))
 
 
 def test_corrupt_tokenizer_file(tmp_path, tiny_config):
@@ -57,7 +46,7 @@ def test_corrupt_tokenizer_file(tmp_path, tiny_config):
     corrupt.write_bytes(b"not a sentencepiece model")
     with pytest.raises(tokenizer.TokenizerLoadError, match="corrupt.model"):
         train.train_and_evaluate(
-            override(tiny_config, data__tokenizer=str(corrupt)), str(tmp_path / "w")
+            overridden(tiny_config, {"data.tokenizer": str(corrupt)}), str(tmp_path / "w")
         )
 
 
