@@ -26,8 +26,10 @@ blocks are aligned to the layout; see `Mask.kernel_block_error`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+import operator
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -221,26 +223,19 @@ class BlockSparseMask(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
-class Union(Mask):
-    """Visible if any member mask says visible."""
+class _Combination(Mask):
+    """Members combined elementwise by `_combine` (| or &)."""
 
     masks: tuple[Mask, ...]
+    _combine: ClassVar[Callable[[Any, Any], Any]]
 
     def predicate(self, q_pos: Array, k_pos: Array) -> Array:
-        out = self.masks[0].predicate(q_pos, k_pos)
-        for m in self.masks[1:]:
-            out = out | m.predicate(q_pos, k_pos)
-        return out
+        return functools.reduce(self._combine, (m.predicate(q_pos, k_pos) for m in self.masks))
 
     def host_predicate(self, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
-        return np.logical_or.reduce(
-            [
-                np.broadcast_to(
-                    m.host_predicate(q_pos, k_pos), np.broadcast_shapes(q_pos.shape, k_pos.shape)
-                )
-                for m in self.masks
-            ]
-        )
+        shape = np.broadcast_shapes(q_pos.shape, k_pos.shape)
+        members = (np.broadcast_to(m.host_predicate(q_pos, k_pos), shape) for m in self.masks)
+        return functools.reduce(self._combine, members)
 
     def validate(self, q_seq: int, kv_seq: int) -> None:
         for m in self.masks:
@@ -249,6 +244,16 @@ class Union(Mask):
     @property
     def has_block_sparse(self) -> bool:
         return any(m.has_block_sparse for m in self.masks)
+
+    def kernel_block_error(self, block_q: int, block_kv: int) -> str | None:
+        return _first_error(self.masks, block_q, block_kv)
+
+
+@dataclasses.dataclass(frozen=True)
+class Union(_Combination):
+    """Visible if any member mask says visible."""
+
+    _combine = operator.or_
 
     def kernel_block_error(self, block_q: int, block_kv: int) -> str | None:
         # A block-sparse member's predicate is "True in visited blocks"; in a union
@@ -256,41 +261,14 @@ class Union(Mask):
         sparse = [m.has_block_sparse for m in self.masks]
         if any(sparse) and not all(sparse):
             return "a union of a BlockSparseMask with a non-block-sparse mask has no elementwise predicate"
-        return _first_error(self.masks, block_q, block_kv)
+        return super().kernel_block_error(block_q, block_kv)
 
 
 @dataclasses.dataclass(frozen=True)
-class Intersection(Mask):
+class Intersection(_Combination):
     """Visible if every member mask says visible."""
 
-    masks: tuple[Mask, ...]
-
-    def predicate(self, q_pos: Array, k_pos: Array) -> Array:
-        out = self.masks[0].predicate(q_pos, k_pos)
-        for m in self.masks[1:]:
-            out = out & m.predicate(q_pos, k_pos)
-        return out
-
-    def host_predicate(self, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
-        return np.logical_and.reduce(
-            [
-                np.broadcast_to(
-                    m.host_predicate(q_pos, k_pos), np.broadcast_shapes(q_pos.shape, k_pos.shape)
-                )
-                for m in self.masks
-            ]
-        )
-
-    def validate(self, q_seq: int, kv_seq: int) -> None:
-        for m in self.masks:
-            m.validate(q_seq, kv_seq)
-
-    @property
-    def has_block_sparse(self) -> bool:
-        return any(m.has_block_sparse for m in self.masks)
-
-    def kernel_block_error(self, block_q: int, block_kv: int) -> str | None:
-        return _first_error(self.masks, block_q, block_kv)
+    _combine = operator.and_
 
 
 def _first_error(masks: tuple[Mask, ...], block_q: int, block_kv: int) -> str | None:
