@@ -36,9 +36,6 @@ from llm.metrics import MetricsWriter
 from llm.model import Transformer
 from llm.train_step import Batch, TrainState, make_eval_step, make_optimizer, make_train_step
 
-_CONFIG = config_lib.define_config_flag("experiments/default.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-
 # Mistakes a user can fix; reported as one message and exit status 2, never a traceback.
 USER_ERRORS = (
     config_lib.ConfigError,
@@ -298,11 +295,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax and tfds log every step of their work at INFO
-    if not _WORKDIR.value:
+    workdir = flags.FLAGS.workdir
+    if not workdir:
         sys.exit("error: --workdir is required, e.g. --workdir=/tmp/run1")
     try:
         distributed.initialize()
-        metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        metrics = train_and_evaluate(flags.FLAGS.config, workdir)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -322,5 +320,7 @@ def main(argv: list[str]) -> None:
         )
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only for the command, so other scripts can import this module
+    config_lib.define_config_flag("experiments/default.py")
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
     app.run(main)

@@ -29,7 +29,7 @@ from llm import flops, metrics, train
 
 _SWEEP = config_flags.DEFINE_config_file("sweep", None, "Sweep config file.", lock_config=True)
 _PRINT_COMMANDS = flags.DEFINE_bool("print_commands", False, "Write DIR/commands.sh, run nothing.")
-# --workdir is llm.train's flag (llm.train defines it on import).
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep: one workdir per run.")
 
 COLUMNS = ("params", "non_embedding_params", "active_params", "tokens", "flops", "loss")
 
@@ -180,9 +180,9 @@ def run_sweep(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not _SWEEP.value or not flags.FLAGS.workdir:
+    if not _SWEEP.value or not _WORKDIR.value:
         raise app.UsageError("--sweep=FILE and --workdir=DIR are required.")
-    path = run_sweep(_SWEEP.value, flags.FLAGS.workdir, print_commands=_PRINT_COMMANDS.value)
+    path = run_sweep(_SWEEP.value, _WORKDIR.value, print_commands=_PRINT_COMMANDS.value)
     print(f"runs: {path}")
 
 
