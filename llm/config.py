@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Any
 
 import jax
 import ml_collections
@@ -34,6 +35,20 @@ def define_config_flag(default: str) -> config_flags.FlagHolder:
             e = e.args[0]
         hint = " ".join(str(e.args[0] if e.args else e).split())
         sys.exit(f"error: unknown config field in a --config.* override: {hint}")
+
+
+def with_overrides(
+    config: ml_collections.ConfigDict, overrides: dict[str, Any]
+) -> ml_collections.ConfigDict:
+    """A copy of `config` with dotted fields ("model.num_heads") set, as --config.* flags do."""
+    config = config.copy_and_resolve_references()
+    for dotted, value in overrides.items():
+        *parents, name = dotted.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    return config
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -53,30 +53,16 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def apply(
-    config: ml_collections.ConfigDict, overrides: dict[str, Any]
-) -> ml_collections.ConfigDict:
-    """A copy of `config` with dotted fields overridden."""
-    config = config.copy_and_resolve_references()
-    for dotted, value in overrides.items():
-        *parents, name = dotted.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[name] = value
-    return config
-
-
 def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
     """One run per (budget, shape) with at least `min_steps` steps, its steps set by the budget."""
     common = dict(sweep.overrides)
-    base = apply(load_config(sweep.base), common)
+    base = config_lib.with_overrides(load_config(sweep.base), common)
     tokens_per_step = base.batch_size * base.seq_len
     runs = []
     for budget in sweep.budgets:
         for shape in sweep.shapes:
             model = {f"model.{k}": v for k, v in shape.items()}
-            cfg = config_lib.model_config(apply(base, model))
+            cfg = config_lib.model_config(config_lib.with_overrides(base, model))
             steps = int(budget / (flops.train_flops_per_token(cfg, base.seq_len) * tokens_per_step))
             if steps < sweep.min_steps:
                 continue
@@ -114,7 +100,7 @@ def collect(runs: list[Run], base: ml_collections.ConfigDict, workdir: pathlib.P
         path = workdir / run.name
         if not (path / "metrics.jsonl").exists():
             continue
-        config = apply(base, run.overrides)
+        config = config_lib.with_overrides(base, run.overrides)
         cfg = config_lib.model_config(config)
         counts = flops.param_counts(cfg)
         per_token = flops.train_flops_per_token(cfg, config.seq_len)
@@ -166,7 +152,7 @@ def run_sweep(
                 print(f"[{i + 1}/{len(runs)}] {run.name}: finished, skipped", flush=True)
                 continue
             print(f"[{i + 1}/{len(runs)}] {run.name}: {run.steps} steps", flush=True)
-            train_fn(apply(base, run.overrides), str(out / run.name))
+            train_fn(config_lib.with_overrides(base, run.overrides), str(out / run.name))
     rows = collect(runs, base, out)
     path = out / "runs.csv"
     with path.open("w", newline="") as f:

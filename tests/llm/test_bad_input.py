@@ -6,7 +6,6 @@ import sys
 import pytest
 
 from data import pipeline, tokenizer, text_corpus
-from config_overrides import overridden
 from llm import config as config_lib, train
 
 
@@ -38,7 +37,7 @@ from llm import config as config_lib, train
 )
 def test_config_and_data_mistakes(tmp_path, tiny_config, fields, error, message):
     with pytest.raises(error, match=message):
-        train.train_and_evaluate(overridden(tiny_config, fields), str(tmp_path))
+        train.train_and_evaluate(config_lib.with_overrides(tiny_config, fields), str(tmp_path))
 
 
 def test_corrupt_tokenizer_file(tmp_path, tiny_config):
@@ -46,7 +45,8 @@ def test_corrupt_tokenizer_file(tmp_path, tiny_config):
     corrupt.write_bytes(b"not a sentencepiece model")
     with pytest.raises(tokenizer.TokenizerLoadError, match="corrupt.model"):
         train.train_and_evaluate(
-            overridden(tiny_config, {"data.tokenizer": str(corrupt)}), str(tmp_path / "w")
+            config_lib.with_overrides(tiny_config, {"data.tokenizer": str(corrupt)}),
+            str(tmp_path / "w"),
         )
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from config_overrides import overridden
 from llm import config as config_lib
 from llm import partitioning, train
 from llm.train_step import cross_entropy
@@ -198,6 +197,6 @@ def test_layout_matches_one_device_and_the_rules_table(tiny_config, sizes):
     ],
 )
 def test_mesh_mistakes_are_named_before_compiling(tmp_path, tiny_config, fields, error, message):
-    config = overridden(tiny_config, fields)
+    config = config_lib.with_overrides(tiny_config, fields)
     with pytest.raises(error, match=re.escape(message)):
         train.train_and_evaluate(config, str(tmp_path))

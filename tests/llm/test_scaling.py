@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from llm import config as config_lib
 from llm import flops, scaling
 from llm.model import ModelConfig
 
@@ -155,8 +156,8 @@ def test_sweep_plans_resumes_and_collects(tmp_path):
     runs = sweep.plan(tiny_sweep())
     assert len(runs) == 4 and all(r.steps >= 2 for r in runs)
     for run in runs:  # the budget sets the steps: C = flops per token x tokens
-        cfg = sweep.config_lib.model_config(
-            sweep.apply(sweep.load_config("experiments/default.py"), run.overrides)
+        cfg = config_lib.model_config(
+            config_lib.with_overrides(sweep.load_config("experiments/default.py"), run.overrides)
         )
         tokens = (run.steps + 1) * 8 * 32
         assert run.steps * 8 * 32 <= run.budget / flops.train_flops_per_token(cfg, 32) < tokens
