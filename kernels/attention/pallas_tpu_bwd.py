@@ -31,6 +31,7 @@ from kernels.attention.pallas_tpu_fwd import (
     _keep,
     _params,
     _row_ids,
+    _segment_inputs,
     _visit,
 )
 
@@ -100,13 +101,9 @@ def dq(q, k, v, dout, lse, delta, segment_ids, info: MaskInfo, cfg: Config) -> j
         *(jnp.broadcast_to(x[..., None], (*x.shape, LANES)) for x in (lse, delta)),
     ]
     if segment_ids is not None:
-        in_specs += [
-            pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, idx, *_: (b, i, 0)),
-            pl.BlockSpec(
-                (None, SUBLANES, bkv), lambda b, h, i, j, idx, *_: (b, 0, idx[i * width + j])
-            ),
-        ]
-        operands += [_row_ids(segment_ids, q_pad), _col_ids(segment_ids, k.shape[2])]
+        specs, ids = _segment_inputs(segment_ids, q_pad, k.shape[2], bq, bkv, width)
+        in_specs += specs
+        operands += ids
     kernel = functools.partial(_dq_kernel, cfg=cfg, bq=bq, bkv=bkv, width=width)
     return pl.pallas_call(
         kernel,

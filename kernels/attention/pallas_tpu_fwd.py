@@ -97,6 +97,17 @@ def _col_ids(ids: jax.Array | None, n: int) -> jax.Array | None:
     return jnp.broadcast_to(ids[:, None, :], (ids.shape[0], SUBLANES, n))
 
 
+def _segment_inputs(
+    segment_ids: jax.Array, q_pad: int, kv_pad: int, bq: int, bkv: int, width: int
+) -> tuple[list[pl.BlockSpec], list[jax.Array]]:
+    """Specs and operands of the q-row and kv-column segment ids for a (q block, kv visit) grid."""
+    specs = [
+        pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, idx, *_: (b, i, 0)),
+        pl.BlockSpec((None, SUBLANES, bkv), lambda b, h, i, j, idx, *_: (b, 0, idx[i * width + j])),
+    ]
+    return specs, [_row_ids(segment_ids, q_pad), _col_ids(segment_ids, kv_pad)]
+
+
 def _flat(info: MaskInfo, transposed: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Scalar-prefetch operands: flattened block indices, kinds (int32) and counts."""
     if transposed:
@@ -184,13 +195,9 @@ def forward(q, k, v, segment_ids, info: MaskInfo, cfg: Config) -> tuple[jax.Arra
     ]
     operands = [q, k, v]
     if segment_ids is not None:
-        in_specs += [
-            pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, idx, *_: (b, i, 0)),
-            pl.BlockSpec(
-                (None, SUBLANES, bkv), lambda b, h, i, j, idx, *_: (b, 0, idx[i * width + j])
-            ),
-        ]
-        operands += [_row_ids(segment_ids, q_pad), _col_ids(segment_ids, k.shape[2])]
+        specs, ids = _segment_inputs(segment_ids, q_pad, k.shape[2], bq, bkv, width)
+        in_specs += specs
+        operands += ids
     kernel = functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bkv=bkv, width=width)
     return pl.pallas_call(
         kernel,
