@@ -1,10 +1,11 @@
-"""A CPU-sized IsoFLOP sweep: 3 compute budgets x 4 model widths on the shipped corpus.
+"""A CPU-sized IsoFLOP sweep: 4 compute budgets x 5 model widths on the shipped corpus.
 
     python -m experiments.scaling.sweep --sweep=experiments/scaling/isoflop_small.py \
         --workdir=/tmp/isoflop_small
     python -m llm.scaling --runs=/tmp/isoflop_small/runs.csv --out=/tmp/isoflop_small/fits
 
-Shape rule: width w in `widths`, depth = heads = w / 64 (head_dim 64, no GQA), mlp_dim = 3 w.
+Shape rule: width w in `widths`, depth = round(w / 64), heads = w / 32 (head_dim 32, no GQA),
+mlp_dim = 3 w.
 Each run trains for budget / (FLOPs per token x batch_size x seq_len) steps (llm.flops); runs
 shorter than `min_steps` are left out. At ~0.06 TFLOP/s on a 2-core CPU a run takes < ~1 minute.
 """
@@ -15,11 +16,11 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.base = "experiments/default.py"  # every run is this config plus the overrides below
-    c.budgets = (1e12, 2e12, 4e12)  # training FLOPs per run (llm.flops.train_flops_per_token)
-    c.widths = (64, 128, 192, 256)
+    c.budgets = (1e12, 2e12, 4e12, 8e12)  # training FLOPs per run (llm.flops.train_flops_per_token)
+    c.widths = (64, 96, 128, 192, 256)
     c.shapes = tuple(
-        {"embed_dim": w, "num_layers": w // 64, "num_heads": w // 64, "num_kv_heads": w // 64,
-         "mlp_dim": 3 * w}
+        {"embed_dim": w, "num_layers": round(w / 64), "num_heads": w // 32,
+         "num_kv_heads": w // 32, "mlp_dim": 3 * w}
         for w in c.widths
     )  # fmt: skip
     c.min_steps = 20
