@@ -255,6 +255,16 @@ def _derived(theta: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def compute_optimal(params: dict, flops) -> tuple:
+    """N*, D* = C / (6 N*) at compute C of the parametric law: N* = G · (C / 6)^a.
+
+    `params` holds G and a as arrays (`_derived`) or as approach-3 summaries ({"value": ...}).
+    """
+    g, a = (params[k]["value"] if isinstance(params[k], dict) else params[k] for k in ("G", "a"))
+    n_opt = g * (np.asarray(flops) / 6) ** a
+    return n_opt, np.asarray(flops) / (6 * n_opt)
+
+
 def predict_loss(fit: dict, n: np.ndarray, d: np.ndarray) -> np.ndarray:
     """L(N, D) of an approach-3 result."""
     p = {k: fit[k]["value"] for k in ("E", "A", "B", "alpha", "beta")}
@@ -284,12 +294,12 @@ def approach3(
     # The compute-optimal frontier from the smallest budget to 100x the largest.
     result["frontier"] = []
     for c in np.geomspace(final["flops"].min(), 100 * final["flops"].max(), 12):
-        n_opt = {k: p["G"] * (c / 6) ** p["a"] for k, p in (("point", point), ("boot", boot))}
+        (n_point, d_point), (n_boot, d_boot) = compute_optimal(point, c), compute_optimal(boot, c)
         result["frontier"].append(
             {
                 "flops": float(c),
-                "n_opt": _summary(n_opt["point"], n_opt["boot"]),
-                "d_opt": _summary(c / (6 * n_opt["point"]), c / (6 * n_opt["boot"])),
+                "n_opt": _summary(n_point, n_boot),
+                "d_opt": _summary(d_point, d_boot),
             }
         )
     return result
@@ -321,7 +331,7 @@ def holdout(table: Table, n_column: str = "params", **kwargs) -> dict:
         "n_opt_approach2": float(fit2["n_coef"] * top ** fit2["a"]["value"])
         if "a" in fit2
         else None,
-        "n_opt_approach3": float(fit3["G"]["value"] * (top / 6) ** fit3["a"]["value"]),
+        "n_opt_approach3": float(compute_optimal(fit3, top)[0]),
     }
 
 
