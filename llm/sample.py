@@ -74,10 +74,22 @@ def sample_token(
         "top_p",
         "greedy",
         "eos_id",
+        "vocab_limit",
     ),
 )
 def _generate(
-    graphdef, state, prompt, rng, *, max_new_tokens, temperature, top_k, top_p, greedy, eos_id
+    graphdef,
+    state,
+    prompt,
+    rng,
+    *,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    greedy,
+    eos_id,
+    vocab_limit,
 ):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt.shape
@@ -86,6 +98,8 @@ def _generate(
 
     def step(carry, key):
         logits, cache, done = carry  # logits: [B, V] for the next token; done: [B] eos seen
+        if vocab_limit is not None:  # padded vocabulary: ids the tokenizer lacks are never drawn
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
         token = sample_token(
             logits, key, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
         )  # [B]
@@ -111,10 +125,12 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     eos_id: int | None = None,
+    vocab_limit: int | None = None,
 ) -> jax.Array:
     """Continues int32[B, P] prompts (all P long) -> int32[B, P + max_new_tokens].
 
-    Once a row has produced `eos_id`, it keeps emitting `eos_id`.
+    Once a row has produced `eos_id`, it keeps emitting `eos_id`. With `vocab_limit` (the
+    tokenizer's vocabulary size when the model's is padded) only ids below it are generated.
     """
     total = prompt_tokens.shape[1] + max_new_tokens
     if total > model.cfg.max_seq_len:
@@ -136,6 +152,7 @@ def generate(
         top_p=top_p,
         greedy=greedy,
         eos_id=eos_id,
+        vocab_limit=vocab_limit,
     )
 
 
@@ -175,6 +192,7 @@ def main(argv: list[str]) -> None:
             top_p=FLAGS.top_p,
             greedy=FLAGS.greedy,
             eos_id=tokenizer.eos_id,
+            vocab_limit=tokenizer.vocab_size,
         )
     except (FileNotFoundError, ValueError) as e:  # user errors: one message, no traceback
         sys.exit(f"error: {e}")

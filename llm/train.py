@@ -287,6 +287,7 @@ def print_sample(params, graphdef, tokenizer, config) -> None:
         rng=jax.random.key(config.seed),
         temperature=0.8,
         top_k=40,
+        vocab_limit=tokenizer.vocab_size,
     )
     print(f"sample: {tokenizer.decode(list(np.asarray(tokens[0, 1:])))}", flush=True)
 

@@ -56,6 +56,17 @@ def test_sampling_is_deterministic_per_rng():
     assert not np.array_equal(a, c)
 
 
+def test_padded_vocabulary_ids_are_never_generated():
+    model, limit = tiny_model(), 40  # as if the tokenizer had 40 pieces and the model 64 ids
+    for kw in ({"greedy": True}, {"temperature": 5.0}):
+        out = generate(
+            model, prompt(), max_new_tokens=NEW, rng=jax.random.key(0), vocab_limit=limit, **kw
+        )
+        assert int(out[:, PROMPT:].max()) < limit
+    hot = generate(model, prompt(), max_new_tokens=NEW, rng=jax.random.key(0), temperature=5.0)
+    assert int(hot[:, PROMPT:].max()) >= limit  # without the limit these ids do occur
+
+
 def test_after_eos_only_eos():
     model = tiny_model()
     first = generate(model, prompt(), max_new_tokens=1, rng=jax.random.key(0), greedy=True)
