@@ -247,44 +247,69 @@ def _dense_attention(q, k, v, visible, scale):
     return jnp.einsum("bhlm,bmhd->blhd", p, v), p
 
 
+def _allowed(segment_ids: jax.Array) -> jax.Array:
+    """bool [B, L, L]: key s is causal (s <= t) and in the document of query t."""
+    l = segment_ids.shape[1]
+    causal = np.arange(l)[None, :] <= np.arange(l)[:, None]
+    return causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+
+def _in_block(seq_len: int, block: int) -> np.ndarray:
+    """bool [N, L]: token s lies in block n."""
+    return np.arange(seq_len)[None, :] // block == np.arange(-(-seq_len // block))[:, None]
+
+
+def reference_compressed_mask(segment_ids: jax.Array, block: int) -> jax.Array:
+    """bool [B, L, N]: block n is complete and every one of its tokens is allowed to query t."""
+    l = segment_ids.shape[1]
+    in_block = _in_block(l, block)
+    complete = (np.arange(in_block.shape[0]) + 1) * block <= l
+    return complete & jnp.all(_allowed(segment_ids)[:, :, None, :] | ~in_block, -1)
+
+
+def reference_selected_mask(
+    importance: jax.Array, segment_ids: jax.Array, num_selected: int, block: int
+) -> jax.Array:
+    """bool [B, K, L, L]: the allowed tokens of the num_selected most important visible past
+    blocks (ranked by a stable sort of importance [B, K, L, N]) and of the query's own block."""
+    l = segment_ids.shape[1]
+    in_block = _in_block(l, block)
+    n = in_block.shape[0]
+    own = np.arange(l)[:, None] // block == np.arange(n)[None, :]  # [L, N]
+    past = np.arange(l)[:, None] // block > np.arange(n)[None, :]
+    candidate = reference_compressed_mask(segment_ids, block)[:, None] & past
+    score = jnp.where(candidate, jax.lax.stop_gradient(importance), -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-score, axis=-1, stable=True), axis=-1, stable=True)
+    chosen = ((rank < num_selected) & jnp.isfinite(score)) | own  # [B, K, L, N]
+    tokens = jnp.einsum("bkln,nm->bklm", chosen.astype(jnp.int32), in_block.astype(np.int32))
+    return (tokens > 0) & _allowed(segment_ids)[:, None]
+
+
+def reference_window_mask(segment_ids: jax.Array, window: int) -> jax.Array:
+    """bool [B, L, L]: the last `window` allowed keys of each query (itself included)."""
+    l = segment_ids.shape[1]
+    recent = np.arange(l)[:, None] - np.arange(l)[None, :] < window
+    return _allowed(segment_ids) & recent
+
+
 def sparse_attention_reference(
     q, k, v, gates, w_ck, w_cv, segment_ids=None, *, num_selected: int, window: int
 ) -> jax.Array:
     """`sparse_attention` from dense masks: each branch is full attention with a boolean mask."""
     b, l, h, dh = q.shape
     kv, g, block = k.shape[2], h // k.shape[2], w_ck.shape[0]
-    n = -(-l // block)
     scale = 1.0 / math.sqrt(dh)
     seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
-    t, s = np.arange(l)[:, None], np.arange(l)[None, :]
-    allowed = (s <= t) & (seg[:, :, None] == seg[:, None, :])  # [B, L, L] causal, same document
-    in_block = np.arange(l)[None, :] // block == np.arange(n)[:, None]  # [N, L]
 
-    # (a) block n is visible iff it is complete and every one of its tokens is allowed.
-    complete = (np.arange(n) + 1) * block <= l
-    cmp_vis = complete & jnp.all(allowed[:, :, None, :] | ~in_block, -1)  # [B, L, N]
-    out_cmp, p = _dense_attention(
-        q,
-        compress(k, w_ck),
-        compress(v, w_cv),
-        jnp.broadcast_to(cmp_vis[:, None], (b, h, l, n)),
-        scale,
-    )
-    importance = p.reshape(b, kv, g, l, n).sum(2)  # [B, K, L, N]
+    def heads(mask):  # [B, L, M] or [B, K, L, M] -> [B, H, L, M]
+        return jnp.repeat(mask, g, axis=1) if mask.ndim == 4 else jnp.repeat(mask[:, None], h, 1)
 
-    # (b) the num_selected most important visible past blocks, by a stable sort, plus the own one.
-    own = np.arange(l)[:, None] // block == np.arange(n)[None, :]  # [L, N]
-    past = np.arange(l)[:, None] // block > np.arange(n)[None, :]
-    score = jnp.where(cmp_vis[:, None] & past, jax.lax.stop_gradient(importance), -jnp.inf)
-    rank = jnp.argsort(jnp.argsort(-score, axis=-1, stable=True), axis=-1, stable=True)
-    chosen = ((rank < num_selected) & jnp.isfinite(score)) | own  # [B, K, L, N]
-    sel_tokens = jnp.einsum("bkln,nm->bklm", chosen.astype(jnp.int32), in_block.astype(np.int32))
-    sel_vis = (sel_tokens > 0) & allowed[:, None]  # [B, K, L, L]
-    out_sel, _ = _dense_attention(q, k, v, jnp.repeat(sel_vis, g, axis=1), scale)
-
-    # (c) the last `window` allowed keys.
-    win_vis = allowed & (t - s < window)
-    out_win, _ = _dense_attention(q, k, v, jnp.broadcast_to(win_vis[:, None], (b, h, l, l)), scale)
+    kc, vc = compress(k, w_ck), compress(v, w_cv)
+    out_cmp, p = _dense_attention(q, kc, vc, heads(reference_compressed_mask(seg, block)), scale)
+    importance = p.reshape(b, kv, g, l, -1).sum(2)  # [B, K, L, N]
+    sel_mask = reference_selected_mask(importance, seg, num_selected, block)
+    out_sel, _ = _dense_attention(q, k, v, heads(sel_mask), scale)
+    out_win, _ = _dense_attention(q, k, v, heads(reference_window_mask(seg, window)), scale)
     return combine_branches((out_cmp, out_sel, out_win), gates).astype(q.dtype)
 
 
