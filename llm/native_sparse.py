@@ -237,7 +237,7 @@ def sparse_attention(
 # The reference: the same layer from dense [L, L] masks.
 
 
-def _dense_attention(q, k, v, visible, scale):
+def dense_masked_attention(q, k, v, visible, scale):
     """q: [B, L, H, Dh]; k, v: [B, M, K, Dh]; visible: bool [B, H, L, M] -> (out, probs)."""
     g = q.shape[2] // k.shape[2]
     k, v = (jnp.repeat(x.astype(jnp.float32), g, axis=2) for x in (k, v))
@@ -305,11 +305,13 @@ def sparse_attention_reference(
         return jnp.repeat(mask, g, axis=1) if mask.ndim == 4 else jnp.repeat(mask[:, None], h, 1)
 
     kc, vc = compress(k, w_ck), compress(v, w_cv)
-    out_cmp, p = _dense_attention(q, kc, vc, heads(reference_compressed_mask(seg, block)), scale)
+    out_cmp, p = dense_masked_attention(
+        q, kc, vc, heads(reference_compressed_mask(seg, block)), scale
+    )
     importance = p.reshape(b, kv, g, l, -1).sum(2)  # [B, K, L, N]
     sel_mask = reference_selected_mask(importance, seg, num_selected, block)
-    out_sel, _ = _dense_attention(q, k, v, heads(sel_mask), scale)
-    out_win, _ = _dense_attention(q, k, v, heads(reference_window_mask(seg, window)), scale)
+    out_sel, _ = dense_masked_attention(q, k, v, heads(sel_mask), scale)
+    out_win, _ = dense_masked_attention(q, k, v, heads(reference_window_mask(seg, window)), scale)
     return combine_branches((out_cmp, out_sel, out_win), gates).astype(q.dtype)
 
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from kernels.attention.reference import attention_reference
+from kernels.nsa_selected import selected_attention_pallas
 from llm import native_sparse as nsa
 from llm.model import Attention, ModelConfig
 
@@ -186,3 +187,21 @@ def test_bfloat16_compute_is_close_to_float32():
     out16, _ = layer(x.astype(jnp.bfloat16), positions, None, None)
     assert out16.dtype == jnp.bfloat16
     np.testing.assert_allclose(out16.astype(jnp.float32), out32, atol=2e-2 * np.abs(out32).max())
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_pallas_selected_block_kernel_matches_the_dense_mask_reference(segments):
+    """The forward kernel (interpret mode) on a selection with fewer candidates than slots early
+    on, a partial last block (block 6 of 40 tokens) and, packed, blocks split by documents."""
+    block, num_selected = 6, 2
+    q, k, v, *_ = inputs()
+    seg = packed_segments() if segments else jnp.zeros((B, L), jnp.int32)
+    importance = jax.random.uniform(jax.random.key(3), (B, K, L, -(-L // block)))
+    visible = nsa.compressed_visibility(seg, L, block)
+    ids, valid = nsa.select_blocks(importance, visible, num_selected, block)
+    out = selected_attention_pallas(
+        q, k, v, ids, valid, seg, block=block, scale=DH**-0.5, interpret=True
+    )
+    mask = nsa.reference_selected_mask(importance, seg, num_selected, block)  # [B, K, L, L]
+    ref, _ = nsa.dense_masked_attention(q, k, v, jnp.repeat(mask, H // K, axis=1), DH**-0.5)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
