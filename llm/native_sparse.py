@@ -103,10 +103,10 @@ def combine_branches(outs: tuple[jax.Array, ...], gates: jax.Array) -> jax.Array
 # The efficient path.
 
 
-def compressed_visibility(segment_ids: jax.Array, seq_len: int, block: int) -> jax.Array:
+def compressed_visibility(segment_ids: jax.Array, block: int) -> jax.Array:
     """bool [B, L, N]: compressed block n is entirely in the past and the document of query t."""
     seg = _pad_to_blocks(segment_ids, block)
-    b, lp = seg.shape
+    (b, lp), seq_len = seg.shape, segment_ids.shape[1]
     blocks = seg.reshape(b, lp // block, block)  # [B, N, block]
     uniform = (blocks == blocks[..., :1]).all(-1)  # [B, N]: one document
     t = jnp.arange(seq_len)[:, None]
@@ -169,7 +169,8 @@ def selected_attention(
 
     q: [B, L, H, Dh]; k, v: [B, L, K, Dh]; ids, valid: [B, K, L, S] from `select_blocks`;
     segment_ids: [B, L]. Key j of a selected block is seen if valid, causal and in the query's
-    document. Returns [B, L, H, Dh] f32.
+    document. Returns [B, L, H, Dh] f32. Holds the gathered keys and values, [B, K, L, S, block,
+    Dh] each, in memory: S * block / G times the size of q (kernels.nsa_selected avoids it).
     """
     b, l, h, dh = q.shape
     kv = k.shape[2]
@@ -214,10 +215,10 @@ def sparse_attention(
     """The NSA layer's attention. q: [B, L, H, Dh]; k, v: [B, L, K, Dh] (after RoPE);
     gates: [B, L, H, 3] in (0, 1); w_ck, w_cv: [block, Dh, Dh]; segment_ids: int [B, L] or None.
     Returns [B, L, H, Dh] in q.dtype."""
-    block, l = w_ck.shape[0], q.shape[1]
+    block = w_ck.shape[0]
     scale = 1.0 / math.sqrt(q.shape[-1])
     seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-    visible = compressed_visibility(seg, l, block)  # [B, L, N]
+    visible = compressed_visibility(seg, block)  # [B, L, N]
     kc, vc = compress(k, w_ck), compress(v, w_cv)  # [B, N, K, Dh]
     out_cmp, importance = compressed_attention(q, kc, vc, visible, scale)
     ids, valid = select_blocks(importance, visible, num_selected, block)

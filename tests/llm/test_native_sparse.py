@@ -71,7 +71,7 @@ def test_selection_covering_every_past_block_is_dense_causal_attention():
     n = L // BLOCK
     importance = jax.random.uniform(jax.random.key(3), (B, K, L, n))
     seg = jnp.zeros((B, L), jnp.int32)
-    visible = nsa.compressed_visibility(seg, L, BLOCK)
+    visible = nsa.compressed_visibility(seg, BLOCK)
     ids, valid = nsa.select_blocks(importance, visible, num_selected=n, block=BLOCK)
     out = nsa.selected_attention(q, k, v, ids, valid, seg, BLOCK, scale=DH**-0.5)
     causal = np.tril(np.ones((L, L), bool))
@@ -81,7 +81,7 @@ def test_selection_covering_every_past_block_is_dense_causal_attention():
 def test_selection_picks_the_most_important_past_blocks_and_the_own_block():
     n = L // BLOCK
     importance = jnp.broadcast_to(jnp.arange(n, 0, -1.0), (1, 1, L, n))  # block 0 most important
-    visible = nsa.compressed_visibility(jnp.zeros((1, L), jnp.int32), L, BLOCK)
+    visible = nsa.compressed_visibility(jnp.zeros((1, L), jnp.int32), BLOCK)
     ids, valid = nsa.select_blocks(importance, visible, num_selected=2, block=BLOCK)
     t = 4 * BLOCK + 1  # in block 4: candidates 0..3, picks 0 and 1, then its own block 4
     assert ids[0, 0, t].tolist() == [0, 1, 4] and valid[0, 0, t].all()
@@ -197,7 +197,7 @@ def test_pallas_selected_block_kernel_matches_the_dense_mask_reference(segments)
     q, k, v, *_ = inputs()
     seg = packed_segments() if segments else jnp.zeros((B, L), jnp.int32)
     importance = jax.random.uniform(jax.random.key(3), (B, K, L, -(-L // block)))
-    visible = nsa.compressed_visibility(seg, L, block)
+    visible = nsa.compressed_visibility(seg, block)
     ids, valid = nsa.select_blocks(importance, visible, num_selected, block)
     out = selected_attention_pallas(
         q, k, v, ids, valid, seg, block=block, scale=DH**-0.5, interpret=True
