@@ -238,7 +238,9 @@ def sparse_attention(
 # The reference: the same layer from dense [L, L] masks.
 
 
-def dense_masked_attention(q, k, v, visible, scale):
+def dense_masked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float
+) -> tuple[jax.Array, jax.Array]:
     """q: [B, L, H, Dh]; k, v: [B, M, K, Dh]; visible: bool [B, H, L, M] -> (out, probs)."""
     g = q.shape[2] // k.shape[2]
     k, v = (jnp.repeat(x.astype(jnp.float32), g, axis=2) for x in (k, v))

@@ -20,22 +20,22 @@ BLOCK = 8
 CFG = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=H, num_kv_heads=K)
 
 
-def inputs(seed=0, seq=L, block=BLOCK):
+def inputs(block=BLOCK):
     """Random q, k, v, gates and compression weights (not mean pooling, to test the mixing)."""
-    ks = jax.random.split(jax.random.key(seed), 6)
-    q = jax.random.normal(ks[0], (B, seq, H, DH))
-    k = jax.random.normal(ks[1], (B, seq, K, DH))
-    v = jax.random.normal(ks[2], (B, seq, K, DH))
-    gates = jax.nn.sigmoid(jax.random.normal(ks[3], (B, seq, H, 3)))
+    ks = jax.random.split(jax.random.key(0), 6)
+    q = jax.random.normal(ks[0], (B, L, H, DH))
+    k = jax.random.normal(ks[1], (B, L, K, DH))
+    v = jax.random.normal(ks[2], (B, L, K, DH))
+    gates = jax.nn.sigmoid(jax.random.normal(ks[3], (B, L, H, 3)))
     w_ck = jax.random.normal(ks[4], (block, DH, DH)) / block
     w_cv = jax.random.normal(ks[5], (block, DH, DH)) / block
     return q, k, v, gates, w_ck, w_cv
 
 
-def packed_segments(seq=L):
+def packed_segments():
     """Row 0: documents of 13, 20 and 7 tokens (boundaries inside blocks); row 1: one document."""
-    row0 = np.repeat([1, 2, 3], [13, 20, seq - 33])
-    return jnp.asarray(np.stack([row0, np.ones(seq, int)]), jnp.int32)
+    row0 = np.repeat([1, 2, 3], [13, 20, L - 33])
+    return jnp.asarray(np.stack([row0, np.ones(L, int)]), jnp.int32)
 
 
 CASES = {
