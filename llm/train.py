@@ -138,10 +138,13 @@ def setup_state(
 
     def init_state():
         nonlocal graphdef  # static structure, recorded while tracing
-        graphdef, params, _ = nnx.split(
-            Transformer(cfg, rngs=nnx.Rngs(config.seed)), nnx.Param, ...
-        )
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        graphdef, model_state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(config.seed)))
+        params, _ = nnx.split_state(model_state, nnx.Param, ...)  # what the optimizer trains
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": model_state,
+            "opt_state": tx.init(params),
+        }
 
     abstract = jax.eval_shape(init_state)
     shardings = partitioning.state_shardings(abstract, mesh, rules)
