@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from llm import config as config_lib
-from llm import moe, partitioning, train
+from llm import checkpoint, flops, moe, partitioning, train
 from llm.metrics import read_metrics
-from llm.model import ModelConfig, MoEConfig
+from llm.model import ModelConfig, MoEConfig, Transformer
 
 E, K, D, F = 4, 2, 16, 8
 
@@ -104,6 +104,23 @@ def test_loss_free_bias_moves_a_skewed_router_toward_balance():
     assert np.mean(biases, axis=0).argmin() == 0  # the favourite is held back the most
 
 
+def test_active_parameters_count_top_k_and_shared_experts_only():
+    m = MoEConfig(
+        num_experts=8, top_k=2, expert_mlp_dim=4, first_dense_layers=1, num_shared_experts=1
+    )
+    cfg = ModelConfig(
+        vocab_size=10, num_layers=3, embed_dim=8, num_heads=2, num_kv_heads=1, mlp_dim=16, moe=m
+    )
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    counts = flops.param_counts(cfg)
+    assert counts["total"] == sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    expert = 3 * 8 * 4  # one SwiGLU expert
+    # layers 1 and 2 are MoE: each skips 6 of its 8 routed experts per token.
+    assert counts["active"] == counts["total"] - 2 * 6 * expert
+    # attention 192 per layer, dense MLP 384, router 64 + 3 experts, tied output 80.
+    assert counts["matmul"] == 3 * 192 + 384 + 2 * (64 + 3 * expert) + 80
+
+
 def moe_config(tiny_config, **fields):
     overrides = {
         "model.moe.num_experts": 8,
@@ -175,3 +192,10 @@ def test_a_tiny_moe_model_trains_and_logs_routing(tmp_path, tiny_config):
         assert np.isfinite(last[f"moe/layer_1/{name}"])
     assert "moe/layer_0/load_0" not in last  # the first layer stays dense
     assert last["moe/layer_1/bias_drift"] > 0
+    # The checkpoint holds the expert biases; a resume with other experts is refused by name.
+    model = nnx.eval_shape(lambda: Transformer(config_lib.model_config(config), rngs=nnx.Rngs(0)))
+    restored = checkpoint.restore_params(tmp_path, nnx.state(model))
+    assert np.abs(restored["blocks"][1]["mlp"]["expert_bias"][...]).max() > 0
+    other = config_lib.with_overrides(config, {"model.moe.num_experts": 4, "steps": 8})
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="model.moe.num_experts: 8 -> 4"):
+        train.train_and_evaluate(other, str(tmp_path))
