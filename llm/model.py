@@ -1,7 +1,8 @@
 """A decoder-only Transformer in the Llama style, read top to bottom.
 
 token embedding -> num_layers x [RMSNorm -> grouped-query attention with RoPE -> residual,
-RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> output projection (tied or untied).
+RMSNorm -> SwiGLU MLP (or a mixture of experts, llm.moe) -> residual] -> RMSNorm -> output
+projection (tied or untied).
 
 Shape letters: B batch, L sequence, D embed, H query heads, K key/value heads, Dh head dim,
 F mlp hidden, V vocabulary. Every parameter carries logical axis names (`out_sharding`

@@ -216,7 +216,8 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
         tokens_per_step = config.batch_size * config.seq_len
         print(
             f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
-            f"non-embedding); {flops_per_token / 1e6:.1f} MFLOP per trained token; "
+            f"non-embedding, {counts['active'] / 1e6:.2f}M active per token); "
+            f"{flops_per_token / 1e6:.1f} MFLOP per trained token; "
             f"train step compiled in {compile_seconds:.1f} s; {jax.device_count()} "
             f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
             f"mesh {dict(mesh.shape)}\n{format_memory(partitioning.memory_report(state, train_step))}",

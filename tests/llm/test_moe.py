@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm import config as config_lib
 from llm import checkpoint, flops, moe, partitioning, train
+from llm import config as config_lib
 from llm.metrics import read_metrics
 from llm.model import ModelConfig, MoEConfig, Transformer
 
