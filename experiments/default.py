@@ -59,6 +59,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = placeholder(
         str
     )  # None = fastest for the backend; see kernels.attention
+    # Mixture of experts (llm.moe): MoE layers replace the dense MLP on a schedule.
+    c.model.moe = ml_collections.ConfigDict()
+    c.model.moe.num_experts = 0  # 0 = dense everywhere
+    c.model.moe.top_k = 2  # experts per token
+    c.model.moe.expert_mlp_dim = 768  # hidden width of each expert's SwiGLU
+    c.model.moe.every = 1  # MoE in every `every`-th layer from first_dense_layers on
+    c.model.moe.first_dense_layers = 0  # leading layers that stay dense
+    c.model.moe.router = "softmax_topk"  # softmax_topk (Mixtral) | sigmoid_topk (DeepSeek-V3)
+    c.model.moe.dispatch = "dropless"  # dropless (grouped matmul) | capacity (fixed buffers)
+    c.model.moe.capacity_factor = 1.25  # capacity dispatch: slots = ceil(cf * tokens * k / E)
+    c.model.moe.aux_loss_weight = 1e-2  # Switch load-balancing loss
+    c.model.moe.z_loss_weight = 1e-3  # router z-loss
+    c.model.moe.bias_update_rate = 0.0  # auxiliary-loss-free balancing step; 0 = off
+    c.model.moe.num_shared_experts = 0  # dense experts every token also uses
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3
@@ -74,12 +88,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data parallel: replicated parameters, split batch
     c.mesh.fsdp = 1  # fully sharded data parallel: parameters and optimizer state split on embed
-    c.mesh.expert = 1  # expert parallelism (not implemented yet: must be 1)
+    c.mesh.expert = 1  # expert parallel: MoE experts split, and the batch split like data
     c.mesh.sequence = 1  # context parallelism (not implemented yet: must be 1)
     c.mesh.tensor = 1  # tensor parallel (Megatron): heads, mlp and vocab split; innermost axis
     # Logical axis -> mesh axes; the only place that says where a tensor dimension lives.
     c.axis_rules = (
-        ("batch", ("data", "fsdp")),
+        ("batch", ("data", "fsdp", "expert")),
+        ("expert", "expert"),
         ("embed", "fsdp"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),

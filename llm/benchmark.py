@@ -1,10 +1,11 @@
 """Training-step throughput: ours (JAX) against Hugging Face Llama (torch), and the matmul ceiling.
 
     python -m llm.benchmark --configs=default,large --steps=10 --warmup=3 --out=/tmp/bench.json
+    python -m llm.benchmark --configs=dense_active,moe_8x2,moe_8x2_capacity,dense_total --torch=false
 
 For each config it times one full training step (forward, backward, clipped AdamW update), built
 exactly as `llm.train` builds it (`make_optimizer`, `make_train_step`, jit with the state
-donated), on a fixed random batch; then the same model as `transformers.LlamaForCausalLM` with
+donated), on a fixed random batch; then (dense configs) the same model as `transformers.LlamaForCausalLM` with
 `torch.optim.AdamW`, timed the same way. The run also measures the machine's matmul ceiling
 (FLOP/s of a large matmul in JAX) so the step can be read as a fraction of it. Every figure is
 the best of `--steps` timed steps (other processes share the machine); medians are kept in the
@@ -55,6 +56,16 @@ CONFIGS: dict[str, dict] = {
             "mlp_dim": 1536,
         },
     },
+    # Mixture of experts, 8 experts top-2, against dense models with its active parameters
+    # (mlp_dim = 2 experts; the router's D x E are the difference) and with its total ones.
+    "moe_8x2": {"model": {"moe": {"num_experts": 8, "top_k": 2, "expert_mlp_dim": 384}}},
+    "moe_8x2_capacity": {
+        "model": {
+            "moe": {"num_experts": 8, "top_k": 2, "expert_mlp_dim": 384, "dispatch": "capacity"}
+        }
+    },
+    "dense_active": {"model": {"mlp_dim": 2 * 384}},
+    "dense_total": {"model": {"mlp_dim": 8 * 384}},
 }
 MATMUL_SIZE = 2048
 
@@ -94,7 +105,9 @@ def experiment(name: str) -> ml_collections.ConfigDict:
     """experiments/default.py with the overrides of CONFIGS[name]."""
     config = default_experiment.get_config()
     overrides = dict(CONFIGS[name])
-    config.model.update(overrides.pop("model", {}))
+    model = dict(overrides.pop("model", {}))
+    config.model.moe.update(model.pop("moe", {}))
+    config.model.update(model)
     config.update(overrides)
     if on_gpu():
         config.model.dtype = "bfloat16"
@@ -120,8 +133,9 @@ def time_ours(config: ml_collections.ConfigDict, batch: dict, steps: int, warmup
     cfg = config_lib.model_config(config)
     tx, schedule = make_optimizer(config.optimizer, config.steps)
     model = Transformer(cfg, rngs=nnx.Rngs(config.seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    graphdef, model_state = nnx.split(model)
+    params, _ = nnx.split_state(model_state, nnx.Param, ...)  # MoE expert biases are not trained
+    state = {"step": jnp.zeros((), jnp.int32), "params": model_state, "opt_state": tx.init(params)}
     step_fn = make_train_step(
         graphdef, tx, schedule, grad_accum_steps=config.grad_accum_steps, z_loss=config.z_loss
     )
@@ -215,7 +229,8 @@ def benchmark(name: str, ceiling: float, steps: int, warmup: int, with_torch: bo
         "flops_per_token": flops_per_token,
         "ours": figures(time_ours(config, batch, steps, warmup)),
     }
-    if with_torch:
+    row["active_params"] = flops.param_counts(cfg)["active"]
+    if with_torch and not cfg.moe.num_experts:  # Llama has no experts
         row["torch"] = figures(time_torch(config, batch, steps, warmup))
         row["ours_over_torch"] = (
             row["ours"]["tokens_per_second"] / row["torch"]["tokens_per_second"]
@@ -226,11 +241,12 @@ def benchmark(name: str, ceiling: float, steps: int, warmup: int, with_torch: bo
 def print_table(rows: list[dict], ceiling: float) -> None:
     print(f"\nmatmul ceiling ({MATMUL_SIZE}^3 in JAX): {ceiling / 1e12:.3f} TFLOP/s")
     header = (
-        f"{'config':<8} {'params':>7} {'B x L':>8} {'impl':<6} {'ms/step':>8} {'tokens/s':>9} "
-        f"{'TFLOP/s':>8} {'ceiling':>8} {'ours/torch':>10}"
+        f"{'config':<16} {'params':>7} {'B x L':>8} {'impl':<6} {'ms/step':>8} {'tokens/s':>9} "
+        f"{'TFLOP/s':>8} {'ceiling':>8} {'ours/torch':>10} {'active':>7} {'tok/s vs 1st':>12}"
     )
     print(header)
     print("-" * len(header))
+    first = rows[0]["ours"]["tokens_per_second"]
     for row in rows:
         for impl in ("ours", "torch"):
             if impl not in row:
@@ -238,10 +254,11 @@ def print_table(rows: list[dict], ceiling: float) -> None:
             r = row[impl]
             ratio = f"{row['ours_over_torch']:.2f}x" if impl == "ours" and "torch" in row else ""
             print(
-                f"{row['config']:<8} {row['params'] / 1e6:>6.1f}M "
+                f"{row['config']:<16} {row['params'] / 1e6:>6.1f}M "
                 f"{row['batch_size']:>3}x{row['seq_len']:<4} {impl:<6} {r['ms_per_step']:>8.1f} "
                 f"{r['tokens_per_second']:>9,.0f} {r['flops_per_second'] / 1e12:>8.3f} "
-                f"{r['fraction_of_ceiling']:>8.2f} {ratio:>10}"
+                f"{r['fraction_of_ceiling']:>8.2f} {ratio:>10} {row['active_params'] / 1e6:>6.1f}M "
+                f"{r['tokens_per_second'] / first:>11.2f}x"
             )
 
 

@@ -39,11 +39,28 @@ SHAPE_FIELDS = (
     "scan_layers",
     "param_dtype",
 )
+# The same for model.moe, compared when either model has experts.
+MOE_SHAPE_FIELDS = (
+    "num_experts",
+    "expert_mlp_dim",
+    "every",
+    "first_dense_layers",
+    "num_shared_experts",
+)
+
+
+def _shape_fields(model: dict) -> dict:
+    fields = {k: model.get(k) for k in SHAPE_FIELDS}
+    moe = model.get("moe") or {}  # absent in configs saved before MoE: dense
+    if moe.get("num_experts"):
+        fields.update({f"moe.{k}": moe.get(k) for k in MOE_SHAPE_FIELDS})
+    return fields
 
 
 def check_same_model(saved: dict, current: dict) -> None:
     """Refuses to resume when a shape-determining model field differs, naming each."""
-    differing = [k for k in SHAPE_FIELDS if saved.get(k) != current.get(k)]
+    saved, current = _shape_fields(saved), _shape_fields(current)
+    differing = [k for k in {**saved, **current} if saved.get(k) != current.get(k)]
     if differing:
         changes = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
         raise CheckpointMismatchError(

@@ -10,7 +10,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from llm import partitioning
+from llm import moe, partitioning
 from llm.model import REMAT_POLICIES, ModelConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -140,12 +140,11 @@ def validate_mesh(config: ml_collections.ConfigDict) -> None:
         f"config.axis_rules names unknown mesh axes {sorted(named - set(partitioning.MESH_AXES))}; "
         f"the mesh axes are {partitioning.MESH_AXES}.",
     )
-    for axis, kind in (("sequence", "context"), ("expert", "expert")):
-        _check(
-            config.mesh.get(axis, 1) == 1,
-            f"config.mesh.{axis}={config.mesh[axis]}: {kind} parallelism is not implemented yet; "
-            f"set --config.mesh.{axis}=1.",
-        )
+    _check(
+        config.mesh.get("sequence", 1) == 1,
+        f"config.mesh.sequence={config.mesh.sequence}: context parallelism is not implemented yet; "
+        "set --config.mesh.sequence=1.",
+    )
 
 
 def validate_model(model: ml_collections.ConfigDict) -> None:
@@ -189,6 +188,48 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
         "(or unset, to pick the fastest for the backend).",
     )
     _check(model.rope_theta > 0, f"config.model.rope_theta must be > 0, got {model.rope_theta}.")
+    validate_moe(model)
+
+
+def validate_moe(model: ml_collections.ConfigDict) -> None:
+    """The mixture-of-experts fields (checked only when num_experts > 0)."""
+    if "moe" not in model:  # a config saved before MoE existed: dense
+        return
+    m = model.moe
+    _check(
+        isinstance(m.num_experts, int) and m.num_experts >= 0,
+        f"config.model.moe.num_experts must be >= 0 (0 = dense), got {m.num_experts!r}.",
+    )
+    if m.num_experts == 0:
+        return
+    _positive(model, "moe.top_k", "moe.expert_mlp_dim", "moe.every")
+    _check(
+        m.top_k <= m.num_experts,
+        f"config.model.moe.top_k={m.top_k} is more than config.model.moe.num_experts="
+        f"{m.num_experts}: each token picks top_k distinct experts; lower top_k.",
+    )
+    for field, allowed in (("router", moe.ROUTERS), ("dispatch", moe.DISPATCHES)):
+        _check(
+            m[field] in allowed,
+            f"config.model.moe.{field}={m[field]!r} is not one of {allowed}.",
+        )
+    _check(
+        m.capacity_factor > 0,
+        f"config.model.moe.capacity_factor must be > 0, got {m.capacity_factor}: "
+        "set e.g. --config.model.moe.capacity_factor=1.25 (or use dispatch=dropless).",
+    )
+    for field in ("first_dense_layers", "num_shared_experts"):
+        _check(
+            isinstance(m[field], int) and m[field] >= 0,
+            f"config.model.moe.{field} must be an integer >= 0, got {m[field]!r}.",
+        )
+    for field in ("aux_loss_weight", "z_loss_weight", "bias_update_rate"):
+        _check(m[field] >= 0, f"config.model.moe.{field} must be >= 0 (0 = off), got {m[field]}.")
+    _check(
+        not model.scan_layers,
+        "config.model.scan_layers=True is not supported with MoE layers "
+        "(config.model.moe.num_experts > 0): set --config.model.scan_layers=False.",
+    )
 
 
 def check_vocab(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> None:
@@ -210,6 +251,7 @@ SHARDED_SIZES = {
     "head_dim": "model.head_dim",
     "mlp": "model.mlp_dim",
     "vocab": "model.vocab_size",
+    "expert": "model.moe.num_experts",
 }
 
 
@@ -221,9 +263,11 @@ def check_sharding(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
     for name, field in SHARDED_SIZES.items():
         axes = partitioning.mesh_axes_of(name, rules)
         shards = math.prod(mesh.shape[a] for a in axes)
-        size = (
-            getattr(model, field[len("model.") :]) if field.startswith("model.") else config[field]
-        )
+        size = config
+        for part in field.split("."):
+            size = size[part]
+        if field == "model.head_dim":  # None in the file: the model derives it
+            size = model.head_dim
         over = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
         _check(
             size % shards == 0,

@@ -27,21 +27,39 @@ PEAK_FLOPS = {
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts: total, embedding (input table), and matmul (everything multiplied per token)."""
-    d, dh = cfg.embed_dim, cfg.head_dim
+    """Parameter counts: total, embedding (input table), active (those a token uses: of an MoE
+    layer the router, top_k routed and the shared experts) and matmul (the active ones multiplied
+    per token). MFU and scaling fits use matmul."""
+    d, dh, m = cfg.embed_dim, cfg.head_dim, cfg.moe
     attn = d * dh * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
     mlp = 3 * d * cfg.mlp_dim
     norms = 2 * d
-    per_layer = attn + mlp + norms
+    expert = 3 * d * m.expert_mlp_dim
+    moe_layers = sum(m.is_moe_layer(i) for i in range(cfg.num_layers))
+    router_and_shared = d * m.num_experts + m.num_shared_experts * expert
+    moe_mlp = router_and_shared + m.num_experts * expert
+    moe_active = router_and_shared + m.top_k * expert
+    dense_layers = cfg.num_layers - moe_layers
     embedding = cfg.vocab_size * d
     unembed = 0 if cfg.tie_embeddings else d * cfg.vocab_size
-    total = embedding + cfg.num_layers * per_layer + d + unembed
+    total = (
+        embedding
+        + cfg.num_layers * (attn + norms)
+        + dense_layers * mlp
+        + moe_layers * moe_mlp
+        + d
+        + unembed
+    )
+    active = total - moe_layers * (moe_mlp - moe_active)
     # Norm scales are not matmuls; the output projection is, tied or not.
-    matmul = cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
+    matmul = (
+        cfg.num_layers * attn + dense_layers * mlp + moe_layers * moe_active + d * cfg.vocab_size
+    )
     return {
         "total": total,
         "embedding": embedding,
         "non_embedding": total - embedding,
+        "active": active,
         "matmul": matmul,
     }
 

@@ -1,7 +1,8 @@
 """A decoder-only Transformer in the Llama style, read top to bottom.
 
 token embedding -> num_layers x [RMSNorm -> grouped-query attention with RoPE -> residual,
-RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> output projection (tied or untied).
+RMSNorm -> SwiGLU MLP (or a mixture of experts, llm.moe) -> residual] -> RMSNorm -> output
+projection (tied or untied).
 
 Shape letters: B batch, L sequence, D embed, H query heads, K key/value heads, Dh head dim,
 F mlp hidden, V vocabulary. Every parameter carries logical axis names (`out_sharding`
@@ -32,6 +33,30 @@ REMAT_POLICIES = {
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts feed-forward layers (llm.moe); num_experts=0 keeps every layer dense."""
+
+    num_experts: int = 0
+    top_k: int = 2  # experts per token
+    expert_mlp_dim: int = 768  # F of each expert's SwiGLU
+    every: int = (
+        1  # MoE in layers i >= first_dense_layers with (i - first_dense_layers) % every == 0
+    )
+    first_dense_layers: int = 0
+    router: str = "softmax_topk"  # a key of llm.moe.ROUTERS
+    dispatch: str = "dropless"  # "dropless" (grouped matmul) or "capacity" (fixed buffers)
+    capacity_factor: float = 1.25  # capacity dispatch: slots per expert = ceil(cf * tokens * k / E)
+    aux_loss_weight: float = 1e-2  # Switch load-balancing loss
+    z_loss_weight: float = 1e-3  # router z-loss
+    bias_update_rate: float = 0.0  # auxiliary-loss-free balancing step size; 0 = off
+    num_shared_experts: int = 0  # dense SwiGLU experts every token uses
+
+    def is_moe_layer(self, layer: int) -> bool:
+        start = self.first_dense_layers
+        return self.num_experts > 0 and layer >= start and (layer - start) % self.every == 0
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 4096
     num_layers: int = 4
@@ -49,8 +74,11 @@ class ModelConfig:
     scan_layers: bool = False
     remat: str = "none"  # a key of REMAT_POLICIES
     attention_impl: str | None = None  # None = kernels.attention picks for the backend
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
     def __post_init__(self):
+        if isinstance(self.moe, dict):  # from a config file's nested ConfigDict
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
 
@@ -179,20 +207,31 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    With `moe` the MLP is a mixture of experts (llm.moe) and the block also returns its auxiliary
+    values (losses and routing statistics); a dense block returns {}.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
         kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
         self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.is_moe = moe
+        if moe:
+            from llm.moe import MoE  # llm.moe builds on this module's MLP
+
+            self.mlp = MoE(cfg, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids, cache):
         h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
         x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
-        return shard(x, ("batch", "seq", "embed")), cache
+        h, aux = self.mlp(self.mlp_norm(x)) if self.is_moe else (self.mlp(self.mlp_norm(x)), {})
+        x = x + h
+        return shard(x, ("batch", "seq", "embed")), cache, aux
 
 
 class Transformer(nnx.Module):
@@ -217,7 +256,9 @@ class Transformer(nnx.Module):
 
             self.blocks = stacked_blocks(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List(
+                [Block(cfg, rngs=rngs, moe=cfg.moe.is_moe_layer(i)) for i in range(cfg.num_layers)]
+            )
         self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         if not cfg.tie_embeddings:
             self.unembed = _param(
@@ -234,11 +275,14 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: dict[str, Any] | None = None,
+        *,
+        return_aux: bool = False,
     ):
         """Returns logits, or (logits, cache) when decoding with a KV cache (see `init_cache`).
 
         positions: [B, L] position of each token in its document (default 0..L-1, or the cache
         index onward when decoding); segment_ids: [B, L] document ids of packed sequences.
+        return_aux: also return the MoE layers' auxiliary values {layer: {name: value}} (training).
         """
         cfg = self.cfg
         if positions is None:
@@ -246,11 +290,13 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed[...].astype(cfg.dtype)[tokens]  # [B, L, D]
         x = shard(x, ("batch", "seq", "embed"))
-        x, cache = self._run_blocks(x, positions, segment_ids, cache)
+        x, cache, aux = self._run_blocks(x, positions, segment_ids, cache)
         x = self.final_norm(x)
         unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]  # [D, V]
         logits = dense(x, unembed.astype(cfg.dtype)).astype(jnp.float32)  # [B, L, V]
         logits = shard(logits, ("batch", "seq", "vocab"))
+        if return_aux:
+            return logits, aux
         return logits if cache is None else (logits, cache)
 
     def _run_blocks(self, x, positions, segment_ids, cache):
@@ -271,26 +317,33 @@ class Transformer(nnx.Module):
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
 
-            def body(x, layer):
+            def body(x, layer):  # dense blocks only (config validation)
                 layer_state, k, v = layer
-                x, new = block_fn(graphdef, layer_state, x, layer_cache(k, v))
+                x, new, _ = block_fn(graphdef, layer_state, x, layer_cache(k, v))
                 return x, (None, None) if new is None else (new["k"], new["v"])
 
             kv = (None, None) if cache is None else (cache["k"], cache["v"])
             x, (new_k, new_v) = jax.lax.scan(body, x, (state, *kv))
+            aux = {}
         else:
-            new_k, new_v = [], []
+            new_k, new_v, aux = [], [], {}
             for i, block in enumerate(self.blocks):
                 graphdef, state = nnx.split(block)
                 kv = (None, None) if cache is None else (cache["k"][i], cache["v"][i])
-                x, new = block_fn(graphdef, state, x, layer_cache(*kv))
+                x, new, aux[i] = block_fn(graphdef, state, x, layer_cache(*kv))
                 if new is not None:
                     new_k.append(new["k"])
                     new_v.append(new["v"])
             new_k, new_v = (jnp.stack(new_k), jnp.stack(new_v)) if new_k else (None, None)
+        aux = {i: values for i, values in aux.items() if values}
         if cache is None:
-            return x, None
-        return x, {"k": new_k, "v": new_v, "index": cache["index"] + x.shape[1]}
+            return x, None, aux
+        return x, {"k": new_k, "v": new_v, "index": cache["index"] + x.shape[1]}, aux
+
+    def update_expert_biases(self, loads: dict[int, jax.Array]) -> None:
+        """One auxiliary-loss-free balancing step (llm.moe) of each MoE layer, from its load [E]."""
+        for i, load in loads.items():
+            self.blocks[i].mlp.update_bias(load)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict[str, jax.Array]:

@@ -21,8 +21,8 @@ MeshAxes = str | tuple[str, ...] | None
 AxisRules = Sequence[tuple[str, MeshAxes]]
 # Outermost to innermost: jax.make_mesh lays the last axes on the fastest links, so tensor
 # parallelism (a collective in every layer) gets neighbouring devices and data parallelism (one
-# gradient reduction per step) spans hosts. "sequence" and "expert" are size 1 until context and
-# expert parallelism are implemented.
+# gradient reduction per step) spans hosts. "sequence" is size 1 until context parallelism is
+# implemented; "expert" holds MoE experts (llm.moe) and splits the batch like data parallelism.
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 
@@ -66,6 +66,33 @@ def shard(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if rules is None or jax.sharding.get_abstract_mesh().empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+
+
+def current_mesh_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes logical axis `name` maps to under the active rules and mesh (() without)."""
+    rules = _RULES.get()
+    if rules is None or jax.sharding.get_abstract_mesh().empty:
+        return ()
+    return mesh_axes_of(name, rules)
+
+
+def logical_shard_map(fn, in_names: Any, out_names: Any):
+    """`fn` run per device by `jax.shard_map` over the active mesh, its arguments and results split
+    as their logical names say (one tuple of names per array, in pytrees matching `fn`'s arguments
+    and results); `fn` itself without a mesh or rules. Inside, collectives name the mesh axes of
+    `current_mesh_axes`."""
+    rules = _RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return fn
+
+    def is_names(n) -> bool:
+        return isinstance(n, tuple) and all(a is None or isinstance(a, str) for a in n)
+
+    def specs(names):
+        return jax.tree.map(lambda n: logical_to_spec(n, rules), names, is_leaf=is_names)
+
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs(in_names), out_specs=specs(out_names))
 
 
 def mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:

@@ -168,7 +168,7 @@ def load_run(workdir: str) -> tuple[Transformer, ml_collections.ConfigDict]:
     config_lib.validate_model(config.model)
     cfg = config_lib.model_config(config)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    nnx.update(model, checkpoint.restore_params(workdir, nnx.state(model, nnx.Param)))
+    nnx.update(model, checkpoint.restore_params(workdir, nnx.state(model)))  # + MoE biases
     return model, config
 
 

@@ -138,10 +138,13 @@ def setup_state(
 
     def init_state():
         nonlocal graphdef  # static structure, recorded while tracing
-        graphdef, params, _ = nnx.split(
-            Transformer(cfg, rngs=nnx.Rngs(config.seed)), nnx.Param, ...
-        )
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        graphdef, model_state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(config.seed)))
+        params, _ = nnx.split_state(model_state, nnx.Param, ...)  # what the optimizer trains
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": model_state,
+            "opt_state": tx.init(params),
+        }
 
     abstract = jax.eval_shape(init_state)
     shardings = partitioning.state_shardings(abstract, mesh, rules)
@@ -213,7 +216,8 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
         tokens_per_step = config.batch_size * config.seq_len
         print(
             f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
-            f"non-embedding); {flops_per_token / 1e6:.1f} MFLOP per trained token; "
+            f"non-embedding, {counts['active'] / 1e6:.2f}M active per token); "
+            f"{flops_per_token / 1e6:.1f} MFLOP per trained token; "
             f"train step compiled in {compile_seconds:.1f} s; {jax.device_count()} "
             f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
             f"mesh {dict(mesh.shape)}\n{format_memory(partitioning.memory_report(state, train_step))}",

@@ -10,7 +10,12 @@ import ml_collections
 import optax
 from flax import nnx
 
-TrainState = dict[str, Any]  # {"step": int32[], "params": nnx.State, "opt_state": optax state}
+from llm import moe
+
+# {"step": int32[], "params": nnx.State, "opt_state": optax state}. "params" is the whole model
+# state: the trained nnx.Param plus untrained state (MoE expert biases); the optimizer sees the
+# nnx.Param part only.
+TrainState = dict[str, Any]
 # inputs, targets, segment_ids, positions: int32[B, L]; weights: f32[B, L]
 Batch = dict[str, jax.Array]
 
@@ -69,20 +74,28 @@ def make_train_step(
     grad_accum_steps: int,
     z_loss: float,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """One optimizer step over a batch split into `grad_accum_steps` micro-batches."""
+    """One optimizer step over a batch split into `grad_accum_steps` micro-batches.
 
-    def loss_fn(params, batch: Batch):
-        model = nnx.merge(graphdef, params)
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    MoE models add their weighted auxiliary losses to the loss, report their routing statistics
+    (llm.moe.aux_metrics) and take one loss-free balancing step of their expert biases.
+    """
+
+    def loss_fn(params, rest, batch: Batch):
+        model = nnx.merge(graphdef, params, rest)
+        logits, moe_aux = model(
+            batch["inputs"], batch["positions"], batch["segment_ids"], return_aux=True
+        )
         loss_sum, ce_sum = cross_entropy(logits, batch["targets"], batch["weights"], z_loss)
-        return loss_sum, ce_sum
+        if moe_aux:  # per-token losses, weighted like the summed cross-entropy
+            loss_sum += jnp.sum(batch["weights"]) * moe.weighted_aux_loss(moe_aux, model.cfg.moe)
+        return loss_sum, (ce_sum, moe_aux)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        params = state["params"]
+        params, rest = nnx.split_state(state["params"], nnx.Param, ...)
         if grad_accum_steps == 1:
-            (_, ce_sum), grads = grad_fn(params, batch)
+            (_, (ce_sum, moe_aux)), grads = grad_fn(params, rest, batch)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
@@ -91,23 +104,30 @@ def make_train_step(
 
             def accumulate(carry, micro_batch):
                 grads, ce_sum = carry
-                (_, ce), g = grad_fn(params, micro_batch)
-                return (jax.tree.map(jnp.add, grads, g), ce_sum + ce), None
+                (_, (ce, aux)), g = grad_fn(params, rest, micro_batch)
+                return (jax.tree.map(jnp.add, grads, g), ce_sum + ce), aux
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, ce_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), micro)
+            (grads, ce_sum), moe_aux = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), micro)
+            moe_aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe_aux)
         num_tokens = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
         grads = jax.tree.map(lambda g: g / num_tokens, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        if moe_aux:  # auxiliary-loss-free balancing, from this batch's expert loads
+            model = nnx.merge(graphdef, params, rest)
+            model.update_expert_biases({i: layer["load"] for i, layer in moe_aux.items()})
+            rest = nnx.state(model, nnx.Not(nnx.Param))
         new_state = {
             "step": state["step"] + 1,
-            "params": optax.apply_updates(params, updates),
+            "params": nnx.merge_state(params, rest),
             "opt_state": opt_state,
         }
         metrics = {
             "loss": ce_sum / num_tokens,
             "grad_norm": optax.global_norm(grads),
             "learning_rate": schedule(state["step"]),
+            **moe.aux_metrics(moe_aux),
         }
         return new_state, metrics
 

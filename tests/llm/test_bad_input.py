@@ -33,6 +33,36 @@ from llm import config as config_lib, train
         ),
         ({"data.dataset": "no_such_corpus"}, pipeline.DataError, "no tfds dataset named"),
         ({"seq_len": 2000, "model.max_seq_len": 4096}, pipeline.DataError, "fewer than one batch"),
+        (
+            {"model.moe.num_experts": 4, "model.moe.top_k": 5},
+            config_lib.ConfigError,
+            "config.model.moe.top_k=5 is more than config.model.moe.num_experts=4",
+        ),
+        (
+            {"model.moe.num_experts": 6, "mesh.data": 2, "mesh.expert": 4},
+            config_lib.ConfigError,
+            "config.model.moe.num_experts=6 does not split over mesh.expert=4",
+        ),
+        (
+            {"model.moe.num_experts": 4, "model.moe.capacity_factor": 0.0},
+            config_lib.ConfigError,
+            "config.model.moe.capacity_factor must be > 0",
+        ),
+        (
+            {"model.moe.num_experts": 4, "model.moe.router": "topk"},
+            config_lib.ConfigError,
+            "config.model.moe.router='topk' is not one of",
+        ),
+        (
+            {"model.moe.num_experts": 4, "model.moe.dispatch": "dropful"},
+            config_lib.ConfigError,
+            "config.model.moe.dispatch='dropful' is not one of",
+        ),
+        (
+            {"model.moe.num_experts": 4, "model.scan_layers": True},
+            config_lib.ConfigError,
+            "scan_layers=True is not supported with MoE",
+        ),
     ],
 )
 def test_config_and_data_mistakes(tmp_path, tiny_config, fields, error, message):

@@ -23,6 +23,7 @@ LAYOUTS = [
     {"data": 4, "tensor": 2},
     {"fsdp": 4, "tensor": 2},
     {"data": 2, "fsdp": 2, "tensor": 2},
+    {"data": 2, "expert": 4},  # a dense model: the expert axis splits the batch
 ]
 # The default table, restated: which mesh axis each logical parameter axis lives on.
 EXPECTED_AXIS = {
@@ -180,9 +181,9 @@ def test_layout_matches_one_device_and_the_rules_table(tiny_config, sizes):
             "context parallelism is not implemented yet",
         ),
         (
-            {"mesh.data": 4, "mesh.expert": 2},
+            {"mesh.data": 2, "mesh.expert": 4, "model.moe.num_experts": 6},
             config_lib.ConfigError,
-            "expert parallelism is not implemented yet",
+            "config.model.moe.num_experts=6 does not split over mesh.expert=4",
         ),
         (
             {"mesh.tensor": 0},

@@ -88,6 +88,7 @@ def test_flops_match_hand_count():
         "total": 80 + 192 + 384 + 16 + 8,  # tied embedding + layer + final norm
         "embedding": 80,
         "non_embedding": 192 + 384 + 16 + 8,
+        "active": 80 + 192 + 384 + 16 + 8,  # a dense model uses every parameter per token
         "matmul": 192 + 384 + 80,  # the tied output projection is a matmul
     }
     # 6 N_matmul + 12 L H Dh T at T = 5.
