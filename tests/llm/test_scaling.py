@@ -90,8 +90,8 @@ def test_flops_match_hand_count():
         "non_embedding": 192 + 384 + 16 + 8,
         "matmul": 192 + 384 + 80,  # the tied output projection is a matmul
     }
-    # 6 N_matmul + 12 L H Dh T at T = 5.
-    assert flops.train_flops_per_token(cfg, 5) == 6 * 656 + 12 * 1 * 2 * 4 * 5
+    # 6 N_matmul + 12 L H Dh (attended pairs / T): causal T = 5 attends 5·6/2 = 15 pairs.
+    assert flops.train_flops_per_token(cfg, 5) == 6 * 656 + 12 * 1 * 2 * 4 * 15 / 5
 
 
 def test_cli_writes_json_and_plots(tmp_path, capsys):
