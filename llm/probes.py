@@ -117,14 +117,14 @@ def passkey_accuracy(
     num_candidates: int,
     batch_size: int = 8,
 ) -> float:
-    """Fraction of trials whose true key (first of each group of candidates) scores highest."""
+    """Fraction of trials whose true key (first of each group of candidates) scores strictly highest."""
     scores = []
     for i in range(0, len(tokens), batch_size):
         chunk, mask = tokens[i : i + batch_size], answer_mask[i : i + batch_size]
         losses = np.asarray(token_losses(model, chunk[:, :-1], chunk[:, 1:]))  # [b, L]
         scores.append(-(losses * mask[:, 1:]).sum(axis=1))  # log-likelihood of the answer
     scores = np.concatenate(scores).reshape(-1, num_candidates)
-    return float(np.mean(np.argmax(scores, axis=1) == 0))
+    return float(np.mean(scores[:, 0] > scores[:, 1:].max(axis=1)))  # a tie is a miss
 
 
 def passkey_retrieval(
