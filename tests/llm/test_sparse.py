@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from data import tokenizer as tokenizer_lib
-from llm import flops, probes, sparse
+from llm import flops, hf, probes, sparse
 from llm.model import ModelConfig, Transformer, init_cache
 
 CFG = ModelConfig(
@@ -115,6 +115,11 @@ def test_scanned_layers_need_a_uniform_schedule():
     assert sparse.layer_mask(with_pattern("sliding*2"), None) == sparse.PATTERNS["sliding"].mask(
         CFG
     )
+
+
+def test_hf_export_refuses_sparse_patterns(tmp_path):
+    with pytest.raises(ValueError, match="only dense models"):
+        hf.save(Transformer(with_pattern("sliding,dense"), rngs=nnx.Rngs(0)), str(tmp_path))
 
 
 def loss_and_grads(cfg: ModelConfig, x: jax.Array):
