@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_model import stacked_copy  # pytest puts tests/llm on sys.path
 
 from data import tokenizer as tokenizer_lib
 from llm import flops, hf, probes, sparse
@@ -115,6 +116,15 @@ def test_scanned_layers_need_a_uniform_schedule():
     assert sparse.layer_mask(with_pattern("sliding*2"), None) == sparse.PATTERNS["sliding"].mask(
         CFG
     )
+
+
+def test_scanned_layers_follow_a_uniform_sliding_schedule():
+    cfg = with_pattern("sliding", attention_window=4)
+    loop = Transformer(cfg, rngs=nnx.Rngs(0))
+    scan = stacked_copy(loop, dataclasses.replace(cfg, scan_layers=True))
+    x = tokens((2, 12))
+    np.testing.assert_allclose(scan(x), loop(x), atol=1e-5)
+    assert not np.allclose(scan(x), Transformer(CFG, rngs=nnx.Rngs(0))(x), atol=1e-4)
 
 
 def test_hf_export_refuses_sparse_patterns(tmp_path):
