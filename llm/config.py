@@ -205,8 +205,8 @@ def validate_attention_pattern(model: ml_collections.ConfigDict) -> None:
         ) from None
     _check(
         model.num_layers % len(schedule) == 0,
-        f"config.model.attention_pattern={spec!r} has {len(schedule)} layers, which does not divide "
-        f"config.model.num_layers={model.num_layers}: the schedule repeats over the layers; give "
+        f"config.model.attention_pattern={spec!r} has {len(schedule)} entries, which does not "
+        f"divide config.model.num_layers={model.num_layers}: the schedule repeats over the layers; give "
         f"it a length dividing {model.num_layers} (or set num_layers to a multiple of "
         f"{len(schedule)}).",
     )
@@ -216,8 +216,13 @@ def validate_attention_pattern(model: ml_collections.ConfigDict) -> None:
         f"config.model.attention_pattern={spec!r} mixes {sorted(set(schedule))}: set "
         "--config.model.scan_layers=False or use a single pattern.",
     )
-    fields = sorted({f for name in schedule for f in sparse.PATTERNS[name].fields})
-    _positive(model, *fields)
+    for field in sorted({f for name in schedule for f in sparse.PATTERNS[name].fields}):
+        minimum = 0 if field == "attention_global" else 1
+        _check(
+            isinstance(model[field], int) and model[field] >= minimum,
+            f"config.model.{field} must be an integer >= {minimum}, got {model[field]!r}: set "
+            f"--config.model.{field}=N.",
+        )
     if "dilated" in schedule:
         _check(
             model.attention_stride < model.attention_window,

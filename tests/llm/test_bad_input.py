@@ -41,7 +41,7 @@ from llm import config as config_lib, train
         (
             {"model.attention_pattern": "sliding*2,dense"},
             config_lib.ConfigError,
-            "has 3 layers, which does not divide config.model.num_layers=2",
+            "has 3 entries, which does not divide config.model.num_layers=2",
         ),
         (
             {"model.attention_pattern": "sliding", "model.attention_window": 64},
