@@ -21,9 +21,11 @@ length must divide num_layers. Examples for 12 layers:
   "sliding*5,dense"    Gemma 2/3's 5 local : 1 global (layers 5 and 11 dense)
   "sliding,dense"      alternating, layer 0 sliding
 
-A pattern is one row of PATTERNS: its mask (handed to the kernels, which skip empty blocks) and
-the exact number of keys each query position sees (for llm.flops). Learned patterns
-(llm/native_sparse.py) join as further rows.
+A pattern is one row of PATTERNS: its mask (handed to the kernels, which skip empty blocks; the
+KV-cache decode applies the same mask's predicate), the exact number of keys each query position
+sees (for llm.flops), and the config fields it reads (for llm.config validation). Adding a pattern
+is adding a row; a learned one ("nsa", llm/native_sparse.py) adds its row here and its layer is
+picked by name from `layer_patterns`.
 """
 
 from __future__ import annotations
