@@ -73,6 +73,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.moe.z_loss_weight = 1e-3  # router z-loss
     c.model.moe.bias_update_rate = 0.0  # auxiliary-loss-free balancing step; 0 = off
     c.model.moe.num_shared_experts = 0  # dense experts every token also uses
+    # Attention schedule over layers (llm/sparse.py): pattern names, "*N" repeats, repeated to
+    # num_layers, e.g. "dense", "sliding", "sliding*5,dense" (5 local : 1 global).
+    c.model.attention_pattern = "dense"
+    c.model.attention_window = 128  # W: keys a "sliding"/"local_global"/"dilated" query spans
+    c.model.attention_global = 16  # G: leading tokens every "local_global" query sees
+    c.model.attention_stride = 8  # S: "strided" and "dilated" step between keys
+    c.model.attention_chunk = 128  # C: "chunked" attends causally within chunks of C tokens
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3

@@ -10,7 +10,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from llm import moe, partitioning
+from llm import moe, partitioning, sparse
 from llm.model import REMAT_POLICIES, ModelConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -99,6 +99,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.seq_len={config.seq_len} is longer than the model accepts "
         f"(config.model.max_seq_len={config.model.max_seq_len}): lower seq_len or raise max_seq_len.",
     )
+    validate_attention_fits(config.model, config.seq_len)
     opt = config.optimizer
     _check(
         opt.learning_rate > 0,
@@ -189,6 +190,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     )
     _check(model.rope_theta > 0, f"config.model.rope_theta must be > 0, got {model.rope_theta}.")
     validate_moe(model)
+    validate_attention_pattern(model)
 
 
 def validate_moe(model: ml_collections.ConfigDict) -> None:
@@ -230,6 +232,59 @@ def validate_moe(model: ml_collections.ConfigDict) -> None:
         "config.model.scan_layers=True is not supported with MoE layers "
         "(config.model.moe.num_experts > 0): set --config.model.scan_layers=False.",
     )
+
+
+def validate_attention_pattern(model: ml_collections.ConfigDict) -> None:
+    """The schedule parses, repeats evenly over the layers, and its patterns' sizes are positive."""
+    spec = model.attention_pattern
+    try:
+        schedule = sparse.parse_schedule(spec)
+    except ValueError as e:
+        raise ConfigError(
+            f"config.model.attention_pattern={spec!r}: {e}. Write pattern names separated by "
+            'commas, each optionally repeated with "*N", e.g. "sliding*5,dense".'
+        ) from None
+    _check(
+        model.num_layers % len(schedule) == 0,
+        f"config.model.attention_pattern={spec!r} has {len(schedule)} entries, which does not "
+        f"divide config.model.num_layers={model.num_layers}: the schedule repeats over the layers; give "
+        f"it a length dividing {model.num_layers} (or set num_layers to a multiple of "
+        f"{len(schedule)}).",
+    )
+    _check(
+        not model.scan_layers or len(set(schedule)) == 1,
+        f"config.model.scan_layers=True compiles one block for every layer, but "
+        f"config.model.attention_pattern={spec!r} mixes {sorted(set(schedule))}: set "
+        "--config.model.scan_layers=False or use a single pattern.",
+    )
+    for field in sorted({f for name in schedule for f in sparse.PATTERNS[name].fields}):
+        minimum = 0 if field == "attention_global" else 1
+        _check(
+            isinstance(model[field], int) and model[field] >= minimum,
+            f"config.model.{field} must be an integer >= {minimum}, got {model[field]!r}: set "
+            f"--config.model.{field}=N.",
+        )
+    if "dilated" in schedule:
+        _check(
+            model.attention_stride < model.attention_window,
+            f"config.model.attention_stride={model.attention_stride} must be smaller than "
+            f'config.model.attention_window={model.attention_window} for "dilated" (else a '
+            "query sees only itself): lower the stride or widen the window.",
+        )
+
+
+def validate_attention_fits(model: ml_collections.ConfigDict, seq_len: int) -> None:
+    """A pattern's window, chunk, stride or global tokens fit in the trained sequence."""
+    schedule = sparse.parse_schedule(model.attention_pattern)
+    for field in sorted({f for name in schedule for f in sparse.PATTERNS[name].fields}):
+        size = model[field]
+        limit = seq_len - 1 if field == "attention_global" else seq_len
+        _check(
+            size <= limit,
+            f"config.model.{field}={size} does not fit in config.seq_len={seq_len} (the attention "
+            f"pattern {model.attention_pattern!r} would be dense or degenerate): set "
+            f"--config.model.{field} to at most {limit}, or use attention_pattern=dense.",
+        )
 
 
 def check_vocab(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> None:

@@ -1,14 +1,22 @@
 """FLOP and parameter accounting, shared by MFU, benchmarks and scaling fits.
 
 Training FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B): 6·N for the matmul
-parameters N (forward 2·N, backward 4·N) plus 12·L·H·Dh·T for attention scores and values over a
-context of T tokens (the full square, as PaLM counts it, also for causal models).
+parameters N (forward 2·N, backward 4·N) plus attention scores and values: 12·H·Dh per attended
+(query, key) pair (q·k and p·v are 2·Dh each per head forward, backward twice forward).
+
+Attention counts the pairs each layer's pattern really allows (llm.sparse), exactly: a causal
+dense layer over T tokens attends T(T+1)/2 pairs, i.e. 12·H·Dh·(T+1)/2 per token, half of PaLM's
+12·H·Dh·T (PaLM counts the full square even for causal models). Counting only allowed pairs, as
+FlashAttention and MaxText do, keeps dense and sparse layers comparable: a sliding window of
+W >= T costs exactly what dense does. Kernels also compute masked entries of partial blocks;
+those are not useful FLOPs and are not counted.
 """
 
 from __future__ import annotations
 
 import jax
 
+from llm import sparse
 from llm.model import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
@@ -64,9 +72,16 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
+def attention_flops_per_sequence(cfg: ModelConfig, seq_len: int) -> tuple[int, ...]:
+    """Per layer, forward + backward attention FLOPs of one sequence of seq_len tokens."""
+    return tuple(
+        12 * cfg.num_heads * cfg.head_dim * pairs for pairs in sparse.visible_pairs(cfg, seq_len)
+    )
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward + backward FLOPs per trained token (PaLM appendix B)."""
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    """Forward + backward FLOPs per trained token: 6·N plus each layer's attended pairs."""
+    attention = sum(attention_flops_per_sequence(cfg, seq_len)) / seq_len
     return 6 * param_counts(cfg)["matmul"] + attention
 
 

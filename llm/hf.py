@@ -20,6 +20,7 @@ from flax import nnx, traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from llm import sparse
 from llm.model import ModelConfig, Transformer
 
 # Our parameter path -> (HF tensor name, number of leading "in" axes of our array; 0 = copied as is).
@@ -184,6 +185,11 @@ def load(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> Tra
 def save(model: Transformer, path: str) -> None:
     """Writes `model` as a HF LlamaForCausalLM directory: config.json + model.safetensors."""
     cfg, path = model.cfg, pathlib.Path(path)
+    if set(sparse.layer_patterns(cfg)) != {"dense"}:
+        raise ValueError(
+            f"attention_pattern={cfg.attention_pattern!r}: a HF Llama attends densely, so this "
+            "model would load as a different one; only dense models can be saved."
+        )
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     tensors = {}
     for key, x in flat.items():

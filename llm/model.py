@@ -21,7 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
+from kernels.attention.masks import Mask
 from kernels.attention.reference import attention_reference
+from llm import sparse
 from llm.partitioning import shard
 
 REMAT_POLICIES = {
@@ -75,6 +77,11 @@ class ModelConfig:
     remat: str = "none"  # a key of REMAT_POLICIES
     attention_impl: str | None = None  # None = kernels.attention picks for the backend
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    attention_pattern: str = "dense"  # per-layer schedule of llm.sparse patterns
+    attention_window: int = 128  # W of "sliding", "local_global", "dilated"
+    attention_global: int = 16  # G global tokens of "local_global"
+    attention_stride: int = 8  # S of "strided", "dilated"
+    attention_chunk: int = 128  # C of "chunked"
 
     def __post_init__(self):
         if isinstance(self.moe, dict):  # from a config file's nested ConfigDict
@@ -122,20 +129,27 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def cached_attention(q, k, v, q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
-    """Attention over a KV cache: query at position p sees cached keys at positions <= p.
+def cached_attention(
+    q, k, v, q_positions: jax.Array, kv_positions: jax.Array, mask: Mask
+) -> jax.Array:
+    """Attention over a KV cache: query at position p sees the cached keys the mask allows.
 
     q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; q_positions: [T]; kv_positions: [S].
     """
-    mask = kv_positions[None, :] <= q_positions[:, None]  # [T, S]
-    return attention_reference(q, k, v, mask=mask)
+    visible = mask.predicate(q_positions[:, None], kv_positions[None, :])  # [T, S]
+    return attention_reference(q, k, v, mask=visible)
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention: H query heads share K key/value heads (H % K == 0)."""
+    """Grouped-query attention: H query heads share K key/value heads (H % K == 0).
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    `layer` picks this layer's mask from the attention schedule (llm.sparse); None for scanned
+    layers, which share one pattern.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int | None, *, rngs: nnx.Rngs):
         self.cfg = cfg
+        self.mask = sparse.layer_mask(cfg, layer)
         d, h, kv, dh, pdt = (
             cfg.embed_dim,
             cfg.num_heads,
@@ -163,7 +177,7 @@ class Attention(nnx.Module):
         v = shard(v, ("batch", "seq", "kv_heads", "head_dim"))
         if cache is None:  # training / full forward: the fused attention boundary
             out = kernels.attention(
-                q, k, v, causal=True, segment_ids=segment_ids, implementation=cfg.attention_impl
+                q, k, v, mask=self.mask, segment_ids=segment_ids, implementation=cfg.attention_impl
             )
         else:  # decoding: write k, v at cache["index"], attend over the whole cache
             index = cache["index"]
@@ -174,7 +188,8 @@ class Attention(nnx.Module):
                 cache["v"], v.astype(cache["v"].dtype), index, axis=1
             )
             q_positions = index + jnp.arange(q.shape[1])
-            out = cached_attention(q, k_all, v_all, q_positions, jnp.arange(k_all.shape[1]))
+            kv_positions = jnp.arange(k_all.shape[1])
+            out = cached_attention(q, k_all, v_all, q_positions, kv_positions, self.mask)
             cache = {"k": k_all, "v": v_all, "index": index}
         out = dense(out, self.wo[...].astype(dt), in_dims=2)  # [B, L, D]
         return out, cache
@@ -210,13 +225,16 @@ class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
 
     With `moe` the MLP is a mixture of experts (llm.moe) and the block also returns its auxiliary
-    values (losses and routing statistics); a dense block returns {}.
+    values (losses and routing statistics); a dense block returns {}. `layer` picks the block's
+    attention pattern (llm.sparse); None = the schedule's single pattern (scanned layers).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
+    def __init__(
+        self, cfg: ModelConfig, layer: int | None = None, *, rngs: nnx.Rngs, moe: bool = False
+    ):
         kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
         self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
         self.is_moe = moe
         if moe:
@@ -257,7 +275,10 @@ class Transformer(nnx.Module):
             self.blocks = stacked_blocks(rngs)
         else:
             self.blocks = nnx.List(
-                [Block(cfg, rngs=rngs, moe=cfg.moe.is_moe_layer(i)) for i in range(cfg.num_layers)]
+                [
+                    Block(cfg, i, rngs=rngs, moe=cfg.moe.is_moe_layer(i))
+                    for i in range(cfg.num_layers)
+                ]
             )
         self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         if not cfg.tie_embeddings:

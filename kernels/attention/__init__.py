@@ -6,6 +6,7 @@ from kernels.attention.mask_info import MaskInfo, mask_info
 from kernels.attention.masks import (
     BlockSparseMask,
     CausalMask,
+    ChunkedMask,
     Intersection,
     LocalGlobalMask,
     Mask,
@@ -19,6 +20,7 @@ __all__ = [
     "BlockSizes",
     "BlockSparseMask",
     "CausalMask",
+    "ChunkedMask",
     "Intersection",
     "LocalGlobalMask",
     "Mask",

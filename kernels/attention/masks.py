@@ -159,6 +159,23 @@ class StridedMask(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
+class ChunkedMask(Mask):
+    """Query p sees key k iff both lie in the same chunk of `chunk` positions (p//chunk == k//chunk).
+
+    Bidirectional within a chunk; Llama-4-style chunked causal attention is
+    ``ChunkedMask(c) & CausalMask()``.
+    """
+
+    chunk: int
+
+    def __post_init__(self):
+        _check_int("ChunkedMask.chunk", self.chunk, 1)
+
+    def predicate(self, q_pos: Array, k_pos: Array) -> Array:
+        return q_pos // self.chunk == k_pos // self.chunk
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockSparseMask(Mask):
     """Arbitrary layout at block granularity, over absolute positions.
 

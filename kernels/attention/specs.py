@@ -107,6 +107,7 @@ CPU_SPECS: list[AttentionSpec] = [
         mask=m.SlidingWindowMask(8) | m.StridedMask(8),
     ),
     S("strided_block", 1, 160, 160, 2, 1, 64, mask=m.StridedMask(3, block=16)),
+    S("chunked_causal", 1, 160, 160, 2, 2, 64, causal=True, mask=m.ChunkedMask(48)),
     S(
         "block_sparse",
         1,

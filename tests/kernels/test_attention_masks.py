@@ -25,6 +25,8 @@ CASES = [
     (m.StridedMask(3), lambda p, k: (p - k) % 3 == 0),
     (m.StridedMask(2, block=3), lambda p, k: (p // 3 - k // 3) % 2 == 0),
     (m.BlockSparseMask(LAYOUT, 4, 4), lambda p, k: LAYOUT[p // 4][k // 4]),
+    (m.ChunkedMask(5), lambda p, k: p // 5 == k // 5),
+    (m.ChunkedMask(4) & m.CausalMask(), lambda p, k: k <= p and p // 4 == k // 4),
     (m.CausalMask() | m.StridedMask(4), lambda p, k: k <= p or (p - k) % 4 == 0),
     (
         m.LocalGlobalMask(3, 1) & m.CausalMask(),
@@ -138,6 +140,7 @@ def test_masks_hashable_and_combinators_flatten():
         lambda: m.SlidingWindowMask(0),
         lambda: m.SlidingWindowMask(2, -1),
         lambda: m.StridedMask(0),
+        lambda: m.ChunkedMask(0),
         lambda: m.LocalGlobalMask(0, 1),
         lambda: m.BlockSparseMask(((True,),), 0, 4),
         lambda: m.CausalMask() | "causal",

@@ -63,6 +63,31 @@ from llm import config as config_lib, train
             config_lib.ConfigError,
             "scan_layers=True is not supported with MoE",
         ),
+        (
+            {"model.attention_pattern": "sliding,sparse"},
+            config_lib.ConfigError,
+            "unknown attention pattern 'sparse'",
+        ),
+        (
+            {"model.attention_pattern": "sliding*2,dense"},
+            config_lib.ConfigError,
+            "has 3 entries, which does not divide config.model.num_layers=2",
+        ),
+        (
+            {"model.attention_pattern": "sliding", "model.attention_window": 64},
+            config_lib.ConfigError,
+            "attention_window=64 does not fit in config.seq_len=32",
+        ),
+        (
+            {"model.attention_pattern": "chunked", "model.attention_chunk": 33},
+            config_lib.ConfigError,
+            "attention_chunk=33 does not fit in config.seq_len=32",
+        ),
+        (
+            {"model.attention_pattern": "sliding,dense", "model.scan_layers": True},
+            config_lib.ConfigError,
+            "scan_layers=False or use a single pattern",
+        ),
     ],
 )
 def test_config_and_data_mistakes(tmp_path, tiny_config, fields, error, message):

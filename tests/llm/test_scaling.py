@@ -91,8 +91,8 @@ def test_flops_match_hand_count():
         "active": 80 + 192 + 384 + 16 + 8,  # a dense model uses every parameter per token
         "matmul": 192 + 384 + 80,  # the tied output projection is a matmul
     }
-    # 6 N_matmul + 12 L H Dh T at T = 5.
-    assert flops.train_flops_per_token(cfg, 5) == 6 * 656 + 12 * 1 * 2 * 4 * 5
+    # 6 N_matmul + 12 L H Dh (attended pairs / T): causal T = 5 attends 5·6/2 = 15 pairs.
+    assert flops.train_flops_per_token(cfg, 5) == 6 * 656 + 12 * 1 * 2 * 4 * 15 / 5
 
 
 def test_cli_writes_json_and_plots(tmp_path, capsys):
@@ -172,7 +172,9 @@ def test_sweep_plans_resumes_and_collects(tmp_path):
     table = scaling.read_runs(csv_path)
     assert set(table["run"]) == {r.name for r in runs} and len(table["run"]) >= 8
     final = scaling.final_rows(table)
-    assert np.allclose(final["flops"], final["budget"], rtol=0.1)
+    # Each run spends its budget, short of one step at most (steps are whole).
+    assert np.all(final["flops"] <= final["budget"])
+    assert np.all(final["budget"] < final["flops"] * (final["step"] + 1) / final["step"])
 
     sweep.run_sweep(tiny_sweep(), str(tmp_path / "cluster"), print_commands=True)
     commands = (tmp_path / "cluster" / "commands.sh").read_text().splitlines()
