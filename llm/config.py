@@ -10,7 +10,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from llm import partitioning
+from llm import context_parallel, partitioning
 from llm.model import REMAT_POLICIES, ModelConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -140,12 +140,11 @@ def validate_mesh(config: ml_collections.ConfigDict) -> None:
         f"config.axis_rules names unknown mesh axes {sorted(named - set(partitioning.MESH_AXES))}; "
         f"the mesh axes are {partitioning.MESH_AXES}.",
     )
-    for axis, kind in (("sequence", "context"), ("expert", "expert")):
-        _check(
-            config.mesh.get(axis, 1) == 1,
-            f"config.mesh.{axis}={config.mesh[axis]}: {kind} parallelism is not implemented yet; "
-            f"set --config.mesh.{axis}=1.",
-        )
+    _check(
+        config.mesh.get("expert", 1) == 1,
+        f"config.mesh.expert={config.mesh.expert}: expert parallelism is not implemented yet; "
+        "set --config.mesh.expert=1.",
+    )
 
 
 def validate_model(model: ml_collections.ConfigDict) -> None:
@@ -187,6 +186,11 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
         model.attention_impl is None or model.attention_impl in ATTENTION_IMPLS,
         f"config.model.attention_impl={model.attention_impl!r} is not one of {ATTENTION_IMPLS} "
         "(or unset, to pick the fastest for the backend).",
+    )
+    _check(
+        model.context_parallel in context_parallel.MODES,
+        f"config.model.context_parallel={model.context_parallel!r} is not one of "
+        f"{context_parallel.MODES}.",
     )
     _check(model.rope_theta > 0, f"config.model.rope_theta must be > 0, got {model.rope_theta}.")
 
@@ -230,6 +234,15 @@ def check_sharding(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
             f"config.{field}={size} does not split over {over} ({shards} devices; axis_rules "
             f"shard {name!r} over {axes}): use a multiple of {shards} for config.{field}, or "
             "shrink those mesh axes (or change config.axis_rules).",
+        )
+    seq_axes = [a for a in partitioning.mesh_axes_of("seq", rules) if mesh.shape[a] > 1]
+    if seq_axes and model.context_parallel == "ring":
+        chunks = 2 * mesh.shape[seq_axes[0]]
+        _check(
+            config.seq_len % chunks == 0,
+            f"config.seq_len={config.seq_len} does not split into {chunks} chunks: ring context "
+            f"parallelism over mesh.{seq_axes[0]}={chunks // 2} gives each device two chunks "
+            f"(zig-zag); use a multiple of {chunks}, or --config.model.context_parallel=all_gather.",
         )
     processes = jax.process_count()
     _check(

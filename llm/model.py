@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
 from kernels.attention.reference import attention_reference
+from llm import context_parallel
 from llm.partitioning import shard
 
 REMAT_POLICIES = {
@@ -49,6 +49,7 @@ class ModelConfig:
     scan_layers: bool = False
     remat: str = "none"  # a key of REMAT_POLICIES
     attention_impl: str | None = None  # None = kernels.attention picks for the backend
+    context_parallel: str = "ring"  # "ring" | "all_gather", used when mesh.sequence > 1
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -134,8 +135,8 @@ class Attention(nnx.Module):
         )
         v = shard(v, ("batch", "seq", "kv_heads", "head_dim"))
         if cache is None:  # training / full forward: the fused attention boundary
-            out = kernels.attention(
-                q, k, v, causal=True, segment_ids=segment_ids, implementation=cfg.attention_impl
+            out = context_parallel.attention(
+                q, k, v, segment_ids, mode=cfg.context_parallel, implementation=cfg.attention_impl
             )
         else:  # decoding: write k, v at cache["index"], attend over the whole cache
             index = cache["index"]
