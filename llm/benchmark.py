@@ -9,6 +9,10 @@ donated), on a fixed random batch; then the same model as `transformers.LlamaFor
 (FLOP/s of a large matmul in JAX) so the step can be read as a fraction of it. Every figure is
 the best of `--steps` timed steps (other processes share the machine); medians are kept in the
 JSON. On a GPU both sides run in bfloat16 and torch is compiled with `torch.compile`.
+
+Layouts: `--mesh=data=2,sequence=4 --context_parallel=ring` places the step on a device mesh as
+`llm.train` does (the rules table of experiments/default.py) and prints the per-device memory
+(`llm.partitioning.memory_report`); use `--notorch`, the torch baseline is single-device.
 """
 
 from __future__ import annotations
@@ -27,19 +31,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
 from experiments import default as default_experiment
 from llm import config as config_lib
-from llm import flops, hf
-from llm.model import Transformer
-from llm.train_step import make_optimizer, make_train_step
+from llm import flops, hf, partitioning, train
 
 _CONFIGS = flags.DEFINE_list("configs", ["default", "large"], "Configs to time (keys of CONFIGS).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation, allocator).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the Hugging Face / torch baseline.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
+_MESH = flags.DEFINE_list("mesh", [], "Mesh sizes, e.g. data=2,sequence=4 (default: config's).")
+_CONTEXT_PARALLEL = flags.DEFINE_enum(
+    "context_parallel", "ring", ["ring", "all_gather"], "config.model.context_parallel."
+)
 
 # Overrides of experiments/default.py: batch size, sequence length and model fields.
 CONFIGS: dict[str, dict] = {
@@ -98,6 +103,11 @@ def experiment(name: str) -> ml_collections.ConfigDict:
     config.update(overrides)
     if on_gpu():
         config.model.dtype = "bfloat16"
+    if _MESH.value:
+        sizes = dict(item.split("=") for item in _MESH.value)
+        config.mesh.update({axis: 1 for axis in partitioning.MESH_AXES})
+        config.mesh.update({axis: int(size) for axis, size in sizes.items()})
+    config.model.context_parallel = _CONTEXT_PARALLEL.value
     config_lib.validate(config)
     return config
 
@@ -115,25 +125,27 @@ def random_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     }
 
 
-def time_ours(config: ml_collections.ConfigDict, batch: dict, steps: int, warmup: int) -> Timing:
-    """Our jitted, donated training step, as `llm.train` compiles it."""
-    cfg = config_lib.model_config(config)
-    tx, schedule = make_optimizer(config.optimizer, config.steps)
-    model = Transformer(cfg, rngs=nnx.Rngs(config.seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    step_fn = make_train_step(
-        graphdef, tx, schedule, grad_accum_steps=config.grad_accum_steps, z_loss=config.z_loss
-    )
-    batch = jax.device_put(batch)
-    train_step = jax.jit(step_fn, donate_argnums=0).lower(state, batch).compile()
+def time_ours(
+    config: ml_collections.ConfigDict, batch: dict, steps: int, warmup: int
+) -> tuple[Timing, dict[str, int]]:
+    """Our jitted, donated training step on the config's mesh, as `llm.train` compiles it; and
+    the per-device memory report."""
+    mesh = partitioning.make_mesh(config.mesh.to_dict())
+    config_lib.check_sharding(config, mesh)
+    rules = tuple(config.axis_rules)
+    with jax.set_mesh(mesh), partitioning.axis_rules(rules):
+        setup = train.setup_state(config, mesh)
+        batch = jax.device_put(batch, partitioning.batch_sharding(mesh, rules))
+        train_step = train.compile_train_step(config, setup, batch)
+    memory = partitioning.memory_report(setup.state, train_step)
+    state = setup.state
 
     def step():
         nonlocal state
         state, metrics = train_step(state, batch)
         jax.block_until_ready(metrics["loss"])
 
-    return time_calls(step, steps, warmup)
+    return time_calls(step, steps, warmup), memory
 
 
 def time_torch(config: ml_collections.ConfigDict, batch: dict, steps: int, warmup: int) -> Timing:
@@ -207,13 +219,17 @@ def benchmark(name: str, ceiling: float, steps: int, warmup: int, with_torch: bo
             "fraction_of_ceiling": tokens * flops_per_token / timing.best / ceiling,
         }
 
+    timing, memory = time_ours(config, batch, steps, warmup)
     row = {
         "config": name,
+        "mesh": {k: v for k, v in config.mesh.items() if v != 1} or {"data": 1},
+        "context_parallel": config.model.context_parallel,
+        "memory_per_device": memory,
         "params": flops.param_counts(cfg)["total"],
         "batch_size": config.batch_size,
         "seq_len": config.seq_len,
         "flops_per_token": flops_per_token,
-        "ours": figures(time_ours(config, batch, steps, warmup)),
+        "ours": figures(timing),
     }
     if with_torch:
         row["torch"] = figures(time_torch(config, batch, steps, warmup))
@@ -243,6 +259,11 @@ def print_table(rows: list[dict], ceiling: float) -> None:
                 f"{r['tokens_per_second']:>9,.0f} {r['flops_per_second'] / 1e12:>8.3f} "
                 f"{r['fraction_of_ceiling']:>8.2f} {ratio:>10}"
             )
+    for row in rows:
+        mesh = " x ".join(f"{axis}={size}" for axis, size in row["mesh"].items())
+        if "sequence" in row["mesh"]:
+            mesh += f" ({row['context_parallel']})"
+        print(f"{row['config']}, mesh {mesh}: {train.format_memory(row['memory_per_device'])}")
 
 
 def environment() -> dict:
