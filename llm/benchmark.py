@@ -10,9 +10,13 @@ donated), on a fixed random batch; then the same model as `transformers.LlamaFor
 the best of `--steps` timed steps (other processes share the machine); medians are kept in the
 JSON. On a GPU both sides run in bfloat16 and torch is compiled with `torch.compile`.
 
-Layouts: `--mesh=data=2,sequence=4 --context_parallel=ring` places the step on a device mesh as
-`llm.train` does (the rules table of experiments/default.py) and prints the per-device memory
-(`llm.partitioning.memory_report`); use `--notorch`, the torch baseline is single-device.
+Layouts: each `--mesh=data=2,sequence=4[,context_parallel=ring]` (repeatable) places the step on
+a device mesh as `llm.train` does (the rules table of experiments/default.py); the run prints each
+layout's step time, its ratio to the first layout, and its per-device memory
+(`llm.partitioning.memory_report`). The torch baseline runs once per config (one device).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m llm.benchmark --configs=default \
+        --notorch --mesh=data=8 --mesh=fsdp=8 --mesh=data=2,sequence=4,context_parallel=ring
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation, allocator).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the Hugging Face / torch baseline.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
-_MESH = flags.DEFINE_list("mesh", [], "Mesh sizes, e.g. data=2,sequence=4 (default: config's).")
-_CONTEXT_PARALLEL = flags.DEFINE_enum(
-    "context_parallel", "ring", ["ring", "all_gather"], "config.model.context_parallel."
+_LAYOUTS = flags.DEFINE_multi_string(
+    "mesh",
+    [],
+    "A layout to time (repeatable): mesh sizes and optionally the context-parallel mode, e.g. "
+    "--mesh=data=8 --mesh=data=2,sequence=4,context_parallel=all_gather. Default: the config's.",
 )
 
 # Overrides of experiments/default.py: batch size, sequence length and model fields.
@@ -95,19 +101,29 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def experiment(name: str) -> ml_collections.ConfigDict:
-    """experiments/default.py with the overrides of CONFIGS[name]."""
+def parse_layout(text: str) -> dict[str, str]:
+    """ "data=2,sequence=4,context_parallel=ring" -> {"data": "2", ...}."""
+    fields = dict(item.split("=", 1) for item in text.split(",") if item)
+    unknown = set(fields) - {*partitioning.MESH_AXES, "context_parallel"}
+    if unknown:
+        raise app.UsageError(
+            f"--mesh={text}: unknown fields {sorted(unknown)}; use mesh axes "
+            f"{partitioning.MESH_AXES} and context_parallel"
+        )
+    return fields
+
+
+def experiment(name: str, layout: dict[str, str] | None = None) -> ml_collections.ConfigDict:
+    """experiments/default.py with the overrides of CONFIGS[name], on `layout` if given."""
     config = default_experiment.get_config()
     overrides = dict(CONFIGS[name])
     config.model.update(overrides.pop("model", {}))
     config.update(overrides)
     if on_gpu():
         config.model.dtype = "bfloat16"
-    if _MESH.value:
-        sizes = dict(item.split("=") for item in _MESH.value)
-        config.mesh.update({axis: 1 for axis in partitioning.MESH_AXES})
-        config.mesh.update({axis: int(size) for axis, size in sizes.items()})
-    config.model.context_parallel = _CONTEXT_PARALLEL.value
+    if layout:
+        config.mesh.update({axis: int(layout.get(axis, 1)) for axis in partitioning.MESH_AXES})
+        config.model.context_parallel = layout.get("context_parallel", "ring")
     config_lib.validate(config)
     return config
 
@@ -202,9 +218,11 @@ def matmul_ceiling(steps: int) -> float:
     return 2 * n**3 / timing.best
 
 
-def benchmark(name: str, ceiling: float, steps: int, warmup: int, with_torch: bool) -> dict:
-    """Times config `name` both ways; returns its row of results."""
-    config = experiment(name)
+def benchmark(
+    name: str, layout: dict, ceiling: float, steps: int, warmup: int, with_torch: bool
+) -> dict:
+    """Times config `name` on `layout` (and torch's); returns its row of results."""
+    config = experiment(name, layout)
     cfg = config_lib.model_config(config)
     batch = random_batch(config)
     tokens = config.batch_size * config.seq_len
@@ -259,11 +277,17 @@ def print_table(rows: list[dict], ceiling: float) -> None:
                 f"{r['tokens_per_second']:>9,.0f} {r['flops_per_second'] / 1e12:>8.3f} "
                 f"{r['fraction_of_ceiling']:>8.2f} {ratio:>10}"
             )
+    print(f"\n{'config':<8} {'layout':<32} {'ms/step':>8} {'tokens/s':>9} {'vs first':>8}  memory")
     for row in rows:
         mesh = " x ".join(f"{axis}={size}" for axis, size in row["mesh"].items())
         if "sequence" in row["mesh"]:
             mesh += f" ({row['context_parallel']})"
-        print(f"{row['config']}, mesh {mesh}: {train.format_memory(row['memory_per_device'])}")
+        memory = train.format_memory(row["memory_per_device"]).removeprefix("memory per device: ")
+        print(
+            f"{row['config']:<8} {mesh:<32} {row['ours']['ms_per_step']:>8.1f} "
+            f"{row['ours']['tokens_per_second']:>9,.0f} {row['ours_over_first_layout']:>7.2f}x  "
+            f"{memory}"
+        )
 
 
 def environment() -> dict:
@@ -290,10 +314,19 @@ def main(argv: list[str]) -> None:
     env = environment()
     print(", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     ceiling = matmul_ceiling(_STEPS.value)
-    rows = [
-        benchmark(name, ceiling, _STEPS.value, _WARMUP.value, _TORCH.value)
-        for name in _CONFIGS.value
-    ]
+    layouts = [parse_layout(text) for text in _LAYOUTS.value] or [{}]
+    rows = []
+    for name in _CONFIGS.value:
+        first = None
+        for layout in layouts:
+            row = benchmark(
+                name, layout, ceiling, _STEPS.value, _WARMUP.value, _TORCH.value and first is None
+            )
+            first = first or row
+            row["ours_over_first_layout"] = (
+                row["ours"]["tokens_per_second"] / first["ours"]["tokens_per_second"]
+            )
+            rows.append(row)
     print_table(rows, ceiling)
     if _OUT.value:
         results = {"environment": env, "matmul_flops_per_second": ceiling, "results": rows}
