@@ -11,17 +11,19 @@ one of two schemes under `jax.shard_map` (n = devices on the sequence axis, L = 
   computes masked scores anyway, so it only matters for block-skipping kernels.
 * "ring": K/V blocks travel around the ring with `jax.lax.ppermute` (n - 1 hops); each device
   attends its queries to the visiting block and merges the partial outputs by their
-  log-sum-exp, so no device ever holds more than two K/V blocks. Causal load balancing by
+  log-sum-exp, so the forward holds at most two K/V blocks per device. Causal load balancing by
   zig-zag: the sequence is cut into 2n chunks and device r holds chunks r and 2n-1-r. Then every
   step after the first costs the same half block on every device: a block from an earlier
   device is visible to all local queries through its first chunk only; a block from a later
   device is visible, whole, to the local second chunk only. The zig-zag permutation is done
-  *inside this function*, by two `ppermute`s of the contiguous blocks on the way in and two on the way
-  out (per layer), so the model, the batch and the loss see the natural token order.
+  *inside this function*, by two `ppermute`s of the contiguous blocks on the way in and two on
+  the way out (per layer), so the model, the batch and the loss see the natural token order.
 
 Packed sequences are handled: segment ids travel with the K/V blocks. Gradients come from
-autodiff through shard_map, ppermute/all_gather and the scan over ring steps (correct, not fast:
-no custom backward that re-runs the ring, no overlap of the hops with the compute).
+autodiff through shard_map, ppermute/all_gather and the scan over ring steps: correct, not
+tuned. Autodiff keeps every visiting K/V block for the backward, so in training the ring holds
+all n blocks per layer like "all_gather" does (a custom VJP that re-runs the ring backwards
+would not), and the hops do not overlap the compute.
 """
 
 from __future__ import annotations
