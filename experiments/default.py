@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention_global = 16  # G: leading tokens every "local_global" query sees
     c.model.attention_stride = 8  # S: "strided" and "dilated" step between keys
     c.model.attention_chunk = 128  # C: "chunked" attends causally within chunks of C tokens
+    # Context parallelism (mesh.sequence > 1): "ring" passes K/V blocks around the devices
+    # (zig-zag load balanced; seq_len a multiple of 2 x mesh.sequence), "all_gather" gathers them.
+    c.model.context_parallel = "ring"
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3
@@ -96,12 +99,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # data parallel: replicated parameters, split batch
     c.mesh.fsdp = 1  # fully sharded data parallel: parameters and optimizer state split on embed
     c.mesh.expert = 1  # expert parallel: MoE experts split, and the batch split like data
-    c.mesh.sequence = 1  # context parallelism (not implemented yet: must be 1)
+    c.mesh.sequence = 1  # context parallel: sequence split, attention by model.context_parallel
     c.mesh.tensor = 1  # tensor parallel (Megatron): heads, mlp and vocab split; innermost axis
     # Logical axis -> mesh axes; the only place that says where a tensor dimension lives.
     c.axis_rules = (
         ("batch", ("data", "fsdp", "expert")),
         ("expert", "expert"),
+        ("seq", "sequence"),
         ("embed", "fsdp"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),

@@ -10,6 +10,14 @@ donated), on a fixed random batch; then (dense configs) the same model as `trans
 (FLOP/s of a large matmul in JAX) so the step can be read as a fraction of it. Every figure is
 the best of `--steps` timed steps (other processes share the machine); medians are kept in the
 JSON. On a GPU both sides run in bfloat16 and torch is compiled with `torch.compile`.
+
+Layouts: each `--mesh=data=2,sequence=4[,context_parallel=ring]` (repeatable) places the step on
+a device mesh as `llm.train` does (the rules table of experiments/default.py); the run prints each
+layout's step time, its ratio to the first layout, and its per-device memory
+(`llm.partitioning.memory_report`). The torch baseline runs once per config (one device).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m llm.benchmark --configs=default \
+        --notorch --mesh=data=8 --mesh=fsdp=8 --mesh=data=2,sequence=4,context_parallel=ring
 """
 
 from __future__ import annotations
@@ -28,19 +36,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
 from experiments import default as default_experiment
 from llm import config as config_lib
-from llm import flops, hf
-from llm.model import Transformer
-from llm.train_step import make_optimizer, make_train_step
+from llm import flops, hf, partitioning, train
 
 _CONFIGS = flags.DEFINE_list("configs", ["default", "large"], "Configs to time (keys of CONFIGS).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation, allocator).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the Hugging Face / torch baseline.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
+_LAYOUTS = flags.DEFINE_multi_string(
+    "mesh",
+    [],
+    "A layout to time (repeatable): mesh sizes and optionally the context-parallel mode, e.g. "
+    "--mesh=data=8 --mesh=data=2,sequence=4,context_parallel=all_gather. Default: the config's.",
+)
 
 # Overrides of experiments/default.py: batch size, sequence length and model fields.
 CONFIGS: dict[str, dict] = {
@@ -101,8 +112,20 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def experiment(name: str) -> ml_collections.ConfigDict:
-    """experiments/default.py with the overrides of CONFIGS[name]."""
+def parse_layout(text: str) -> dict[str, str]:
+    """ "data=2,sequence=4,context_parallel=ring" -> {"data": "2", ...}."""
+    fields = dict(item.split("=", 1) for item in text.split(",") if item)
+    unknown = set(fields) - {*partitioning.MESH_AXES, "context_parallel"}
+    if unknown:
+        raise app.UsageError(
+            f"--mesh={text}: unknown fields {sorted(unknown)}; use mesh axes "
+            f"{partitioning.MESH_AXES} and context_parallel"
+        )
+    return fields
+
+
+def experiment(name: str, layout: dict[str, str] | None = None) -> ml_collections.ConfigDict:
+    """experiments/default.py with the overrides of CONFIGS[name], on `layout` if given."""
     config = default_experiment.get_config()
     overrides = dict(CONFIGS[name])
     model = dict(overrides.pop("model", {}))
@@ -111,6 +134,9 @@ def experiment(name: str) -> ml_collections.ConfigDict:
     config.update(overrides)
     if on_gpu():
         config.model.dtype = "bfloat16"
+    if layout:
+        config.mesh.update({axis: int(layout.get(axis, 1)) for axis in partitioning.MESH_AXES})
+        config.model.context_parallel = layout.get("context_parallel", "ring")
     config_lib.validate(config)
     return config
 
@@ -128,26 +154,27 @@ def random_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     }
 
 
-def time_ours(config: ml_collections.ConfigDict, batch: dict, steps: int, warmup: int) -> Timing:
-    """Our jitted, donated training step, as `llm.train` compiles it."""
-    cfg = config_lib.model_config(config)
-    tx, schedule = make_optimizer(config.optimizer, config.steps)
-    model = Transformer(cfg, rngs=nnx.Rngs(config.seed))
-    graphdef, model_state = nnx.split(model)
-    params, _ = nnx.split_state(model_state, nnx.Param, ...)  # MoE expert biases are not trained
-    state = {"step": jnp.zeros((), jnp.int32), "params": model_state, "opt_state": tx.init(params)}
-    step_fn = make_train_step(
-        graphdef, tx, schedule, grad_accum_steps=config.grad_accum_steps, z_loss=config.z_loss
-    )
-    batch = jax.device_put(batch)
-    train_step = jax.jit(step_fn, donate_argnums=0).lower(state, batch).compile()
+def time_ours(
+    config: ml_collections.ConfigDict, batch: dict, steps: int, warmup: int
+) -> tuple[Timing, dict[str, int]]:
+    """Our jitted, donated training step on the config's mesh, as `llm.train` compiles it; and
+    the per-device memory report."""
+    mesh = partitioning.make_mesh(config.mesh.to_dict())
+    config_lib.check_sharding(config, mesh)
+    rules = tuple(config.axis_rules)
+    with jax.set_mesh(mesh), partitioning.axis_rules(rules):
+        setup = train.setup_state(config, mesh)
+        batch = jax.device_put(batch, partitioning.batch_sharding(mesh, rules))
+        train_step = train.compile_train_step(config, setup, batch)
+    memory = partitioning.memory_report(setup.state, train_step)
+    state = setup.state
 
     def step():
         nonlocal state
         state, metrics = train_step(state, batch)
         jax.block_until_ready(metrics["loss"])
 
-    return time_calls(step, steps, warmup)
+    return time_calls(step, steps, warmup), memory
 
 
 def time_torch(config: ml_collections.ConfigDict, batch: dict, steps: int, warmup: int) -> Timing:
@@ -204,9 +231,11 @@ def matmul_ceiling(steps: int) -> float:
     return 2 * n**3 / timing.best
 
 
-def benchmark(name: str, ceiling: float, steps: int, warmup: int, with_torch: bool) -> dict:
-    """Times config `name` both ways; returns its row of results."""
-    config = experiment(name)
+def benchmark(
+    name: str, layout: dict, ceiling: float, steps: int, warmup: int, with_torch: bool
+) -> dict:
+    """Times config `name` on `layout` (and torch's); returns its row of results."""
+    config = experiment(name, layout)
     cfg = config_lib.model_config(config)
     batch = random_batch(config)
     tokens = config.batch_size * config.seq_len
@@ -221,13 +250,17 @@ def benchmark(name: str, ceiling: float, steps: int, warmup: int, with_torch: bo
             "fraction_of_ceiling": tokens * flops_per_token / timing.best / ceiling,
         }
 
+    timing, memory = time_ours(config, batch, steps, warmup)
     row = {
         "config": name,
+        "mesh": {k: v for k, v in config.mesh.items() if v != 1} or {"data": 1},
+        "context_parallel": config.model.context_parallel,
+        "memory_per_device": memory,
         "params": flops.param_counts(cfg)["total"],
         "batch_size": config.batch_size,
         "seq_len": config.seq_len,
         "flops_per_token": flops_per_token,
-        "ours": figures(time_ours(config, batch, steps, warmup)),
+        "ours": figures(timing),
     }
     row["active_params"] = flops.param_counts(cfg)["active"]
     if with_torch and not cfg.moe.num_experts:  # Llama has no experts
@@ -260,6 +293,17 @@ def print_table(rows: list[dict], ceiling: float) -> None:
                 f"{r['fraction_of_ceiling']:>8.2f} {ratio:>10} {row['active_params'] / 1e6:>6.1f}M "
                 f"{r['tokens_per_second'] / first:>11.2f}x"
             )
+    print(f"\n{'config':<8} {'layout':<32} {'ms/step':>8} {'tokens/s':>9} {'vs first':>8}  memory")
+    for row in rows:
+        mesh = " x ".join(f"{axis}={size}" for axis, size in row["mesh"].items())
+        if "sequence" in row["mesh"]:
+            mesh += f" ({row['context_parallel']})"
+        memory = train.format_memory(row["memory_per_device"]).removeprefix("memory per device: ")
+        print(
+            f"{row['config']:<8} {mesh:<32} {row['ours']['ms_per_step']:>8.1f} "
+            f"{row['ours']['tokens_per_second']:>9,.0f} {row['ours_over_first_layout']:>7.2f}x  "
+            f"{memory}"
+        )
 
 
 def environment() -> dict:
@@ -286,10 +330,19 @@ def main(argv: list[str]) -> None:
     env = environment()
     print(", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     ceiling = matmul_ceiling(_STEPS.value)
-    rows = [
-        benchmark(name, ceiling, _STEPS.value, _WARMUP.value, _TORCH.value)
-        for name in _CONFIGS.value
-    ]
+    layouts = [parse_layout(text) for text in _LAYOUTS.value] or [{}]
+    rows = []
+    for name in _CONFIGS.value:
+        first = None
+        for layout in layouts:
+            row = benchmark(
+                name, layout, ceiling, _STEPS.value, _WARMUP.value, _TORCH.value and first is None
+            )
+            first = first or row
+            row["ours_over_first_layout"] = (
+                row["ours"]["tokens_per_second"] / first["ours"]["tokens_per_second"]
+            )
+            rows.append(row)
     print_table(rows, ceiling)
     if _OUT.value:
         results = {"environment": env, "matmul_flops_per_second": ceiling, "results": rows}

@@ -10,7 +10,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from llm import moe, partitioning, sparse
+from llm import context_parallel, moe, partitioning, sparse
 from llm.model import REMAT_POLICIES, ModelConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -141,11 +141,6 @@ def validate_mesh(config: ml_collections.ConfigDict) -> None:
         f"config.axis_rules names unknown mesh axes {sorted(named - set(partitioning.MESH_AXES))}; "
         f"the mesh axes are {partitioning.MESH_AXES}.",
     )
-    _check(
-        config.mesh.get("sequence", 1) == 1,
-        f"config.mesh.sequence={config.mesh.sequence}: context parallelism is not implemented yet; "
-        "set --config.mesh.sequence=1.",
-    )
 
 
 def validate_model(model: ml_collections.ConfigDict) -> None:
@@ -187,6 +182,11 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
         model.attention_impl is None or model.attention_impl in ATTENTION_IMPLS,
         f"config.model.attention_impl={model.attention_impl!r} is not one of {ATTENTION_IMPLS} "
         "(or unset, to pick the fastest for the backend).",
+    )
+    _check(
+        model.context_parallel in context_parallel.MODES,
+        f"config.model.context_parallel={model.context_parallel!r} is not one of "
+        f"{context_parallel.MODES}.",
     )
     _check(model.rope_theta > 0, f"config.model.rope_theta must be > 0, got {model.rope_theta}.")
     validate_moe(model)
@@ -329,6 +329,23 @@ def check_sharding(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
             f"config.{field}={size} does not split over {over} ({shards} devices; axis_rules "
             f"shard {name!r} over {axes}): use a multiple of {shards} for config.{field}, or "
             "shrink those mesh axes (or change config.axis_rules).",
+        )
+    seq_axes = [a for a in partitioning.mesh_axes_of("seq", rules) if mesh.shape[a] > 1]
+    if seq_axes:
+        patterns = set(sparse.layer_patterns(model))
+        _check(
+            patterns == {"dense"},
+            f"config.model.attention_pattern={model.attention_pattern!r}: context parallelism "
+            f"(mesh.{seq_axes[0]}={mesh.shape[seq_axes[0]]}) supports dense causal attention only; "
+            "use --config.model.attention_pattern=dense or --config.mesh.sequence=1.",
+        )
+    if seq_axes and model.context_parallel == "ring":
+        chunks = 2 * mesh.shape[seq_axes[0]]
+        _check(
+            config.seq_len % chunks == 0,
+            f"config.seq_len={config.seq_len} does not split into {chunks} chunks: ring context "
+            f"parallelism over mesh.{seq_axes[0]}={chunks // 2} gives each device two chunks "
+            f"(zig-zag); use a multiple of {chunks}, or --config.model.context_parallel=all_gather.",
         )
     processes = jax.process_count()
     _check(

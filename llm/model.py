@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
 from kernels.attention.masks import Mask
 from kernels.attention.reference import attention_reference
 from llm import sparse
+from llm import context_parallel
 from llm.partitioning import shard
 
 REMAT_POLICIES = {
@@ -82,6 +82,7 @@ class ModelConfig:
     attention_global: int = 16  # G global tokens of "local_global"
     attention_stride: int = 8  # S of "strided", "dilated"
     attention_chunk: int = 128  # C of "chunked"
+    context_parallel: str = "ring"  # "ring" | "all_gather", used when mesh.sequence > 1
 
     def __post_init__(self):
         if isinstance(self.moe, dict):  # from a config file's nested ConfigDict
@@ -176,8 +177,14 @@ class Attention(nnx.Module):
         )
         v = shard(v, ("batch", "seq", "kv_heads", "head_dim"))
         if cache is None:  # training / full forward: the fused attention boundary
-            out = kernels.attention(
-                q, k, v, mask=self.mask, segment_ids=segment_ids, implementation=cfg.attention_impl
+            out = context_parallel.attention(
+                q,
+                k,
+                v,
+                segment_ids,
+                mask=self.mask,
+                mode=cfg.context_parallel,
+                implementation=cfg.attention_impl,
             )
         else:  # decoding: write k, v at cache["index"], attend over the whole cache
             index = cache["index"]

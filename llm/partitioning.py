@@ -45,6 +45,11 @@ def axis_rules(rules: AxisRules) -> Iterator[None]:
         _RULES.reset(token)
 
 
+def current_rules() -> AxisRules | None:
+    """The rules table of the enclosing `axis_rules` context (None outside one)."""
+    return _RULES.get()
+
+
 def logical_to_spec(names: Sequence[str | None], rules: AxisRules) -> PartitionSpec:
     """Maps logical dimension names to a PartitionSpec; a mesh axis is used at most once."""
     used: set[str] = set()
@@ -62,7 +67,7 @@ def logical_to_spec(names: Sequence[str | None], rules: AxisRules) -> PartitionS
 
 def shard(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrains activation `x` to the sharding its logical `names` map to (no-op without a mesh)."""
-    rules = _RULES.get()
+    rules = current_rules()
     if rules is None or jax.sharding.get_abstract_mesh().empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))

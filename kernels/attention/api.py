@@ -6,6 +6,7 @@ Backends are modules of this package, imported lazily by name. Each exposes
             block_sizes: BlockSizes | None) -> out
   unsupported_reason(q, k, v, *, mask, segment_ids, block_sizes) -> str | None
 
+and may declare FEATURES, the optional arguments it supports beyond those (see _FEATURES);
 so adding a backend is adding its module file (and its name to _MODULES).
 """
 
@@ -31,6 +32,11 @@ _MODULES = {
 }
 # Preference order for implementation=None, per jax.default_backend().
 _AUTO = {"gpu": ("pallas_gpu", "cudnn", "xla"), "tpu": ("pallas_tpu", "xla")}
+
+
+# Optional arguments a backend supports only if its module lists them in FEATURES; they are passed
+# to its `attention` as keyword arguments (context parallelism needs them: llm/context_parallel.py).
+_FEATURES = ("return_lse", "q_offset", "kv_segment_ids")
 
 
 class UnsupportedError(ValueError):
@@ -65,18 +71,21 @@ def _validate(q, k, v, segment_ids, sliding_window, mask, softmax_scale, block_s
         raise ValueError(
             f"q heads ({q.shape[2]}) must be a multiple of k/v kv_heads ({k.shape[2]})"
         )
-    if segment_ids is not None:
+    if isinstance(segment_ids, tuple):  # (q_segment_ids, kv_segment_ids)
+        if len(segment_ids) != 2:
+            raise ValueError(
+                "segment_ids must be one array or a pair (q_segment_ids, kv_segment_ids), "
+                f"got a tuple of {len(segment_ids)}"
+            )
+        for name, ids, x in zip(("q", "kv"), segment_ids, (q, k)):
+            _check_segment_ids(f"segment_ids[{name}]", ids, x.shape[:2])
+    elif segment_ids is not None:
         if q.shape[1] != k.shape[1]:
             raise ValueError(
-                f"segment_ids require q_seq == kv_seq, got {q.shape[1]} and {k.shape[1]}"
+                f"segment_ids require q_seq == kv_seq, got {q.shape[1]} and {k.shape[1]}; "
+                "pass a pair (q_segment_ids, kv_segment_ids) for different lengths"
             )
-        if jnp.shape(segment_ids) != q.shape[:2]:
-            raise ValueError(
-                f"segment_ids must have shape [batch, seq] = {q.shape[:2]}, "
-                f"got {jnp.shape(segment_ids)}"
-            )
-        if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
-            raise ValueError(f"segment_ids must be integers, got {jnp.result_type(segment_ids)}")
+        _check_segment_ids("segment_ids", segment_ids, q.shape[:2])
     if sliding_window is not None and (
         isinstance(sliding_window, bool)
         or not isinstance(sliding_window, int)
@@ -93,6 +102,13 @@ def _validate(q, k, v, segment_ids, sliding_window, mask, softmax_scale, block_s
         raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
 
 
+def _check_segment_ids(name: str, ids, shape: tuple[int, int]) -> None:
+    if jnp.shape(ids) != shape:
+        raise ValueError(f"{name} must have shape [batch, seq] = {shape}, got {jnp.shape(ids)}")
+    if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+        raise ValueError(f"{name} must be integers, got {jnp.result_type(ids)}")
+
+
 def attention(
     q: jax.Array,  # [batch, q_seq, heads, head_dim]
     k: jax.Array,  # [batch, kv_seq, kv_heads, head_dim]
@@ -101,11 +117,13 @@ def attention(
     causal: bool = False,
     sliding_window: int | None = None,
     mask: masks_lib.Mask | None = None,
-    segment_ids: jax.Array | None = None,  # int [batch, seq]
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,  # int [batch, seq]
     softmax_scale: float | None = None,
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
-) -> jax.Array:
+    q_offset: int | jax.Array | None = None,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Multi-head attention with GQA/MQA, masks and packed segments.
 
     causal, sliding_window (query sees itself and the W-1 keys before) and
@@ -114,6 +132,14 @@ def attention(
     key give zeros. implementation: "xla", "cudnn", "pallas_gpu",
     "pallas_tpu" or None (fastest supported one for jax.default_backend()).
     Returns [batch, q_seq, heads, head_dim] in q.dtype.
+
+    For attention between blocks of a longer sequence (context parallelism), three optional
+    features, supported by the "xla" implementation only (others raise UnsupportedError):
+      segment_ids=(q_segment_ids [batch, q_seq], kv_segment_ids [batch, kv_seq]);
+      q_offset: position of query row 0 relative to key column 0 (an int or a traced int32
+        scalar; default kv_seq - q_seq) for causal / window masks;
+      return_lse: also return the log-sum-exp of the scores, f32 [batch, heads, q_seq]
+        (-inf for rows that see no key), to merge partial results over key blocks.
 
     Raises:
       ValueError: bad inputs (the message names the argument).
@@ -134,14 +160,29 @@ def attention(
     )
     if full_mask is not None:
         full_mask.validate(q.shape[1], k.shape[1])
+        if q_offset is not None and full_mask.has_block_sparse:
+            raise ValueError("q_offset cannot shift a BlockSparseMask (its layout is absolute)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     kwargs = {"mask": full_mask, "segment_ids": segment_ids, "block_sizes": block_sizes}
+    extra = {}  # optional features, passed only to backends that list them in FEATURES
+    if return_lse:
+        extra["return_lse"] = True
+    if q_offset is not None:
+        extra["q_offset"] = q_offset
+    needed = set(extra) | ({"kv_segment_ids"} if isinstance(segment_ids, tuple) else set())
+
+    def missing(module: types.ModuleType) -> set[str]:
+        return needed - set(getattr(module, "FEATURES", ()))
 
     if implementation is None:
         for name in _AUTO.get(jax.default_backend(), ("xla",)):
             module = _module(name)
-            if module is not None and module.unsupported_reason(q, k, v, **kwargs) is None:
-                return module.attention(q, k, v, softmax_scale=scale, **kwargs)
+            if (
+                module is not None
+                and not missing(module)
+                and module.unsupported_reason(q, k, v, **kwargs) is None
+            ):
+                return module.attention(q, k, v, softmax_scale=scale, **kwargs, **extra)
         raise UnsupportedError(
             "no attention implementation supports these inputs"
         )  # xla always does.
@@ -152,6 +193,11 @@ def attention(
             f"implementation={implementation!r} is not implemented yet "
             f"(no module kernels/attention/{_MODULES[implementation]}.py)"
         )
+    if lacking := missing(module):
+        raise UnsupportedError(
+            f"implementation={implementation!r} does not support {sorted(lacking)}; "
+            "use implementation='xla' (or None) for these arguments"
+        )
     if (reason := module.unsupported_reason(q, k, v, **kwargs)) is not None:
         raise UnsupportedError(f"implementation={implementation!r} cannot run: {reason}")
-    return module.attention(q, k, v, softmax_scale=scale, **kwargs)
+    return module.attention(q, k, v, softmax_scale=scale, **kwargs, **extra)

@@ -25,13 +25,14 @@ def attention_reference_with_lse(
     v: jax.Array,  # [batch, kv_seq, kv_heads, head_dim]
     *,
     mask: np.ndarray | jax.Array | None = None,  # bool [q_seq, kv_seq]
-    segment_ids: jax.Array | None = None,  # int32 [batch, seq], q_seq == kv_seq
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,  # int32 [batch, seq]
     softmax_scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Returns (out [batch, q_seq, heads, head_dim] in q.dtype, lse f32 [batch, heads, q_seq]).
 
     lse is the natural-log sum of exp(scale * q.k) over visible keys (-inf for
-    rows that see nothing).
+    rows that see nothing). segment_ids: one array (q_seq == kv_seq) or a pair
+    (q_segment_ids [batch, q_seq], kv_segment_ids [batch, kv_seq]).
     """
     batch, q_seq, heads, head_dim = q.shape
     kv_seq, kv_heads = k.shape[1], k.shape[2]
@@ -46,7 +47,8 @@ def attention_reference_with_lse(
     if mask is not None:
         visible = visible & jnp.asarray(mask, bool)[None]
     if segment_ids is not None:
-        visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
+        visible = visible & (q_ids[:, :, None] == kv_ids[:, None, :])
     visible = visible[:, None, :, None, :]  # [batch or 1, 1, q_seq, 1, kv_seq]
 
     s = jnp.where(visible, s, _NEG)
@@ -72,6 +74,8 @@ def attention_reference(q, k, v, *, mask=None, segment_ids=None, softmax_scale=N
 
 # Backend interface (registered as implementation "xla").
 
+FEATURES = ("return_lse", "q_offset", "kv_segment_ids")  # optional arguments (see api.py)
+
 
 def unsupported_reason(
     q, k, v, *, mask: masks_lib.Mask | None, segment_ids, block_sizes: BlockSizes | None
@@ -89,9 +93,20 @@ def attention(
     segment_ids,
     softmax_scale: float,
     block_sizes: BlockSizes | None,
-) -> jax.Array:
+    q_offset: int | jax.Array | None = None,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     del block_sizes  # No blocking.
-    dense = None if mask is None else mask.dense(q.shape[1], k.shape[1])
-    return attention_reference(
+    q_seq, kv_seq = q.shape[1], k.shape[1]
+    if mask is None:
+        dense = None
+    elif q_offset is None:
+        dense = mask.dense(q_seq, kv_seq)
+    else:  # shifted positions, possibly traced: the elementwise predicate on device
+        q_pos = q_offset + jnp.arange(q_seq, dtype=jnp.int32)[:, None]
+        dense = mask.predicate(q_pos, jnp.arange(kv_seq, dtype=jnp.int32)[None, :])
+        dense = jnp.broadcast_to(dense, (q_seq, kv_seq))
+    out, lse = attention_reference_with_lse(
         q, k, v, mask=dense, segment_ids=segment_ids, softmax_scale=softmax_scale
     )
+    return (out, lse) if return_lse else out

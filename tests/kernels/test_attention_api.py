@@ -88,3 +88,58 @@ def test_works_under_jit_and_returns_q_dtype():
     q, k, v = _qkv(dtype=jnp.bfloat16)
     out = jax.jit(lambda q, k, v: kernels.attention(q, k, v, sliding_window=4))(q, k, v)
     assert out.dtype == jnp.bfloat16 and out.shape == q.shape
+
+
+def _random_qkv():
+    keys = jax.random.split(jax.random.key(1), 3)
+    shapes = [(B, S, H, D), (B, S, KVH, D), (B, S, KVH, D)]
+    return [jax.random.normal(kk, s) for kk, s in zip(keys, shapes)]
+
+
+def test_return_lse_is_the_log_sum_exp_of_visible_scores():
+    q, k, v = _random_qkv()
+    out, lse = kernels.attention(q, k, v, causal=True, return_lse=True, implementation="xla")
+    np.testing.assert_allclose(out, kernels.attention(q, k, v, causal=True), atol=1e-6)
+    kh = jnp.repeat(k, H // KVH, axis=2)  # [B, S, H, D]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, kh) / np.sqrt(D)
+    scores = jnp.where(np.tril(np.ones((S, S), bool)), scores, -jnp.inf)
+    np.testing.assert_allclose(lse, jax.nn.logsumexp(scores, axis=-1), rtol=1e-5)
+
+
+def test_query_block_with_offset_and_segment_pair_equals_rows_of_full_attention():
+    """A block of queries at a (traced) offset, with its own segment ids, sees what the same rows
+    of the full attention see: the masks context parallelism builds between blocks."""
+    q, k, v = _random_qkv()
+    segment_ids = jnp.array([[0] * 5 + [1] * 11, [0] * 12 + [1] * 4], jnp.int32)
+    full = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids)
+
+    @jax.jit
+    def rows(start):
+        qb = jax.lax.dynamic_slice_in_dim(q, start, 4, axis=1)
+        sb = jax.lax.dynamic_slice_in_dim(segment_ids, start, 4, axis=1)
+        return kernels.attention(
+            qb, k, v, causal=True, segment_ids=(sb, segment_ids), q_offset=start
+        )
+
+    for start in (0, 4, 12):
+        np.testing.assert_allclose(rows(start), full[:, start : start + 4], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, feature",
+    [
+        ({"return_lse": True}, "return_lse"),
+        ({"q_offset": 2}, "q_offset"),
+        ({"segment_ids": (jnp.zeros((B, S), jnp.int32),) * 2}, "kv_segment_ids"),
+    ],
+)
+@pytest.mark.parametrize("name", ["cudnn", "pallas_gpu", "pallas_tpu"])
+def test_block_features_on_other_backends_raise_unsupported(name, kwargs, feature):
+    with pytest.raises(kernels.UnsupportedError, match=f"{name}.*{feature}"):
+        kernels.attention(*_qkv(), causal=True, implementation=name, **kwargs)
+
+
+def test_q_offset_cannot_shift_a_block_sparse_mask():
+    mask = kernels.BlockSparseMask(((True,),), S, S)
+    with pytest.raises(ValueError, match="q_offset"):
+        kernels.attention(*_qkv(), mask=mask, q_offset=0)

@@ -24,6 +24,8 @@ LAYOUTS = [
     {"fsdp": 4, "tensor": 2},
     {"data": 2, "fsdp": 2, "tensor": 2},
     {"data": 2, "expert": 4},  # a dense model: the expert axis splits the batch
+    {"data": 2, "sequence": 4, "context_parallel": "ring"},
+    {"data": 2, "sequence": 4, "context_parallel": "all_gather"},
 ]
 # The default table, restated: which mesh axis each logical parameter axis lives on.
 EXPECTED_AXIS = {
@@ -53,9 +55,12 @@ def batches(config, count: int) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def with_mesh(config, sizes: dict[str, int]):
+def with_mesh(config, sizes: dict):
+    """`config` on the mesh `sizes` (its "context_parallel" entry, if any, sets the model's)."""
     config = config.copy_and_resolve_references()
+    sizes = dict(sizes)
     with config.unlocked():
+        config.model.context_parallel = sizes.pop("context_parallel", "ring")
         config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, **sizes})
     return config
 
@@ -176,9 +181,29 @@ def test_layout_matches_one_device_and_the_rules_table(tiny_config, sizes):
         ({"mesh.data": 3}, partitioning.MeshError, "multiply to 3, but there are 8 devices"),
         ({"mesh.data": -1, "mesh.fsdp": -1}, partitioning.MeshError, "at most one axis may be -1"),
         (
-            {"mesh.data": 4, "mesh.sequence": 2},
+            {"mesh.data": 2, "mesh.sequence": 4, "seq_len": 36},
             config_lib.ConfigError,
-            "context parallelism is not implemented yet",
+            "config.seq_len=36 does not split into 8 chunks",
+        ),
+        (
+            {"mesh.data": 2, "mesh.sequence": 4, "seq_len": 34},
+            config_lib.ConfigError,
+            "config.seq_len=34 does not split over mesh.sequence=4",
+        ),
+        (
+            {
+                "mesh.data": 2,
+                "mesh.sequence": 4,
+                "model.attention_pattern": "sliding",
+                "model.attention_window": 8,
+            },
+            config_lib.ConfigError,
+            "context parallelism (mesh.sequence=4) supports dense causal attention only",
+        ),
+        (
+            {"model.context_parallel": "ulysses"},
+            config_lib.ConfigError,
+            "config.model.context_parallel='ulysses'",
         ),
         (
             {"mesh.data": 2, "mesh.expert": 4, "model.moe.num_experts": 6},
