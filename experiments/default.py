@@ -80,6 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention_global = 16  # G: leading tokens every "local_global" query sees
     c.model.attention_stride = 8  # S: "strided" and "dilated" step between keys
     c.model.attention_chunk = 128  # C: "chunked" attends causally within chunks of C tokens
+    c.model.attention_nsa_block = 16  # "nsa": tokens per compressed and per selected block
+    c.model.attention_nsa_selected = 4  # "nsa": past blocks each query selects besides its own
     # Context parallelism (mesh.sequence > 1): "ring" passes K/V blocks around the devices
     # (zig-zag load balanced; seq_len a multiple of 2 x mesh.sequence), "all_gather" gathers them.
     c.model.context_parallel = "ring"

@@ -258,7 +258,7 @@ def validate_attention_pattern(model: ml_collections.ConfigDict) -> None:
         "--config.model.scan_layers=False or use a single pattern.",
     )
     for field in sorted({f for name in schedule for f in sparse.PATTERNS[name].fields}):
-        minimum = 0 if field == "attention_global" else 1
+        minimum = 0 if field in ("attention_global", "attention_nsa_selected") else 1
         _check(
             isinstance(model[field], int) and model[field] >= minimum,
             f"config.model.{field} must be an integer >= {minimum}, got {model[field]!r}: set "

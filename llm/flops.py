@@ -48,11 +48,18 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     moe_mlp = router_and_shared + m.num_experts * expert
     moe_active = router_and_shared + m.top_k * expert
     dense_layers = cfg.num_layers - moe_layers
+    # A learned-sparse ("nsa") layer adds its gates [D, H, 3] and the K/V compressions
+    # [block, Dh, Dh]; per token a compression costs as much as a [Dh, Dh] matmul per kv head.
+    nsa_layers = sparse.layer_patterns(cfg).count("nsa")
+    gates = d * cfg.num_heads * 3
+    nsa_params = gates + 2 * cfg.attention_nsa_block * dh * dh
+    nsa_matmul = gates + 2 * cfg.num_kv_heads * dh * dh
     embedding = cfg.vocab_size * d
     unembed = 0 if cfg.tie_embeddings else d * cfg.vocab_size
     total = (
         embedding
         + cfg.num_layers * (attn + norms)
+        + nsa_layers * nsa_params
         + dense_layers * mlp
         + moe_layers * moe_mlp
         + d
@@ -61,7 +68,11 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     active = total - moe_layers * (moe_mlp - moe_active)
     # Norm scales are not matmuls; the output projection is, tied or not.
     matmul = (
-        cfg.num_layers * attn + dense_layers * mlp + moe_layers * moe_active + d * cfg.vocab_size
+        cfg.num_layers * attn
+        + nsa_layers * nsa_matmul
+        + dense_layers * mlp
+        + moe_layers * moe_active
+        + d * cfg.vocab_size
     )
     return {
         "total": total,

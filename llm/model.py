@@ -82,6 +82,8 @@ class ModelConfig:
     attention_global: int = 16  # G global tokens of "local_global"
     attention_stride: int = 8  # S of "strided", "dilated"
     attention_chunk: int = 128  # C of "chunked"
+    attention_nsa_block: int = 16  # tokens per compressed/selected block of "nsa"
+    attention_nsa_selected: int = 4  # past blocks each "nsa" query selects (besides its own)
     context_parallel: str = "ring"  # "ring" | "all_gather", used when mesh.sequence > 1
 
     def __post_init__(self):
@@ -241,7 +243,19 @@ class Block(nnx.Module):
     ):
         kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
         self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
-        self.attn = Attention(cfg, layer, rngs=rngs)
+        if sparse.layer_pattern(cfg, layer) == "nsa":
+            from llm.native_sparse import NativeSparseAttention  # builds on this module
+
+            self.attn = NativeSparseAttention(
+                cfg,
+                layer,
+                block=cfg.attention_nsa_block,
+                num_selected=cfg.attention_nsa_selected,
+                window=cfg.attention_window,
+                rngs=rngs,
+            )
+        else:
+            self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
         self.is_moe = moe
         if moe:

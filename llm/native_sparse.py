@@ -56,21 +56,28 @@ def validate_hyperparameters(block: int, num_selected: int, window: int) -> None
         )
 
 
-def nsa_attention_pairs(seq_len: int, block: int, num_selected: int, window: int) -> int:
-    """Query-key pairs the layer scores for one unpacked sequence, summed over its three branches.
+def nsa_visible(t: np.ndarray, block: int, num_selected: int, window: int) -> np.ndarray:
+    """Keys the query at position t scores, summed over the three branches (int64 like t).
 
     Query t (in block i = t // block) scores (t + 1) // block compressed keys, the
     min(num_selected, i) * block tokens of its selected past blocks plus the t - i * block + 1
-    tokens of its own block up to itself, and min(window, t + 1) window keys. Per head; multiply
-    by 4 * head_dim * heads for the forward FLOPs of the score and value matmuls.
+    tokens of its own block up to itself, and min(window, t + 1) window keys.
     """
     validate_hyperparameters(block, num_selected, window)
-    t = np.arange(seq_len, dtype=np.int64)
     i = t // block
     compressed = (t + 1) // block
     selected = np.minimum(num_selected, i) * block + (t - i * block + 1)
-    sliding = np.minimum(window, t + 1)
-    return int((compressed + selected + sliding).sum())
+    return compressed + selected + np.minimum(window, t + 1)
+
+
+def nsa_attention_pairs(seq_len: int, block: int, num_selected: int, window: int) -> int:
+    """Query-key pairs the layer scores for one unpacked sequence, summed over its three branches.
+
+    Per head; multiply by 4 * head_dim * heads for the forward FLOPs of the score and value
+    matmuls.
+    """
+    t = np.arange(seq_len, dtype=np.int64)
+    return int(nsa_visible(t, block, num_selected, window).sum())
 
 
 # Pieces shared by the efficient path and the reference.
@@ -342,6 +349,7 @@ class NativeSparseAttention(Attention):
     def __init__(
         self,
         cfg: ModelConfig,
+        layer: int | None = None,
         *,
         block: int = 16,
         num_selected: int = 4,
@@ -349,7 +357,7 @@ class NativeSparseAttention(Attention):
         rngs: nnx.Rngs,
     ):
         validate_hyperparameters(block, num_selected, window)
-        super().__init__(cfg, rngs=rngs)
+        super().__init__(cfg, layer, rngs=rngs)
         self.block, self.num_selected, self.window = block, num_selected, window
         d, h, dh, pdt = cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.param_dtype
         init = nnx.initializers.normal(0.02)

@@ -9,6 +9,8 @@ W = attention_window, G = attention_global, S = attention_stride, C = attention_
   strided       p - k < S or (p - k) % S == 0  (Sparse Transformer, Child et al. 2019)
   dilated       p - k < W and (p - k) % S == 0 (Longformer dilated window: every S-th key)
   chunked       p // C == k // C               (Llama 4: causal within chunks of C tokens)
+  nsa           learned: compressed blocks + the top-n selected blocks + a window of W
+                (llm/native_sparse.py; its mask here is the window branch's)
 
 Positions are indices in the (packed) training row, as the kernels see them: global tokens and
 chunks are those of the row, and packed documents are still separated by segment ids.
@@ -24,8 +26,8 @@ length must divide num_layers. Examples for 12 layers:
 A pattern is one row of PATTERNS: its mask (handed to the kernels, which skip empty blocks; the
 KV-cache decode applies the same mask's predicate), the exact number of keys each query position
 sees (for llm.flops), and the config fields it reads (for llm.config validation). Adding a pattern
-is adding a row; a learned one ("nsa", llm/native_sparse.py) adds its row here and its layer is
-picked by name from `layer_patterns`.
+is adding a row; the learned one ("nsa") is a different layer, which llm.model's Block builds
+when `layer_pattern` names it.
 """
 
 from __future__ import annotations
@@ -88,7 +90,18 @@ PATTERNS: dict[str, Pattern] = {
         lambda c, p: p % c.attention_chunk + 1,
         ("attention_chunk",),
     ),
+    "nsa": Pattern(
+        lambda c: m.SlidingWindowMask(c.attention_window),
+        lambda c, p: _nsa_visible(c, p),
+        ("attention_window", "attention_nsa_block", "attention_nsa_selected"),
+    ),
 }
+
+
+def _nsa_visible(c: ModelConfig, p: np.ndarray) -> np.ndarray:
+    from llm.native_sparse import nsa_visible  # llm.native_sparse builds on llm.model
+
+    return nsa_visible(p, c.attention_nsa_block, c.attention_nsa_selected, c.attention_window)
 
 
 def parse_schedule(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -124,8 +137,9 @@ def layer_patterns(cfg: ModelConfig) -> tuple[str, ...]:
     return schedule * (cfg.num_layers // len(schedule))
 
 
-def layer_mask(cfg: ModelConfig, layer: int | None) -> m.Mask:
-    """The mask of `layer`; layer=None (scanned layers share one block) needs a uniform schedule."""
+def layer_pattern(cfg: ModelConfig, layer: int | None) -> str:
+    """The pattern name of `layer`; layer=None (scanned layers share one block) needs a uniform
+    schedule."""
     names = layer_patterns(cfg)
     if layer is None:
         if len(set(names)) > 1:
@@ -134,7 +148,12 @@ def layer_mask(cfg: ModelConfig, layer: int | None) -> m.Mask:
                 f"{cfg.attention_pattern!r} mixes patterns {sorted(set(names))}"
             )
         layer = 0
-    return PATTERNS[names[layer]].mask(cfg)
+    return names[layer]
+
+
+def layer_mask(cfg: ModelConfig, layer: int | None) -> m.Mask:
+    """The mask of `layer` (see `layer_pattern`)."""
+    return PATTERNS[layer_pattern(cfg, layer)].mask(cfg)
 
 
 def visible_pairs(cfg: ModelConfig, seq_len: int) -> tuple[int, ...]:

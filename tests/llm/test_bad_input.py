@@ -79,6 +79,11 @@ from llm import config as config_lib, train
             "attention_window=64 does not fit in config.seq_len=32",
         ),
         (
+            {"model.attention_pattern": "nsa", "model.attention_nsa_block": 0},
+            config_lib.ConfigError,
+            "config.model.attention_nsa_block must be an integer >= 1, got 0",
+        ),
+        (
             {"model.attention_pattern": "chunked", "model.attention_chunk": 33},
             config_lib.ConfigError,
             "attention_chunk=33 does not fit in config.seq_len=32",

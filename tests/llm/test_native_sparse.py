@@ -149,7 +149,7 @@ def test_bad_hyperparameters_are_named(kwargs, match):
 
 def test_layer_is_a_drop_in_for_attention_and_trains_under_jit():
     layer = nsa.NativeSparseAttention(CFG, block=4, num_selected=2, window=6, rngs=nnx.Rngs(0))
-    dense_layer = Attention(CFG, rngs=nnx.Rngs(0))
+    dense_layer = Attention(CFG, None, rngs=nnx.Rngs(0))
     for name in ("wq", "wk", "wv", "wo"):  # same names, shapes and logical axes
         mine, theirs = getattr(layer, name), getattr(dense_layer, name)
         assert mine.shape == theirs.shape
@@ -205,3 +205,27 @@ def test_pallas_selected_block_kernel_matches_the_dense_mask_reference(segments)
     mask = nsa.reference_selected_mask(importance, seg, num_selected, block)  # [B, K, L, L]
     ref, _ = nsa.dense_masked_attention(q, k, v, jnp.repeat(mask, H // K, axis=1), DH**-0.5)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_nsa_pattern_builds_the_layer_and_counts_its_parameters():
+    """attention_pattern "sliding,nsa" puts NSA in odd layers; flops counts its parameters."""
+    from llm import flops
+    from llm.model import Transformer
+
+    cfg = ModelConfig(
+        vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
+        attention_pattern="sliding,nsa", attention_window=8, attention_nsa_block=4,
+        attention_nsa_selected=2,
+    )  # fmt: skip
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert type(model.blocks[0].attn).__name__ == "Attention"
+    assert isinstance(model.blocks[1].attn, nsa.NativeSparseAttention)
+    assert model.blocks[1].attn.block == 4 and model.blocks[1].attn.window == 8
+    params = nnx.state(model, nnx.Param)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    assert flops.param_counts(cfg)["total"] == n
+    pairs = sum(flops.sparse.visible_pairs(cfg, 24))
+    window_pairs = sum(min(8, t + 1) for t in range(24))
+    assert pairs == window_pairs + nsa.nsa_attention_pairs(24, 4, 2, 8)
+    logits = model(jnp.zeros((1, 24), jnp.int32))
+    assert logits.shape == (1, 24, 64) and bool(jnp.all(jnp.isfinite(logits)))

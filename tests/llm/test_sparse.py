@@ -48,17 +48,21 @@ def tokens(shape, seed=0) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, shape), jnp.int32)
 
 
+# "nsa" is learned (content-dependent): tests/llm/test_native_sparse.py checks it.
+MASK_PATTERNS = sorted(set(sparse.PATTERNS) - {"nsa"})
+
+
 def test_every_pattern_has_a_hand_built_reference():
-    assert set(HAND) == set(sparse.PATTERNS)
+    assert set(HAND) == set(MASK_PATTERNS)
 
 
-@pytest.mark.parametrize("name", sorted(sparse.PATTERNS))
+@pytest.mark.parametrize("name", MASK_PATTERNS)
 def test_pattern_mask_equals_hand_built(name):
     got = sparse.PATTERNS[name].mask(CFG).dense(17, 17)
     np.testing.assert_array_equal(got, hand_mask(name, CFG, 17))
 
 
-@pytest.mark.parametrize("name", sorted(sparse.PATTERNS))
+@pytest.mark.parametrize("name", MASK_PATTERNS)
 @pytest.mark.parametrize(
     "window,num_global,stride,chunk", [(5, 2, 3, 4), (1, 0, 1, 1), (8, 9, 7, 40), (40, 3, 2, 6)]
 )
