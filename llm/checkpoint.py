@@ -93,6 +93,7 @@ def wait(manager: ocp.CheckpointManager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as e:
+        manager.reload()  # the steps on disk: retention had already dropped old ones from memory
         raise CheckpointSaveError(
             f"saving the checkpoint of step {pending} in {manager.directory} failed "
             f"({type(e).__name__}: {e}); the last committed checkpoint is step "
