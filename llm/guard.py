@@ -17,7 +17,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
 
+from llm import checkpoint
 from llm.train_step import Batch, TrainState
 
 POLICIES = ("stop", "skip")
@@ -89,21 +91,25 @@ def guarded(
     return step
 
 
-def raise_if_nonfinite(state: TrainState, last_checkpoint: int | None, directory) -> None:
-    """Raises NonFiniteError if a step of `state` went non-finite (nonfinite="stop")."""
+def raise_if_nonfinite(state: TrainState, manager: ocp.CheckpointManager) -> None:
+    """Raises NonFiniteError if a step of `state` went non-finite (nonfinite="stop"), once the
+    pending save of an earlier, good state has committed."""
     bad_step, what = (
         int(x) for x in jax.device_get((state["guard"]["bad_step"], state["guard"]["bad_what"]))
     )
     if bad_step < 0:
         return
+    checkpoint.wait(manager)
+    last = manager.latest_step()
     names = [
         n
         for bit, n in ((LOSS, "loss"), (GRADIENTS, "gradients"), (PARAMETERS, "parameters"))
         if what & bit
     ]
-    kept = f"step {last_checkpoint} in {directory}" if last_checkpoint is not None else "none"
+    listed = ", ".join(names[:-1]) + " and " * (len(names) > 1) + names[-1]  # "loss and gradients"
+    kept = f"step {last} in {manager.directory}" if last is not None else "none"
     raise NonFiniteError(
-        f"step {bad_step}: the {' and '.join(names)} went non-finite (config.nonfinite='stop'); "
+        f"step {bad_step}: the {listed} went non-finite (config.nonfinite='stop'); "
         f"nothing was saved after it, the last good checkpoint is {kept}. Lower the learning "
         "rate (or raise warmup), or set --config.nonfinite=skip to skip such steps."
     )

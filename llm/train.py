@@ -238,8 +238,7 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
 
         def save(state, **kwargs):  # never a non-finite state (nonfinite="stop")
             if config.nonfinite == "stop":
-                checkpoint.wait(manager)
-                guard.raise_if_nonfinite(state, manager.latest_step(), manager.directory)
+                guard.raise_if_nonfinite(state, manager)
             checkpoint.save(manager, state, **kwargs)
 
         metrics: dict[str, float] = {}
@@ -264,7 +263,7 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
             if done % config.log_every == 0 or done == config.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 if config.nonfinite == "stop":
-                    guard.raise_if_nonfinite(state, manager.latest_step(), manager.directory)
+                    guard.raise_if_nonfinite(state, manager)
                 seconds = time.perf_counter() - tick
                 tokens_per_second = steps_since * tokens_per_step / seconds
                 achieved = tokens_per_second * flops_per_token / jax.device_count()
