@@ -61,14 +61,15 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
+def _positive(config: ml_collections.ConfigDict, *fields: str, prefix: str = "") -> None:
     for field in fields:
         value = config
         for part in field.split("."):
             value = value[part]
+        name = prefix + field  # the full dotted name, e.g. "model.num_layers"
         _check(
             isinstance(value, int) and value > 0,
-            f"config.{field} must be a positive integer, got {value!r}: set --config.{field}=N.",
+            f"config.{name} must be a positive integer, got {value!r}: set --config.{name}=N.",
         )
 
 
@@ -184,6 +185,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
         "num_kv_heads",
         "mlp_dim",
         "max_seq_len",
+        prefix="model.",
     )
     _check(
         model.num_heads % model.num_kv_heads == 0,
