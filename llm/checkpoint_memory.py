@@ -18,7 +18,8 @@ import threading
 import jax
 from absl import app, flags, logging
 
-from llm import checkpoint, config as config_lib, partitioning, train
+from llm import checkpoint, partitioning, train
+from llm import config as config_lib
 
 
 def rss() -> int:
@@ -51,21 +52,24 @@ def measure(config) -> dict[str, int]:
     """Bytes: the state, and the peak RSS increase of a fresh init, a save, a restore."""
     mesh = partitioning.make_mesh(config.mesh.to_dict())
     result: dict[str, int] = {}
-    with tempfile.TemporaryDirectory() as workdir:
-        with jax.set_mesh(mesh), partitioning.axis_rules(tuple(config.axis_rules)):
-            with peak_rss(result, "fresh init"):
-                state = train.setup_state(config, mesh).state
-                jax.block_until_ready(state)
-            result["state"] = sum(x.nbytes for x in jax.tree.leaves(state))
-            manager = checkpoint.make_manager(workdir)
-            with peak_rss(result, "save"):
-                checkpoint.save(manager, state)
-                checkpoint.wait(manager)
-            del state
-            manager = checkpoint.make_manager(workdir)
-            with peak_rss(result, "restore"):
-                state = train.setup_state(config, mesh, manager).state
-                jax.block_until_ready(state)
+    with (
+        tempfile.TemporaryDirectory() as workdir,
+        jax.set_mesh(mesh),
+        partitioning.axis_rules(tuple(config.axis_rules)),
+    ):
+        with peak_rss(result, "fresh init"):
+            state = train.setup_state(config, mesh).state
+            jax.block_until_ready(state)
+        result["state"] = sum(x.nbytes for x in jax.tree.leaves(state))
+        manager = checkpoint.make_manager(workdir)
+        with peak_rss(result, "save"):
+            checkpoint.save(manager, state)
+            checkpoint.wait(manager)
+        del state
+        manager = checkpoint.make_manager(workdir)
+        with peak_rss(result, "restore"):
+            state = train.setup_state(config, mesh, manager).state
+            jax.block_until_ready(state)
     return result
 
 
