@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm import checkpoint, debug, train
+from llm import checkpoint, debug, partitioning, train
 from llm import config as config_lib
 from llm.metrics import last_per_step, read_metrics
 
@@ -122,3 +122,37 @@ def test_training_resumes_from_the_previous_step_of_a_corrupt_checkpoint(tmp_pat
     assert [r["step"] for r in records] == [1, 2, 3, 4, 3, 4]  # steps 3, 4 trained again
     assert records[-1]["loss"] == expected[4]["loss"]
     assert _committed(tmp_path) == [2, 4]
+
+
+class RecordingJax:
+    """`jax` for llm.train, recording the names of the functions it jits."""
+
+    def __init__(self):
+        self.jitted = []
+
+    def __getattr__(self, name):
+        return getattr(jax, name)
+
+    def jit(self, fn, **kwargs):
+        self.jitted.append(fn.__name__)
+        return jax.jit(fn, **kwargs)
+
+
+def test_restore_reads_into_abstract_targets_without_a_fresh_state(
+    tmp_path, tiny_config, monkeypatch
+):
+    recorder = RecordingJax()
+    monkeypatch.setattr(train, "jax", recorder)
+    mesh = partitioning.make_mesh(tiny_config.mesh.to_dict())
+    with jax.set_mesh(mesh), partitioning.axis_rules(tuple(tiny_config.axis_rules)):
+        fresh = train.setup_state(tiny_config, mesh).state
+        assert recorder.jitted == ["init_state"]  # a fresh start builds the state
+        manager = checkpoint.make_manager(tmp_path)
+        checkpoint.save(manager, fresh)
+        checkpoint.wait(manager)
+        recorder.jitted.clear()
+        restored = train.setup_state(tiny_config, mesh, manager).state
+    assert recorder.jitted == [], "a restore builds no fresh state, only jax.eval_shape"
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(fresh), strict=True):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(a, b)
