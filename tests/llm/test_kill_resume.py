@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -38,26 +39,45 @@ def _flags(workdir, config):
     ]
 
 
-def _start(workdir, config, cache, pause=None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: quick
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    if pause:
-        env["LLM_LAB_PAUSE"] = pause
-    return subprocess.Popen(
-        [sys.executable, "-m", "llm.train", *_flags(workdir, config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+class Run:
+    """`python -m llm.train` in a subprocess; a thread collects its stderr lines."""
 
+    def __init__(self, workdir, config, cache, pause=None):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: quick
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
+        )
+        if pause:
+            env["LLM_LAB_PAUSE"] = pause
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llm.train", *_flags(workdir, config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self.lines.extend, args=(self.process.stderr,))
+        self._reader.start()
 
-def _wait_for(process: subprocess.Popen, text: str) -> None:
-    """Reads the process's stderr until a line contains `text`."""
-    lines = []
-    while (line := process.stderr.readline()) and text not in line:
-        lines.append(line)
-    assert text in line, "".join(lines[-30:])
+    def tail(self) -> str:
+        return "".join(self.lines[-30:])[-3000:]
+
+    def wait_for(self, text: str, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while not any(text in line for line in self.lines):
+            if self.process.poll() is not None and self.finish() is not None:
+                assert any(text in line for line in self.lines), self.tail()
+            assert time.time() < deadline, f"no {text!r} in {timeout} s"
+            time.sleep(0.05)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def finish(self, timeout: float = 300) -> int:
+        self.process.wait(timeout)
+        self._reader.join(timeout)
+        return self.process.returncode
 
 
 def _steps(workdir) -> list[int]:
@@ -68,17 +88,15 @@ def _temporary(workdir) -> list[str]:
     return [p.name for p in (workdir / "checkpoints").iterdir() if not p.name.isdigit()]
 
 
-def _kill(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+def _kill(run: Run) -> None:
+    run.signal(signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL
 
 
 def test_kills_and_signals_resume_bit_identically(tmp_path, tiny_config):
     cache = tmp_path / "jax_cache"
-    reference = _start(tmp_path / "reference", tiny_config, cache)
-    _, stderr = reference.communicate(timeout=300)
-    assert reference.returncode == 0, stderr[-3000:]
+    reference = Run(tmp_path / "reference", tiny_config, cache)
+    assert reference.finish() == 0, reference.tail()
     expected = last_per_step(read_metrics(tmp_path / "reference"))
     expected_hashes = last_per_step(read_metrics(tmp_path / "reference", "batch_hashes.jsonl"))
     assert sorted(expected) == list(range(1, STEPS + 1))
@@ -96,33 +114,31 @@ def test_kills_and_signals_resume_bit_identically(tmp_path, tiny_config):
 
     run = tmp_path / "run"
     # 1. kill -9 inside the second save (step 6): its temporary directory is on disk.
-    process = _start(run, tiny_config, cache, pause="save#2:120")
-    _wait_for(process, "paused at save")
+    process = Run(run, tiny_config, cache, pause="save#2:120")
+    process.wait_for("paused at save")
     assert _steps(run) == [3] and _temporary(run), "killed mid-save"
     _kill(process)
 
     # 2. SIGTERM while compiling the resumed run: nothing new trained or saved, exit 143.
     logged = len(read_metrics(run))
-    process = _start(run, tiny_config, cache, pause="compile:3")
-    _wait_for(process, "paused at compile")
+    process = Run(run, tiny_config, cache, pause="compile:3")
+    process.wait_for("paused at compile")
     assert not _temporary(run), "the partial save of the killed run was cleaned at start"
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    process.signal(signal.SIGTERM)
+    assert process.finish() == 128 + signal.SIGTERM, process.tail()
     assert _steps(run) == [3] and len(read_metrics(run)) == logged
 
     # 3. kill -9 wherever the run is once it has logged step 8.
-    process = _start(run, tiny_config, cache)
+    process = Run(run, tiny_config, cache)
     deadline = time.time() + 240
     while max((r["step"] for r in read_metrics(run)), default=0) < 8:
-        assert process.poll() is None and time.time() < deadline
+        assert process.process.poll() is None and time.time() < deadline, process.tail()
         time.sleep(0.05)
     _kill(process)
 
     # 4. The last rerun finishes.
-    process = _start(run, tiny_config, cache)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
+    process = Run(run, tiny_config, cache)
+    assert process.finish() == 0, process.tail()
     assert not _temporary(run)
     assert _steps(run)[-1] == STEPS
 
