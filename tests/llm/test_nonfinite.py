@@ -67,7 +67,7 @@ def test_loss_spikes_and_nonfinite_losses_are_skipped_and_the_window_resumes(tmp
 
 
 def test_skip_keeps_parameters_and_optimizer_state_bit_for_bit(tiny_config):
-    cfg = config_lib.model_config(tiny_config)
+    cfg = config_lib.model_config(config_lib.with_overrides(tiny_config, {"model.num_layers": 1}))
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     tx, schedule = make_optimizer(tiny_config.optimizer, steps=10)
     inner = make_train_step(graphdef, tx, schedule, grad_accum_steps=1, z_loss=0.0)
