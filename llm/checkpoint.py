@@ -2,7 +2,8 @@
 
 A checkpoint has two items, so that sampling can read the parameters without the optimizer:
     params:    the model parameters (an nnx.State)
-    opt_state: {"step": int32[], "opt_state": the optax state}
+    opt_state: the rest of the train state: {"step": int32[], "opt_state": the optax state,
+               "guard": the non-finite and loss-spike state of llm.guard}
 Orbax writes each step to a temporary directory and renames it when complete, so a listed step
 is always whole; a temporary directory left by a killed run is deleted when the next run opens
 the manager. An old step is deleted only after the next one has committed, and a failed

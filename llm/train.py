@@ -262,8 +262,6 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                if config.nonfinite == "stop":
-                    guard.raise_if_nonfinite(state, manager)
                 seconds = time.perf_counter() - tick
                 tokens_per_second = steps_since * tokens_per_step / seconds
                 achieved = tokens_per_second * flops_per_token / jax.device_count()
@@ -277,6 +275,8 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
                     metrics.update(evaluate(eval_step, state["params"], eval_data, config, put))
                 if writer:
                     writer.write(done, metrics)
+                if config.nonfinite == "stop":  # after logging the bad values
+                    guard.raise_if_nonfinite(state, manager)
                 progress.set_postfix(
                     loss=f"{metrics['loss']:.3f}",
                     tok_s=f"{tokens_per_second:,.0f}",
