@@ -131,18 +131,10 @@ def restore_latest(
     CheckpointCorruptError naming its directory and file; with `fallback_to_previous` the step is
     moved to WORKDIR/corrupt_checkpoints/ (logged) and the previous one restored instead.
     """
-    rest = {k: v for k, v in abstract_state.items() if k != "params"}
     steps = sorted(manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
         try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_state["params"]),
-                    opt_state=ocp.args.StandardRestore(rest),
-                ),
-            )
-            return {"params": restored.params, **restored.opt_state}
+            return _restore(manager, step, abstract_state)
         except Exception as e:
             error = CheckpointCorruptError(describe_damage(manager.directory / str(step), e))
             if not fallback_to_previous or i + 1 == len(steps):
@@ -160,6 +152,25 @@ def restore_latest(
             multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
             manager.reload()
     return None
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
+    """Step `step`; a checkpoint saved before llm.guard existed comes back without "guard"."""
+    rest = {k: v for k, v in abstract_state.items() if k != "params"}
+    errors = []
+    for item in (rest, {k: v for k, v in rest.items() if k != "guard"}):
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_state["params"]),
+                    opt_state=ocp.args.StandardRestore(item),
+                ),
+            )
+            return {"params": restored.params, **restored.opt_state}
+        except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types)
+            errors.append(e)
+    raise errors[0]
 
 
 def describe_damage(step_dir: pathlib.Path, error: Exception) -> str:

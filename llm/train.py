@@ -160,6 +160,8 @@ def setup_state(
             partitioning.with_shardings(abstract, shardings),
             fallback_to_previous=config.checkpoint.fallback_to_previous,
         )
+    if state is not None and "guard" not in state:  # saved before llm.guard: start it afresh
+        state["guard"] = jax.device_put(guard.init_guard(config), shardings["guard"])
     if state is None:
         state = jax.jit(init_state, out_shardings=shardings)()
     return Setup(state, shardings, graphdef, tx, schedule)
