@@ -23,8 +23,11 @@ import time
 
 import numpy as np
 
+from llm.metrics import drop_partial_line
+
 PAUSE_VARIABLE = "LLM_LAB_PAUSE"
 _hits: collections.Counter = collections.Counter()
+_repaired: set[pathlib.Path] = set()
 
 
 def pause(point: str) -> None:
@@ -55,5 +58,9 @@ def log_batch_hash(workdir: str | os.PathLike, step: int, batch: dict[str, np.nd
     """Appends {"step": step, "sha256": ...} to WORKDIR/batch_hashes.jsonl; `step` is the batch
     index (the step the batch trains). Like metrics.jsonl, steps replayed after a resume appear
     again: a reader keeps the last record of each step."""
-    with (pathlib.Path(workdir) / "batch_hashes.jsonl").open("a") as f:
+    path = pathlib.Path(workdir) / "batch_hashes.jsonl"
+    if path not in _repaired:  # once per run: a line cut short by a kill
+        drop_partial_line(path)
+        _repaired.add(path)
+    with path.open("a") as f:
         f.write(json.dumps({"step": int(step), "sha256": batch_hash(batch)}) + "\n")

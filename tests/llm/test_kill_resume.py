@@ -9,10 +9,12 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from data import pipeline, text_corpus, tokenizer
-from llm.metrics import last_per_step, read_metrics
+from llm import debug
+from llm.metrics import MetricsWriter, last_per_step, read_metrics
 
 STEPS, BATCH = 12, 8
 
@@ -156,8 +158,6 @@ def test_kills_and_signals_resume_bit_identically(tmp_path, tiny_config):
 
 @pytest.mark.parametrize("nth", [1, 2])
 def test_pause_points_count_hits(monkeypatch, capsys, nth):
-    from llm import debug
-
     monkeypatch.setattr(debug, "_hits", debug.collections.Counter())
     monkeypatch.setenv(debug.PAUSE_VARIABLE, f"save#{nth}:0")
     debug.pause("compile")
@@ -165,3 +165,14 @@ def test_pause_points_count_hits(monkeypatch, capsys, nth):
     assert ("paused at save" in capsys.readouterr().err) == (nth == 1)
     debug.pause("save")
     assert ("paused at save" in capsys.readouterr().err) == (nth == 2)
+
+
+def test_a_line_cut_short_by_a_kill_is_dropped(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    MetricsWriter(tmp_path, tensorboard=False).write(2, {"loss": 1.5})
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+    (tmp_path / "batch_hashes.jsonl").write_text('{"step": 0, "sha256": "ab')
+    debug.log_batch_hash(tmp_path, 0, {"inputs": np.zeros(3)})
+    assert [r["step"] for r in read_metrics(tmp_path, "batch_hashes.jsonl")] == [0]
