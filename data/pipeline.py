@@ -15,6 +15,7 @@ import os
 import pathlib
 import tempfile
 import time
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -177,10 +178,14 @@ def load_dataset(
         / "packed"
         / (f"{stem}_L{seq_len}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
     )
+    arrays = None
     if cache.exists():
-        with np.load(cache) as npz:
-            arrays = {k: npz[k] for k in PACKED_KEYS}
-    else:
+        try:
+            with np.load(cache) as npz:
+                arrays = {k: npz[k] for k in PACKED_KEYS}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a cut-short cache
+            _log.warning("packed cache %s is unreadable (%s); packing again.", cache, e)
+    if arrays is None:
         arrays = _pack_split(builder, split, text_key, tokenizer, seq_len, max_documents)
         _save_atomic(cache, arrays)
     return PackedDataset(arrays, seed)

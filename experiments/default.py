@@ -23,6 +23,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batches = 8
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.fallback_to_previous = False  # restore the previous step if the latest is corrupt
+    c.nonfinite = "stop"  # stop | skip: a step with a non-finite loss, gradient or parameter
+    c.loss_spike = ml_collections.ConfigDict()  # skip a step whose loss > mean + sigmas·std
+    c.loss_spike.window = 0  # of the last `window` accepted losses; 0 disables
+    c.loss_spike.sigmas = 6.0
+    c.debug = ml_collections.ConfigDict()
+    c.debug.log_batch_hashes = False  # WORKDIR/batch_hashes.jsonl: a SHA-256 per global batch
     c.z_loss = 1e-4  # weight of log(Z)^2 in the loss (PaLM); 0 disables
     c.sample_prompt = "The list type"  # decoded at the end of training; "" to skip
     c.sample_tokens = 48

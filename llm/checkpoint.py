@@ -2,19 +2,28 @@
 
 A checkpoint has two items, so that sampling can read the parameters without the optimizer:
     params:    the model parameters (an nnx.State)
-    opt_state: {"step": int32[], "opt_state": the optax state}
+    opt_state: the rest of the train state: {"step": int32[], "opt_state": the optax state,
+               "guard": the non-finite and loss-spike state of llm.guard}
 Orbax writes each step to a temporary directory and renames it when complete, so a listed step
-is always whole.
+is always whole; a temporary directory left by a killed run is deleted when the next run opens
+the manager. An old step is deleted only after the next one has committed, and a failed
+asynchronous save raises `CheckpointSaveError` at the next save or wait, never silently.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
+import re
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from llm import debug
 from llm.train_step import TrainState
 
 
@@ -24,6 +33,14 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 class CheckpointMismatchError(ValueError):
     """Resuming a workdir whose checkpoints belong to a differently shaped model."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A step directory that cannot be restored: truncated array file, missing metadata, ..."""
+
+
+class CheckpointSaveError(OSError):
+    """An asynchronous save failed (disk full, permissions, ...); earlier checkpoints are kept."""
 
 
 # Model fields that change the parameters' shapes or layout; others (dtype, remat, ...) may change.
@@ -73,7 +90,13 @@ def make_manager(
     workdir: str | pathlib.Path, *, keep: int = 2, async_save: bool = True, create: bool = True
 ) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=create
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        create=create,
+        cleanup_tmp_directories=create,  # partial saves of a killed run
+        async_options=ocp.AsyncOptions(post_finalization_callback=lambda: debug.pause("save"))
+        if async_save
+        else None,
     )
     return ocp.CheckpointManager(
         pathlib.Path(workdir).resolve() / "checkpoints",
@@ -82,40 +105,118 @@ def make_manager(
     )
 
 
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Waits for the pending save to commit; raises CheckpointSaveError if it failed."""
+    pending = manager.latest_step()  # a step is listed from the start of its save
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        manager.reload()  # the steps on disk: retention had already dropped old ones from memory
+        raise CheckpointSaveError(
+            f"saving the checkpoint of step {pending} in {manager.directory} failed "
+            f"({type(e).__name__}: {e}); the last committed checkpoint is step "
+            f"{manager.latest_step()}. Fix the cause (disk space, permissions) and rerun the same "
+            "command to resume from it."
+        ) from e
+
+
 def save(manager: ocp.CheckpointManager, state: TrainState, *, force: bool = False) -> None:
     """Starts an asynchronous save of `state` at its step (waits for the previous save first)."""
     step = int(jax.device_get(state["step"]))
+    wait(manager)
+    rest = {k: v for k, v in state.items() if k != "params"}  # step, opt_state, guard
     manager.save(
         step,
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
-            opt_state=ocp.args.StandardSave(
-                {"step": state["step"], "opt_state": state["opt_state"]}
-            ),
+            opt_state=ocp.args.StandardSave(rest),
         ),
         force=force,
     )
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -> TrainState | None:
-    """The latest saved train state, placed as `abstract_state`'s shardings say; None if none saved."""
-    step = manager.latest_step()
-    if step is None:
-        return None
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state["params"]),
-            opt_state=ocp.args.StandardRestore(
-                {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}
-            ),
-        ),
+def restore_latest(
+    manager: ocp.CheckpointManager,
+    abstract_state: TrainState,
+    *,
+    fallback_to_previous: bool = False,
+) -> TrainState | None:
+    """The latest saved train state, placed as `abstract_state`'s shardings say; None if none saved.
+
+    `abstract_state` holds only shapes, dtypes and shardings: each array is read straight into its
+    shards, no fresh state is built first. A step that cannot be read raises
+    CheckpointCorruptError naming its directory and file; with `fallback_to_previous` the step is
+    moved to WORKDIR/corrupt_checkpoints/ (logged) and the previous one restored instead.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+        try:
+            return _restore(manager, step, abstract_state)
+        except Exception as e:
+            error = CheckpointCorruptError(describe_damage(manager.directory / str(step), e))
+            if not fallback_to_previous or i + 1 == len(steps):
+                raise error from e
+            aside = manager.directory.parent / "corrupt_checkpoints" / str(step)
+            logging.warning(
+                "%s\ncheckpoint.fallback_to_previous: moved it to %s; restoring step %d instead.",
+                error,
+                aside,
+                steps[i + 1],
+            )
+            if jax.process_index() == 0:
+                aside.parent.mkdir(exist_ok=True)
+                shutil.move(manager.directory / str(step), aside)
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+            manager.reload()
+    return None
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
+    """Step `step`; a checkpoint saved before llm.guard existed comes back without "guard"."""
+    rest = {k: v for k, v in abstract_state.items() if k != "params"}
+    errors = []
+    for item in (rest, {k: v for k, v in rest.items() if k != "guard"}):
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_state["params"]),
+                    opt_state=ocp.args.StandardRestore(item),
+                ),
+            )
+            return {"params": restored.params, **restored.opt_state}
+        except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types)
+            errors.append(e)
+    raise errors[0]
+
+
+def describe_damage(step_dir: pathlib.Path, error: Exception) -> str:
+    """A message naming `step_dir`, the damaged file (as far as it can be found) and the fix."""
+    step_dir, text = pathlib.Path(step_dir), str(error)
+    named = re.findall(r'local file "([^"]+)"', text)
+    named += [
+        str(pathlib.Path(d) / "_METADATA")
+        for d in re.findall(r"does not exist at (\S+?)\.?$", text)
+    ]
+    named = [
+        n for n in named if not (n.endswith("/") and pathlib.Path(n, "manifest.ocdbt").exists())
+    ]
+    named = [f"{n}manifest.ocdbt (missing)" if n.endswith("/") else n for n in named]
+    if not named:  # JSON metadata that does not parse
+        for path in sorted(step_dir.rglob("*")):
+            if path.is_file() and (
+                path.name.startswith("_") or path.parent.name == "array_metadatas"
+            ):
+                try:
+                    json.loads(path.read_bytes())
+                except ValueError:
+                    named.append(str(path))
+    file = named[-1] if named else "unknown (see the error)"
+    return (
+        f"checkpoint step directory {step_dir} is corrupt or partial: file {file}: "
+        f"{type(error).__name__}: {text[:300]}. Delete {step_dir} to resume from the "
+        "previous step, or set --config.checkpoint.fallback_to_previous=True."
     )
-    return {
-        "step": restored.opt_state["step"],
-        "params": restored.params,
-        "opt_state": restored.opt_state["opt_state"],
-    }
 
 
 def restore_params(workdir: str | pathlib.Path, abstract_params: nnx.State) -> nnx.State:
@@ -128,7 +229,10 @@ def restore_params(workdir: str | pathlib.Path, abstract_params: nnx.State) -> n
             f"no checkpoint in {directory}: train first with "
             f"`python -m llm.train --config=experiments/default.py --workdir={workdir}`."
         )
-    restored = manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-    )
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+        )
+    except Exception as e:
+        raise CheckpointCorruptError(describe_damage(directory / str(step), e)) from e
     return restored.params

@@ -61,14 +61,15 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
+def _positive(config: ml_collections.ConfigDict, *fields: str, prefix: str = "") -> None:
     for field in fields:
         value = config
         for part in field.split("."):
             value = value[part]
+        name = prefix + field  # the full dotted name, e.g. "model.num_layers"
         _check(
             isinstance(value, int) and value > 0,
-            f"config.{field} must be a positive integer, got {value!r}: set --config.{field}=N.",
+            f"config.{name} must be a positive integer, got {value!r}: set --config.{name}=N.",
         )
 
 
@@ -118,7 +119,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "config.optimizer.grad_clip_norm must be >= 0 (0 disables clipping).",
     )
     _check(config.z_loss >= 0, f"config.z_loss must be >= 0, got {config.z_loss}.")
+    validate_robustness(config)
     validate_mesh(config)
+
+
+def validate_robustness(config: ml_collections.ConfigDict) -> None:
+    """The non-finite policy, loss-spike skipping and checkpoint options (llm.guard)."""
+    _check(
+        config.nonfinite in ("stop", "skip"),
+        f"config.nonfinite={config.nonfinite!r} is not one of ('stop', 'skip').",
+    )
+    window, sigmas = config.loss_spike.window, config.loss_spike.sigmas
+    _check(
+        isinstance(window, int) and not isinstance(window, bool) and window >= 0,
+        f"config.loss_spike.window must be an integer >= 0 (0 disables), got {window!r}.",
+    )
+    _check(
+        isinstance(sigmas, (int, float)) and sigmas > 0,
+        f"config.loss_spike.sigmas must be > 0, got {sigmas!r}: e.g. --config.loss_spike.sigmas=6.",
+    )
+    for field in ("checkpoint.fallback_to_previous", "debug.log_batch_hashes"):
+        group, name = field.split(".")
+        value = config[group][name]
+        _check(
+            isinstance(value, bool),
+            f"config.{field} must be True or False, got {value!r}.",
+        )
 
 
 def validate_mesh(config: ml_collections.ConfigDict) -> None:
@@ -154,6 +180,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
         "num_kv_heads",
         "mlp_dim",
         "max_seq_len",
+        prefix="model.",
     )
     _check(
         model.num_heads % model.num_kv_heads == 0,

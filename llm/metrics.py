@@ -9,11 +9,26 @@ import pathlib
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def drop_partial_line(path: pathlib.Path) -> None:
+    """Cuts a last line left unfinished by a killed process, so appends start on a fresh line."""
+    if not path.exists():
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsWriter:
-    """Appends metrics to metrics.jsonl (the history survives restarts) and to TensorBoard."""
+    """Appends metrics to metrics.jsonl (the history survives restarts) and to TensorBoard.
+
+    After a resume the steps since the restored checkpoint are logged again, so a step may have
+    several records; the last one is the run's (`last_per_step`).
+    """
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        drop_partial_line(self.path)
         self._tb = None
         if tensorboard:
             from flax.metrics import tensorboard as flax_tb  # imports TensorFlow: only when asked
@@ -34,7 +49,12 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    """All records of WORKDIR/metrics.jsonl, in order."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(workdir: str | os.PathLike, name: str = "metrics.jsonl") -> list[dict]:
+    """All complete records of WORKDIR/`name`, in order (a line cut by a kill is left out)."""
+    lines = (pathlib.Path(workdir) / name).read_text().split("\n")
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
+
+
+def last_per_step(records: list[dict]) -> dict[int, dict]:
+    """step -> its last record: a step replayed after a resume replaces the earlier record."""
+    return {r["step"]: r for r in records}

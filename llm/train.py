@@ -30,7 +30,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from data import pipeline, tokenizer as tokenizer_lib, text_corpus
-from llm import checkpoint, config as config_lib, distributed, flops, partitioning
+from llm import checkpoint, config as config_lib, debug, distributed, flops, guard, partitioning
 from llm.preemption import Preempted, PreemptionWatcher
 from llm.metrics import MetricsWriter
 from llm.model import Transformer
@@ -44,6 +44,9 @@ USER_ERRORS = (
     tokenizer_lib.TokenizerLoadError,
     pipeline.DataError,
     checkpoint.CheckpointMismatchError,
+    checkpoint.CheckpointCorruptError,
+    checkpoint.CheckpointSaveError,
+    guard.NonFiniteError,
     partitioning.MeshError,
     PermissionError,
 )
@@ -144,13 +147,20 @@ def setup_state(
             "step": jnp.zeros((), jnp.int32),
             "params": model_state,
             "opt_state": tx.init(params),
+            "guard": guard.init_guard(config),
         }
 
     abstract = jax.eval_shape(init_state)
     shardings = partitioning.state_shardings(abstract, mesh, rules)
     state = None
     if manager is not None:
-        state = checkpoint.restore_latest(manager, partitioning.with_shardings(abstract, shardings))
+        state = checkpoint.restore_latest(
+            manager,
+            partitioning.with_shardings(abstract, shardings),
+            fallback_to_previous=config.checkpoint.fallback_to_previous,
+        )
+    if state is not None and "guard" not in state:  # saved before llm.guard: start it afresh
+        state["guard"] = jax.device_put(guard.init_guard(config), shardings["guard"])
     if state is None:
         state = jax.jit(init_state, out_shardings=shardings)()
     return Setup(state, shardings, graphdef, tx, schedule)
@@ -165,6 +175,7 @@ def compile_train_step(config: ml_collections.ConfigDict, setup: Setup, batch: B
         grad_accum_steps=config.grad_accum_steps,
         z_loss=config.z_loss,
     )
+    step_fn = guard.guarded(step_fn, config)
     jitted = jax.jit(step_fn, out_shardings=(setup.shardings, None), donate_argnums=0)
     return jitted.lower(setup.state, batch).compile()
 
@@ -205,6 +216,7 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
                 process_count=jax.process_count(),
             )
 
+        debug.pause("compile")
         t = time.perf_counter()
         train_step = compile_train_step(config, setup, put(local_batch(start)))
         eval_step = jax.jit(make_eval_step(graphdef))
@@ -224,6 +236,13 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
             flush=True,
         )
         writer = MetricsWriter(path) if jax.process_index() == 0 else None
+        log_hashes = config.debug.log_batch_hashes and writer is not None
+
+        def save(state, **kwargs):  # never a non-finite state (nonfinite="stop")
+            if config.nonfinite == "stop":
+                guard.raise_if_nonfinite(state, manager)
+            checkpoint.save(manager, state, **kwargs)
+
         metrics: dict[str, float] = {}
         progress = tqdm(
             total=config.steps,
@@ -236,7 +255,10 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
         for step in range(start, config.steps):
             if preemption.should_stop(step):
                 break
-            state, step_metrics = train_step(state, put(local_batch(step)))
+            batch = local_batch(step)
+            if log_hashes:
+                debug.log_batch_hash(path, step, train_data.batch(step, config.batch_size))
+            state, step_metrics = train_step(state, put(batch))
             steps_since += 1
             progress.update(1)
             done = step + 1
@@ -255,6 +277,8 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
                     metrics.update(evaluate(eval_step, state["params"], eval_data, config, put))
                 if writer:
                     writer.write(done, metrics)
+                if config.nonfinite == "stop":  # after logging the bad values
+                    guard.raise_if_nonfinite(state, manager)
                 progress.set_postfix(
                     loss=f"{metrics['loss']:.3f}",
                     tok_s=f"{tokens_per_second:,.0f}",
@@ -264,16 +288,16 @@ def _train(config, workdir: str, preemption: PreemptionWatcher) -> dict[str, flo
             if config.checkpoint_every and (
                 done % config.checkpoint_every == 0 or done == config.steps
             ):
-                checkpoint.save(manager, state)
+                save(state)
         progress.close()
-        manager.wait_until_finished()
+        checkpoint.wait(manager)
         if writer:
             writer.close()
         last = int(state["step"])
         if last < config.steps:  # stopped early: preempted
             if manager.latest_step() != last:
-                checkpoint.save(manager, state, force=True)
-                manager.wait_until_finished()
+                save(state, force=True)
+                checkpoint.wait(manager)
             raise Preempted(last, preemption.exit_status)
         if start < config.steps and config.sample_prompt:
             print_sample(state["params"], graphdef, tokenizer, config)

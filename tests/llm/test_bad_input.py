@@ -1,8 +1,11 @@
 """Each user mistake ends with one clear message naming the problem and the fix."""
 
+import pathlib
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 from data import pipeline, tokenizer, text_corpus
@@ -100,6 +103,63 @@ def test_config_and_data_mistakes(tmp_path, tiny_config, fields, error, message)
         train.train_and_evaluate(config_lib.with_overrides(tiny_config, fields), str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"steps": 0}, "config.steps must be a positive integer, got 0"),
+        ({"batch_size": -8}, "config.batch_size must be a positive integer"),
+        ({"seq_len": 0}, "config.seq_len must be a positive integer"),
+        ({"log_every": 0}, "config.log_every must be a positive integer"),
+        ({"keep_checkpoints": 0}, "config.keep_checkpoints must be a positive integer"),
+        ({"eval_every": -1}, "config.eval_every must be >= 0"),
+        ({"checkpoint_every": -5}, "config.checkpoint_every must be >= 0"),
+        ({"grad_accum_steps": 3}, "not divisible by config.grad_accum_steps=3"),
+        ({"optimizer.learning_rate": 0.0}, "config.optimizer.learning_rate must be > 0"),
+        ({"optimizer.warmup_steps": 6}, r"warmup_steps=6 must be in \[0, steps=6\)"),
+        ({"optimizer.min_learning_rate_ratio": 1.5}, "min_learning_rate_ratio must be in"),
+        ({"optimizer.grad_clip_norm": -1.0}, "grad_clip_norm must be >= 0"),
+        ({"z_loss": -1e-4}, "config.z_loss must be >= 0"),
+        ({"nonfinite": "ignore"}, "config.nonfinite='ignore' is not one of"),
+        ({"loss_spike.window": -1}, "config.loss_spike.window must be an integer >= 0"),
+        ({"loss_spike.sigmas": 0.0}, "config.loss_spike.sigmas must be > 0"),
+        ({"model.dtype": "float64"}, "config.model.dtype='float64' is not one of"),
+        ({"model.param_dtype": "int8"}, "config.model.param_dtype='int8' is not one of"),
+        ({"model.attention_impl": "flash"}, "config.model.attention_impl='flash' is not one of"),
+        ({"model.rope_theta": 0.0}, "config.model.rope_theta must be > 0"),
+        ({"model.embed_dim": 60}, "head_dim=15 must be even"),
+        ({"model.num_layers": 0}, "config.model.num_layers must be a positive integer"),
+        ({"mesh.data": 0}, "config.mesh.data must be a positive integer or -1"),
+        ({"mesh.expert": 2}, "expert parallelism is not implemented"),
+    ],
+)
+def test_invalid_config_fails_in_under_a_second_before_compiling(
+    tmp_path, tiny_config, monkeypatch, fields, message
+):
+    monkeypatch.setattr(train, "compile_train_step", None)  # reaching it would be a TypeError
+    config = config_lib.with_overrides(tiny_config, fields)
+    start = time.perf_counter()
+    with pytest.raises(config_lib.ConfigError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert time.perf_counter() - start < 1.0
+    assert not (tmp_path / "run").exists(), "validated before the workdir is touched"
+
+
+def test_corrupt_packed_cache_is_rebuilt(tiny_config):
+    kwargs = {
+        "name": "text_corpus",
+        "builder_kwargs": {"config": text_corpus.config_for_directory(tiny_config.data.text_dir)},
+        "split": "validation",
+        "seq_len": 32,
+        "tokenizer": tokenizer.Tokenizer(),
+        "data_dir": tiny_config.data.data_dir,
+        "seed": 0,
+    }
+    expected = pipeline.load_dataset(**kwargs).arrays["inputs"]
+    cache = next((pathlib.Path(tiny_config.data.data_dir) / "packed").glob("*validation_L32_*"))
+    cache.write_bytes(cache.read_bytes()[:100])  # a cache cut short by a kill or a full disk
+    np.testing.assert_array_equal(pipeline.load_dataset(**kwargs).arrays["inputs"], expected)
+
+
 def test_corrupt_tokenizer_file(tmp_path, tiny_config):
     corrupt = tmp_path / "corrupt.model"
     corrupt.write_bytes(b"not a sentencepiece model")
@@ -122,6 +182,7 @@ def test_unwritable_workdir(tmp_path, tiny_config):
     [
         ("--config.model.num_layer=2", 'Did you mean "num_layers"'),
         ("--config.model.num_heads=5", "not divisible by config.model.num_kv_heads"),
+        ("--config.steps=ten", "--config.steps=ten: invalid literal for int()"),
     ],
 )
 def test_command_line_mistakes_exit_with_a_message_not_a_traceback(tmp_path, flag, message):
