@@ -171,9 +171,11 @@ def moe_ffn(x, router, bias, w: Weights, cfg: MoEConfig, dtype) -> tuple[jax.Arr
             ys, dropped = capacity(xt, expert, weights, cfg, ep_axes, n_ep)
         y = jnp.einsum("tkd,tk->td", ys.reshape(b * l, cfg.top_k, d), gate.astype(dtype))
         stats["dropped"] = jnp.asarray(dropped, jnp.float32)
-        batch_axes = partitioning.current_mesh_axes("batch")
-        if batch_axes:  # statistics of all tokens, as one device would see them
-            stats = jax.lax.pmean(stats, batch_axes)
+        # Tokens are split over the batch and sequence axes: statistics of all tokens, as one
+        # device would see them.
+        token_axes = partitioning.current_mesh_axes("batch") + partitioning.current_mesh_axes("seq")
+        if token_axes:
+            stats = jax.lax.pmean(stats, token_axes)
         prob = stats.pop("prob")
         aux = {"aux_loss": cfg.num_experts * jnp.sum(stats["load"] * prob), **stats}  # Switch
         return y.reshape(b, l, d), aux

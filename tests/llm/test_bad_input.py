@@ -129,7 +129,7 @@ def test_config_and_data_mistakes(tmp_path, tiny_config, fields, error, message)
         ({"model.embed_dim": 60}, "head_dim=15 must be even"),
         ({"model.num_layers": 0}, "config.model.num_layers must be a positive integer"),
         ({"mesh.data": 0}, "config.mesh.data must be a positive integer or -1"),
-        ({"mesh.expert": 2}, "expert parallelism is not implemented"),
+        ({"mesh.sequence": 0}, "config.mesh.sequence must be a positive integer or -1"),
     ],
 )
 def test_invalid_config_fails_in_under_a_second_before_compiling(
