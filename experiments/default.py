@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.moe.z_loss_weight = 1e-3  # router z-loss
     c.model.moe.bias_update_rate = 0.0  # auxiliary-loss-free balancing step; 0 = off
     c.model.moe.num_shared_experts = 0  # dense experts every token also uses
+    c.model.moe.shared_expert_gate = False  # Qwen2-MoE: shared output * sigmoid(x @ w_gate)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3
