@@ -237,9 +237,8 @@ def _check_saveable(model: Transformer) -> None:
     """ValueError where the HF architecture of `model` would compute something else."""
     cfg, m, model_type = model.cfg, model.cfg.moe, _model_type(model.cfg)
     every_layer = all(m.is_moe_layer(i) for i in range(cfg.num_layers))
-    biased = any(
-        np.any(np.asarray(b.mlp.expert_bias[...])) for b in model.blocks if getattr(b, "is_moe", 0)
-    )
+    moe_blocks = [model.blocks[i] for i in range(cfg.num_layers) if m.is_moe_layer(i)]
+    biased = any(np.any(np.asarray(b.mlp.expert_bias[...])) for b in moe_blocks)
     problems = [
         (m.num_experts and m.router != "softmax_topk", f"moe.router={m.router!r}"),
         (model_type == "mixtral" and not every_layer, "dense layers (Mixtral has none)"),

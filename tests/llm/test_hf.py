@@ -11,7 +11,7 @@ import transformers
 from flax import nnx, traverse_util
 from safetensors.numpy import load_file, save_file
 
-from llm import hf
+from llm import flops, hf
 from llm.model import ModelConfig, MoEConfig, Transformer
 
 VOCAB, LENGTH = 128, 16
@@ -168,6 +168,8 @@ def test_moe_load_matches_transformers(tmp_path, tokens, kind):
     model = hf.load(str(tmp_path))
     m = model.cfg.moe
     assert (m.num_experts, m.top_k, m.num_shared_experts) == (4, 2, 2 if kind == "qwen2_moe" else 0)
+    params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert flops.param_counts(model.cfg)["total"] == params  # the shared gate [D, 1] counted
     np.testing.assert_allclose(model(tokens), hf_logits(reference, tokens), atol=1e-4, rtol=0)
 
 
@@ -178,7 +180,7 @@ def test_qwen2_moe_gradients_match_transformers(tmp_path, tokens):
     model = hf.load(str(tmp_path))
     cotangent = np.random.default_rng(1).normal(size=(*tokens.shape, VOCAB)).astype(np.float32)
     reference(torch.from_numpy(tokens)).logits.backward(torch.from_numpy(cotangent))
-    grads = nnx.grad(lambda m: jax.numpy.sum(m(tokens) * cotangent))(model)
+    grads = nnx.jit(nnx.grad(lambda m: jax.numpy.sum(m(tokens) * cotangent)))(model)
     layer, mlp = reference.model.layers[1].mlp, grads.blocks[1].mlp
     for ours, theirs in [
         (mlp.shared_gate[...], layer.shared_expert_gate.weight.grad.T),
