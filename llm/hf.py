@@ -286,6 +286,8 @@ def load(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> Tra
     cfg = _config_from_hf(
         json.loads((path / "config.json").read_text()), dtype=dtype, scan_layers=scan_layers
     )
+    if scan_layers and cfg.moe.num_experts:
+        raise ValueError(f"{path}: scan_layers=True is not supported with MoE layers.")
     tensors = _open_tensors(path)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)

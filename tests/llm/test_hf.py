@@ -171,6 +171,8 @@ def test_moe_load_matches_transformers(tmp_path, tokens, kind):
     params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert flops.param_counts(model.cfg)["total"] == params  # the shared gate [D, 1] counted
     np.testing.assert_allclose(model(tokens), hf_logits(reference, tokens), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="scan_layers=True is not supported with MoE"):
+        hf.load(str(tmp_path), scan_layers=True)
 
 
 def test_qwen2_moe_gradients_match_transformers(tmp_path, tokens):
