@@ -6,7 +6,7 @@ At each compute budget a dense model and an MoE model of the same active paramet
 top-2, each expert half the dense MLP width, so a token's two experts cost one dense MLP) train
 for budget / (FLOPs per token x tokens per step) steps on the shipped corpus, through
 llm.train.train_and_evaluate; finished runs are not rerun. Writes results.csv, results.md and
-loss_vs_flops.png to --out. About 10 minutes on a busy 2-core CPU.
+loss_vs_flops.png to --out. About 12 minutes on a busy 2-core CPU.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from llm import flops, metrics, train
 
 # --workdir (one workdir per run under it) comes with experiments.scaling.sweep.
 _OUT = flags.DEFINE_string("out", "experiments/results/moe_vs_dense", "Where the results go.")
-_BUDGETS = flags.DEFINE_list("budgets", ["5e11", "1e12", "2e12"], "Training FLOPs per run.")
+_BUDGETS = flags.DEFINE_list("budgets", ["5e11", "1e12", "2e12", "4e12"], "Training FLOPs per run.")
 
 BASE = "experiments/default.py"
 COMMON = {  # a 2-layer, 64-wide model: CPU-sized
