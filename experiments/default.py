@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.moe.z_loss_weight = 1e-3  # router z-loss
     c.model.moe.bias_update_rate = 0.0  # auxiliary-loss-free balancing step; 0 = off
     c.model.moe.num_shared_experts = 0  # dense experts every token also uses
+    c.model.moe.shared_expert_gate = False  # Qwen2-MoE: shared output * sigmoid(x @ w_gate)
     # Attention schedule over layers (llm/sparse.py): pattern names, "*N" repeats, repeated to
     # num_layers, e.g. "dense", "sliding", "sliding*5,dense" (5 local : 1 global).
     c.model.attention_pattern = "dense"

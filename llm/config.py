@@ -255,6 +255,11 @@ def validate_moe(model: ml_collections.ConfigDict) -> None:
     for field in ("aux_loss_weight", "z_loss_weight", "bias_update_rate"):
         _check(m[field] >= 0, f"config.model.moe.{field} must be >= 0 (0 = off), got {m[field]}.")
     _check(
+        not m.get("shared_expert_gate", False) or m.num_shared_experts > 0,
+        "config.model.moe.shared_expert_gate=True gates the shared experts, but "
+        "config.model.moe.num_shared_experts=0: set num_shared_experts >= 1 or the gate False.",
+    )
+    _check(
         not model.scan_layers,
         "config.model.scan_layers=True is not supported with MoE layers "
         "(config.model.moe.num_experts > 0): set --config.model.scan_layers=False.",

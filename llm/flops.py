@@ -44,7 +44,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     norms = 2 * d
     expert = 3 * d * m.expert_mlp_dim
     moe_layers = sum(m.is_moe_layer(i) for i in range(cfg.num_layers))
-    router_and_shared = d * m.num_experts + m.num_shared_experts * expert
+    shared_gate = d if m.shared_expert_gate else 0  # [D, 1]
+    router_and_shared = d * m.num_experts + m.num_shared_experts * expert + shared_gate
     moe_mlp = router_and_shared + m.num_experts * expert
     moe_active = router_and_shared + m.top_k * expert
     dense_layers = cfg.num_layers - moe_layers

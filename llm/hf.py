@@ -1,11 +1,19 @@
-"""Hugging Face interop: load and save Llama checkpoints (config.json + safetensors).
+"""Hugging Face interop: load and save Llama, Mixtral and Qwen2-MoE checkpoints (config.json +
+safetensors).
 
-    model = llm.hf.load("/path/to/llama")   # a LlamaForCausalLM directory, sharded or not
+    model = llm.hf.load("/path/to/llama")   # a *ForCausalLM directory, sharded or not
     llm.hf.save(model, "/tmp/out")          # transformers.AutoModelForCausalLM.from_pretrained works
 
 HF stores every linear layer as weight[out, in] with heads flattened into one axis
 (q_proj: [H*Dh, D]); ours are [in, out] with heads split out (wq: [D, H, Dh]). Both use
-Llama's rotate-half RoPE on the head dimension, so no permutation is needed.
+Llama's rotate-half RoPE on the head dimension, so no permutation is needed. Experts are one
+HF tensor each (experts.{e}.w1.weight: [F, D]); ours are stacked (w_gate: [E, D, F]).
+
+save picks the architecture from the config: dense -> LlamaForCausalLM; MoE in every layer,
+softmax router, no shared experts -> MixtralForCausalLM; shared experts with
+moe.shared_expert_gate -> Qwen2MoeForCausalLM (dense layers anywhere, via mlp_only_layers).
+Both MoE models renormalize the top-k softmax scores as llm.moe does (Qwen2-MoE only with
+norm_topk_prob=true); load refuses configs that llm.model does not implement.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llm import sparse
-from llm.model import ModelConfig, Transformer
+from llm.model import ModelConfig, MoEConfig, Transformer
 
 # Our parameter path -> (HF tensor name, number of leading "in" axes of our array; 0 = copied as is).
 _TOP = {
@@ -41,17 +49,56 @@ _BLOCK = {  # inside one decoder layer, HF names relative to model.layers.{i}
     ("mlp", "w_down"): ("mlp.down_proj.weight", 1),
 }
 
+# An MoE layer's tensors (llm.moe.MoE), per model_type; all [out, in] (n_in = 1), {e}: expert.
+_MOE_BLOCK = {
+    "mixtral": {
+        ("mlp", "router"): "block_sparse_moe.gate.weight",
+        ("mlp", "w_gate"): "block_sparse_moe.experts.{e}.w1.weight",
+        ("mlp", "w_up"): "block_sparse_moe.experts.{e}.w3.weight",
+        ("mlp", "w_down"): "block_sparse_moe.experts.{e}.w2.weight",
+    },
+    "qwen2_moe": {
+        ("mlp", "router"): "mlp.gate.weight",
+        ("mlp", "w_gate"): "mlp.experts.{e}.gate_proj.weight",
+        ("mlp", "w_up"): "mlp.experts.{e}.up_proj.weight",
+        ("mlp", "w_down"): "mlp.experts.{e}.down_proj.weight",
+        ("mlp", "shared", "w_gate"): "mlp.shared_expert.gate_proj.weight",
+        ("mlp", "shared", "w_up"): "mlp.shared_expert.up_proj.weight",
+        ("mlp", "shared", "w_down"): "mlp.shared_expert.down_proj.weight",
+        ("mlp", "shared_gate"): "mlp.shared_expert_gate.weight",
+    },
+}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+}
 
-def _hf_names(path: tuple, cfg: ModelConfig) -> tuple[list[str], int]:
-    """HF names of our parameter at `path` (one per layer if layers are stacked) and its in-axes."""
+
+def _model_type(cfg: ModelConfig) -> str:
+    m = cfg.moe
+    if not m.num_experts:
+        return "llama"
+    return "qwen2_moe" if m.num_shared_experts or m.shared_expert_gate else "mixtral"
+
+
+def _hf_names(path: tuple, cfg: ModelConfig) -> tuple[str | list[str], int]:
+    """HF name of our parameter at `path`, or a list of names when ours stacks them on axis 0
+    (layers under scan_layers, or experts), and its in-axes."""
     if path[0] != "blocks":
-        name, n_in = _TOP[path]
-        return [name], n_in
+        return _TOP[path]
     if cfg.scan_layers:  # ("blocks", "attn", "wq"): [num_layers, ...]
         name, n_in = _BLOCK[path[1:]]
         return [f"model.layers.{i}.{name}" for i in range(cfg.num_layers)], n_in
-    name, n_in = _BLOCK[path[2:]]  # ("blocks", i, "attn", "wq")
-    return [f"model.layers.{path[1]}.{name}"], n_in
+    i, rest = path[1], path[2:]  # ("blocks", i, "attn", "wq")
+    moe_names = _MOE_BLOCK[_model_type(cfg)] if cfg.moe.is_moe_layer(i) else {}
+    if rest in moe_names:
+        name = f"model.layers.{i}.{moe_names[rest]}"
+        if "{e}" in name:
+            return [name.format(e=e) for e in range(cfg.moe.num_experts)], 1
+        return name, 1
+    name, n_in = _BLOCK[rest]
+    return f"model.layers.{i}.{name}", n_in
 
 
 def _to_hf(x: np.ndarray, n_in: int) -> np.ndarray:
@@ -67,14 +114,50 @@ def _from_hf(w: np.ndarray, shape: tuple[int, ...], n_in: int) -> np.ndarray:
     return w if n_in == 0 else w.T.reshape(shape)
 
 
+def _moe_from_hf(hf: dict) -> MoEConfig:
+    """The MoE fields of a Mixtral or Qwen2-MoE config.json (dense for Llama)."""
+    if hf["model_type"] == "llama":
+        return MoEConfig()
+    k = hf["num_experts_per_tok"]
+    if hf["model_type"] == "mixtral":  # every layer MoE, no shared experts
+        return MoEConfig(
+            num_experts=hf["num_local_experts"], top_k=k, expert_mlp_dim=hf["intermediate_size"]
+        )
+    f, shared = hf["moe_intermediate_size"], hf["shared_expert_intermediate_size"]
+    step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+    num_layers = hf["num_hidden_layers"]
+    layers = [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
+    moe = MoEConfig(
+        num_experts=hf["num_experts"],
+        top_k=k,
+        expert_mlp_dim=f,
+        every=layers[1] - layers[0] if len(layers) > 1 else 1,
+        first_dense_layers=layers[0] if layers else 0,
+        num_shared_experts=shared // f,
+        shared_expert_gate=True,
+    )
+    if shared <= 0 or shared % f or [i for i in range(num_layers) if moe.is_moe_layer(i)] != layers:
+        raise ValueError(
+            f"Unsupported Hugging Face config (num_experts={hf['num_experts']}, MoE layers "
+            f"{layers}, shared_expert_intermediate_size={shared}, moe_intermediate_size={f}): "
+            "llm.moe needs MoE layers at first_dense_layers + every * n and shared experts of a "
+            "positive multiple of moe_intermediate_size."
+        )
+    return moe
+
+
 def _config_from_hf(hf: dict, *, dtype: str, scan_layers: bool) -> ModelConfig:
-    """Our ModelConfig from a HF Llama config.json; ValueError for what we do not implement."""
+    """Our ModelConfig from a HF config.json; ValueError for what we do not implement."""
     rope = hf.get("rope_parameters") or {}  # transformers >= 5; before: rope_theta, rope_scaling
+    model_type = hf.get("model_type")
     unsupported = {
-        "model_type": hf.get("model_type") != "llama",
+        "model_type": model_type not in ARCHITECTURES,
         "hidden_act": hf.get("hidden_act", "silu") != "silu",
         "attention_bias": bool(hf.get("attention_bias")),
+        "qkv_bias": bool(hf.get("qkv_bias")),
         "mlp_bias": bool(hf.get("mlp_bias")),
+        "sliding_window": bool(hf.get("sliding_window")) and hf.get("use_sliding_window", True),
+        "norm_topk_prob": model_type == "qwen2_moe" and not hf.get("norm_topk_prob"),
         "rope_scaling": hf.get("rope_scaling") is not None,
         "rope_parameters": rope.get("rope_type", "default") != "default",
     }
@@ -82,7 +165,9 @@ def _config_from_hf(hf: dict, *, dtype: str, scan_layers: bool) -> ModelConfig:
     if bad:
         raise ValueError(
             f"Unsupported Hugging Face config ({', '.join(bad)}): llm.model implements "
-            "model_type='llama' with silu MLPs, no biases and plain (unscaled) RoPE."
+            f"model_type in {tuple(ARCHITECTURES)} with silu MLPs, no biases, full causal "
+            "attention, plain (unscaled) RoPE and renormalized top-k routing (Qwen2-MoE: "
+            "norm_topk_prob=true)."
         )
     heads = hf["num_attention_heads"]
     return ModelConfig(
@@ -100,13 +185,36 @@ def _config_from_hf(hf: dict, *, dtype: str, scan_layers: bool) -> ModelConfig:
         dtype=dtype,
         param_dtype=dtype,
         scan_layers=scan_layers,
+        moe=_moe_from_hf(hf),
     )
 
 
 def _config_to_hf(cfg: ModelConfig) -> dict:
+    model_type, m = _model_type(cfg), cfg.moe
+    moe = {
+        "llama": {"attention_bias": False, "mlp_bias": False},
+        "mixtral": {
+            "intermediate_size": m.expert_mlp_dim,
+            "num_local_experts": m.num_experts,
+            "num_experts_per_tok": m.top_k,
+            "sliding_window": None,
+            "router_jitter_noise": 0.0,
+        },
+        "qwen2_moe": {
+            "moe_intermediate_size": m.expert_mlp_dim,
+            "shared_expert_intermediate_size": m.num_shared_experts * m.expert_mlp_dim,
+            "num_experts": m.num_experts,
+            "num_experts_per_tok": m.top_k,
+            "norm_topk_prob": True,
+            "qkv_bias": False,
+            "use_sliding_window": False,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i in range(cfg.num_layers) if not m.is_moe_layer(i)],
+        },
+    }[model_type]
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.embed_dim,
         "intermediate_size": cfg.mlp_dim,
@@ -121,10 +229,30 @@ def _config_to_hf(cfg: ModelConfig) -> dict:
         "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
         "dtype": cfg.param_dtype,
+        **moe,
     }
+
+
+def _check_saveable(model: Transformer) -> None:
+    """ValueError where the HF architecture of `model` would compute something else."""
+    cfg, m, model_type = model.cfg, model.cfg.moe, _model_type(model.cfg)
+    every_layer = all(m.is_moe_layer(i) for i in range(cfg.num_layers))
+    moe_blocks = [model.blocks[i] for i in range(cfg.num_layers) if m.is_moe_layer(i)]
+    biased = any(np.any(np.asarray(b.mlp.expert_bias[...])) for b in moe_blocks)
+    problems = [
+        (m.num_experts and m.router != "softmax_topk", f"moe.router={m.router!r}"),
+        (model_type == "mixtral" and not every_layer, "dense layers (Mixtral has none)"),
+        (model_type == "qwen2_moe" and not m.shared_expert_gate, "moe.shared_expert_gate=False"),
+        (biased, "a nonzero expert_bias (HF routers have no selection bias)"),
+    ]
+    bad = [problem for is_bad, problem in problems if is_bad]
+    if bad:
+        raise ValueError(
+            f"Cannot save as {ARCHITECTURES[model_type]}: {'; '.join(bad)}. Saveable: dense "
+            "(Llama); softmax_topk MoE in every layer (Mixtral); softmax_topk MoE with shared "
+            "experts and moe.shared_expert_gate=True (Qwen2-MoE)."
+        )
 
 
 def _open_tensors(path: pathlib.Path) -> dict:
@@ -149,26 +277,31 @@ def _open_tensors(path: pathlib.Path) -> dict:
 
 
 def load(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> Transformer:
-    """A Transformer with the weights of the HF Llama checkpoint directory `path`, cast to `dtype`."""
+    """A Transformer with the weights of the HF checkpoint directory `path`, cast to `dtype`."""
     path = pathlib.Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"{path / 'config.json'} not found: expected a Hugging Face Llama "
+            f"{path / 'config.json'} not found: expected a Hugging Face "
             "checkpoint directory (config.json + *.safetensors)."
         )
     cfg = _config_from_hf(
         json.loads((path / "config.json").read_text()), dtype=dtype, scan_layers=scan_layers
     )
+    if scan_layers and cfg.moe.num_experts:
+        raise ValueError(f"{path}: scan_layers=True is not supported with MoE layers.")
     tensors = _open_tensors(path)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
     for key, like in flat.items():
+        if key[-1] == "expert_bias":  # balancing state, not a weight: starts at 0
+            flat[key] = jnp.zeros(like.shape, like.dtype)
+            continue
         names, n_in = _hf_names(key, cfg)
-        stacked = cfg.scan_layers and key[0] == "blocks"
+        stacked = isinstance(names, list)
         shape = like.shape[1:] if stacked else like.shape
         arrays = []
-        for name in names:
+        for name in names if stacked else [names]:
             if name not in tensors:
                 raise ValueError(
                     f"{path}: tensor {name!r} (for {'.'.join(map(str, key))}) is missing."
@@ -183,20 +316,22 @@ def load(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> Tra
 
 
 def save(model: Transformer, path: str) -> None:
-    """Writes `model` as a HF LlamaForCausalLM directory: config.json + model.safetensors."""
+    """Writes `model` as a HF Llama, Mixtral or Qwen2-MoE directory (module docstring):
+    config.json + model.safetensors."""
     cfg, path = model.cfg, pathlib.Path(path)
     if set(sparse.layer_patterns(cfg)) != {"dense"}:
         raise ValueError(
             f"attention_pattern={cfg.attention_pattern!r}: a HF Llama attends densely, so this "
             "model would load as a different one; only dense models can be saved."
         )
+    _check_saveable(model)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     tensors = {}
     for key, x in flat.items():
         names, n_in = _hf_names(key, cfg)
-        layers = x if cfg.scan_layers and key[0] == "blocks" else [x]
-        for name, layer in zip(names, layers, strict=True):
-            tensors[name] = np.ascontiguousarray(_to_hf(np.asarray(layer), n_in))
+        names, parts = (names, x) if isinstance(names, list) else ([names], [x])
+        for name, part in zip(names, parts, strict=True):
+            tensors[name] = np.ascontiguousarray(_to_hf(np.asarray(part), n_in))
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(_config_to_hf(cfg), indent=2) + "\n")
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -52,6 +52,7 @@ class MoEConfig:
     z_loss_weight: float = 1e-3  # router z-loss
     bias_update_rate: float = 0.0  # auxiliary-loss-free balancing step size; 0 = off
     num_shared_experts: int = 0  # dense SwiGLU experts every token uses
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(x @ w), w: [D, 1]
 
     def is_moe_layer(self, layer: int) -> bool:
         start = self.first_dense_layers

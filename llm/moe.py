@@ -23,6 +23,7 @@ Parameters, with the Mixtral names they map to (torch keeps [out, in]):
     w_up    [E, D, F]  block_sparse_moe.experts.{e}.w3.weight.T
     w_down  [E, F, D]  block_sparse_moe.experts.{e}.w2.weight.T
     shared: an llm.model.MLP of width num_shared_experts * F; expert_bias [E]: ExpertBias state.
+    shared_gate [D, 1] (shared_expert_gate): Qwen2-MoE's mlp.shared_expert_gate.weight.T.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm import partitioning
-from llm.model import MLP, ModelConfig, MoEConfig, _param, shard
+from llm.model import MLP, ModelConfig, MoEConfig, _param, dense, shard
 
 ROUTERS = ("softmax_topk", "sigmoid_topk")
 DISPATCHES = ("dropless", "capacity")
@@ -210,6 +211,8 @@ class MoE(nnx.Module):
         )
         shared_cfg = dataclasses.replace(cfg, mlp_dim=m.num_shared_experts * f)
         self.shared = nnx.data(MLP(shared_cfg, rngs=rngs) if m.num_shared_experts else None)
+        gate = _param(rngs, init, (d, 1), ("embed", None), pdt) if m.shared_expert_gate else None
+        self.shared_gate = nnx.data(gate)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
@@ -217,7 +220,10 @@ class MoE(nnx.Module):
         y, aux = moe_ffn(x, self.router[...], bias, weights, self.cfg.moe, self.cfg.dtype)
         y = shard(y, ("batch", "seq", "embed"))
         if self.shared is not None:
-            y = y + self.shared(x)
+            shared = self.shared(x)
+            if self.shared_gate is not None:  # one sigmoid gate per token [B, L, 1]
+                shared = shared * jax.nn.sigmoid(dense(x, self.shared_gate[...].astype(x.dtype)))
+            y = y + shared
         aux["bias_drift"] = jnp.mean(jnp.abs(bias))
         return y, aux
 

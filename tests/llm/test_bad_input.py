@@ -62,6 +62,11 @@ from llm import config as config_lib, train
             "config.model.moe.dispatch='dropful' is not one of",
         ),
         (
+            {"model.moe.num_experts": 4, "model.moe.shared_expert_gate": True},
+            config_lib.ConfigError,
+            "config.model.moe.shared_expert_gate=True gates the shared experts",
+        ),
+        (
             {"model.moe.num_experts": 4, "model.scan_layers": True},
             config_lib.ConfigError,
             "scan_layers=True is not supported with MoE",

@@ -11,8 +11,8 @@ import transformers
 from flax import nnx, traverse_util
 from safetensors.numpy import load_file, save_file
 
-from llm import hf
-from llm.model import ModelConfig, Transformer
+from llm import flops, hf
+from llm.model import ModelConfig, MoEConfig, Transformer
 
 VOCAB, LENGTH = 128, 16
 
@@ -39,11 +39,15 @@ def our_model(tie: bool, scan: bool) -> Transformer:
         vocab_size=VOCAB, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
         rope_theta=500.0, tie_embeddings=tie, scan_layers=scan,
     )  # fmt: skip
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    return randomized(Transformer(cfg, rngs=nnx.Rngs(0)), scale=0.1)
+
+
+def randomized(model: Transformer, scale: float) -> Transformer:
+    """Every parameter N(0, scale^2), norm scales around 1, so swapped tensors would show."""
     state = nnx.state(model, nnx.Param)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
     for i, (key, x) in enumerate(flat.items()):
-        flat[key] = (key[-1] == "scale") + 0.1 * jax.random.normal(jax.random.key(i), x.shape)
+        flat[key] = (key[-1] == "scale") + scale * jax.random.normal(jax.random.key(i), x.shape)
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
     nnx.update(model, state)
     return model
@@ -126,3 +130,121 @@ def test_unsupported_config(tmp_path, change):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"Unsupported Hugging Face config.*{next(iter(change))}"):
         hf.load(str(tmp_path))
+
+
+# Mixtral and Qwen2-MoE: hidden 32, 2 layers, 4 experts, top-2 (Qwen2-MoE: 2 shared experts'
+# width and, in the saved model, a dense first layer).
+MOE_SIZES = {
+    "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_experts_per_tok": 2, "tie_word_embeddings": False,
+    "attn_implementation": "eager",
+}  # fmt: skip
+
+
+def hf_moe_model(kind: str):
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(
+            intermediate_size=48, num_local_experts=4, rope_theta=500.0, **MOE_SIZES
+        )
+        model_class = transformers.MixtralForCausalLM
+    else:
+        config = transformers.Qwen2MoeConfig(
+            intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=48,
+            num_experts=4, norm_topk_prob=True, qkv_bias=False, **MOE_SIZES,
+        )  # fmt: skip
+        model_class = transformers.Qwen2MoeForCausalLM
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_load_matches_transformers(tmp_path, tokens, kind):
+    reference = hf_moe_model(kind)
+    reference.save_pretrained(tmp_path)
+    model = hf.load(str(tmp_path))
+    m = model.cfg.moe
+    assert (m.num_experts, m.top_k, m.num_shared_experts) == (4, 2, 2 if kind == "qwen2_moe" else 0)
+    params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert flops.param_counts(model.cfg)["total"] == params  # the shared gate [D, 1] counted
+    np.testing.assert_allclose(model(tokens), hf_logits(reference, tokens), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="scan_layers=True is not supported with MoE"):
+        hf.load(str(tmp_path), scan_layers=True)
+
+
+def test_qwen2_moe_gradients_match_transformers(tmp_path, tokens):
+    """The shared expert gate and the router learn as in transformers."""
+    reference = hf_moe_model("qwen2_moe")
+    reference.save_pretrained(tmp_path)
+    model = hf.load(str(tmp_path))
+    cotangent = np.random.default_rng(1).normal(size=(*tokens.shape, VOCAB)).astype(np.float32)
+    reference(torch.from_numpy(tokens)).logits.backward(torch.from_numpy(cotangent))
+    grads = nnx.jit(nnx.grad(lambda m: jax.numpy.sum(m(tokens) * cotangent)))(model)
+    layer, mlp = reference.model.layers[1].mlp, grads.blocks[1].mlp
+    for ours, theirs in [
+        (mlp.shared_gate[...], layer.shared_expert_gate.weight.grad.T),
+        (mlp.router[...], layer.gate.weight.grad.T),
+        (mlp.w_down[...][3], layer.experts.down_proj.grad[3].T),
+    ]:
+        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def our_moe_model(kind: str) -> Transformer:
+    """A small random MoE model of ours: Mixtral-like, or Qwen2-MoE-like with a dense layer 0."""
+    qwen = kind == "qwen2_moe"
+    moe = MoEConfig(
+        num_experts=4, top_k=2, expert_mlp_dim=24, first_dense_layers=int(qwen),
+        num_shared_experts=2 * qwen, shared_expert_gate=qwen,
+    )  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=48,
+        rope_theta=500.0, tie_embeddings=qwen, moe=moe,
+    )  # fmt: skip
+    return randomized(Transformer(cfg, rngs=nnx.Rngs(0)), scale=0.2)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_save_loads_in_transformers(tmp_path, tokens, kind):
+    model = our_moe_model(kind)
+    hf.save(model, str(tmp_path))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager"
+    )
+    assert reference.config.model_type == kind
+    np.testing.assert_allclose(hf_logits(reference, tokens), model(tokens), atol=1e-4, rtol=0)
+    assert hf.load(str(tmp_path)).cfg.moe == model.cfg.moe  # the round trip keeps the layout
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"norm_topk_prob": False},
+        {"qkv_bias": True},
+        {"sliding_window": 16, "use_sliding_window": True},
+        {"shared_expert_intermediate_size": 30},
+    ],
+)
+def test_unsupported_qwen2_moe_config(tmp_path, change):
+    hf.save(our_moe_model("qwen2_moe"), str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text()) | change
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"Unsupported Hugging Face config.*{next(iter(change))}"):
+        hf.load(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "moe_fields, message",
+    [
+        ({"router": "sigmoid_topk"}, "Mixtral.*router='sigmoid_topk'"),
+        ({"first_dense_layers": 1}, "Mixtral.*dense layers"),
+        ({"num_shared_experts": 1}, "Qwen2Moe.*shared_expert_gate=False"),
+    ],
+)
+def test_unsaveable_moe_model(tmp_path, moe_fields, message):
+    moe = MoEConfig(num_experts=4, top_k=2, expert_mlp_dim=8, **moe_fields)
+    cfg = ModelConfig(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=4, moe=moe)
+    with pytest.raises(ValueError, match=f"Cannot save as {message}"):
+        hf.save(Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path))
