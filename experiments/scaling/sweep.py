@@ -111,7 +111,7 @@ def collect(runs: list[Run], base: ml_collections.ConfigDict, workdir: pathlib.P
                 {
                     "params": counts["total"],
                     "non_embedding_params": counts["non_embedding"],
-                    "active_params": counts["total"],  # dense: every parameter is active
+                    "active_params": counts["active"],  # MoE: router, top_k and shared experts
                     "tokens": tokens,
                     "flops": tokens * per_token,
                     "loss": record["eval_loss"],
