@@ -168,8 +168,8 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, init, (d, kv, dh), ("embed", "kv_heads", "head_dim"), pdt)
         self.wo = _param(rngs, out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt)
 
-    def __call__(self, x, positions, segment_ids, cache: dict[str, jax.Array] | None):
-        """x: [B, L, D] -> ([B, L, D], updated cache or None)."""
+    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [B, L, D] -> q [B, L, H, Dh], k and v [B, L, K, Dh], RoPE applied to q and k."""
         cfg, dt = self.cfg, self.cfg.dtype
         q = dense(x, self.wq[...].astype(dt))  # [B, L, H, Dh]
         k = dense(x, self.wk[...].astype(dt))  # [B, L, K, Dh]
@@ -178,7 +178,12 @@ class Attention(nnx.Module):
         k = shard(
             apply_rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim")
         )
-        v = shard(v, ("batch", "seq", "kv_heads", "head_dim"))
+        return q, k, shard(v, ("batch", "seq", "kv_heads", "head_dim"))
+
+    def __call__(self, x, positions, segment_ids, cache: dict[str, jax.Array] | None):
+        """x: [B, L, D] -> ([B, L, D], updated cache or None)."""
+        cfg, dt = self.cfg, self.cfg.dtype
+        q, k, v = self.project(x, positions)
         if cache is None:  # training / full forward: the fused attention boundary
             out = context_parallel.attention(
                 q,

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 import kernels
-from llm.model import Attention, ModelConfig, _param, apply_rope, dense
+from llm.model import Attention, ModelConfig, _param, dense
 from llm.partitioning import shard
 
 _NEG = -1e30  # finite "minus infinity" for masked scores (no inf - inf NaNs)
@@ -374,14 +374,7 @@ class NativeSparseAttention(Attention):
                 "train with it, and sample from a model with dense attention layers."
             )
         cfg, dt = self.cfg, self.cfg.dtype
-        q = dense(x, self.wq[...].astype(dt))  # [B, L, H, Dh]
-        k = dense(x, self.wk[...].astype(dt))  # [B, L, K, Dh]
-        v = dense(x, self.wv[...].astype(dt))  # [B, L, K, Dh]
-        q = shard(apply_rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
-        k = shard(
-            apply_rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim")
-        )
-        v = shard(v, ("batch", "seq", "kv_heads", "head_dim"))
+        q, k, v = self.project(x, positions)
         gates = jax.nn.sigmoid(dense(x, self.gate[...].astype(dt)).astype(jnp.float32))
         gates = shard(gates, ("batch", "seq", "heads", "nsa_branch"))  # [B, L, H, 3]
         out = sparse_attention(
