@@ -38,10 +38,10 @@ flags.DEFINE_integer("batch_size", 4, "Sequences per step.")
 flags.DEFINE_integer("dense_steps", 150, "Steps of the dense run; fixes the FLOP budget of all.")
 flags.DEFINE_integer("window", 128, "attention_window of the sparse schedules.")
 flags.DEFINE_integer("num_global", 32, "attention_global of local_global.")
-flags.DEFINE_list(
-    "schedules",
-    ["dense", "sliding", "local_global", "sliding*3,dense"],
-    "attention_pattern of each run (llm/sparse.py syntax).",
+flags.DEFINE_multi_string(
+    "schedule",
+    ["dense", "sliding", "local_global", "sliding*3,dense", "nsa"],
+    "attention_pattern of one run (llm/sparse.py syntax); repeat the flag for several runs.",
 )
 flags.DEFINE_list("context_lens", ["256", "512", "1024"], "Passkey prompt lengths (tokens).")
 flags.DEFINE_list("depths", ["0", "0.5", "0.9"], "Passkey needle depths in the filler.")
@@ -214,7 +214,7 @@ def main(argv: list[str]) -> None:
     budget = FLAGS.dense_steps * FLAGS.batch_size * FLAGS.seq_len
     budget *= flops.train_flops_per_token(dense, FLAGS.seq_len)
     start = time.perf_counter()
-    rows = [run(s, budget, pathlib.Path(FLAGS.workdir)) for s in FLAGS.schedules]
+    rows = [run(s, budget, pathlib.Path(FLAGS.workdir)) for s in FLAGS.schedule]
     write_results(rows, pathlib.Path(FLAGS.out_dir), command, time.perf_counter() - start)
     print((pathlib.Path(FLAGS.out_dir) / "results.md").read_text())
 
