@@ -22,8 +22,7 @@ from flax import nnx
 
 from kernels.attention.masks import Mask
 from kernels.attention.reference import attention_reference
-from llm import sparse
-from llm import context_parallel
+from llm import context_parallel, sparse
 from llm.partitioning import shard
 
 REMAT_POLICIES = {

@@ -37,7 +37,7 @@ class PreemptionWatcher:
         """128 + the signal number, the shell's convention for a run ended by a signal."""
         return 128 + (self.signal or signal.SIGTERM)
 
-    def __enter__(self) -> "PreemptionWatcher":
+    def __enter__(self) -> PreemptionWatcher:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -29,11 +29,13 @@ from absl import app, flags, logging
 from flax import nnx
 from tqdm import tqdm
 
-from data import pipeline, tokenizer as tokenizer_lib, text_corpus
-from llm import checkpoint, config as config_lib, debug, distributed, flops, guard, partitioning
-from llm.preemption import Preempted, PreemptionWatcher
+from data import pipeline, text_corpus
+from data import tokenizer as tokenizer_lib
+from llm import checkpoint, debug, distributed, flops, guard, partitioning
+from llm import config as config_lib
 from llm.metrics import MetricsWriter
 from llm.model import Transformer
+from llm.preemption import Preempted, PreemptionWatcher
 from llm.train_step import Batch, TrainState, make_eval_step, make_optimizer, make_train_step
 
 # Mistakes a user can fix; reported as one message and exit status 2, never a traceback.

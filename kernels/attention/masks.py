@@ -29,7 +29,8 @@ import dataclasses
 import functools
 import math
 import operator
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 

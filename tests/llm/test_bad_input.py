@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from data import pipeline, tokenizer, text_corpus
-from llm import config as config_lib, train
+from data import pipeline, text_corpus, tokenizer
+from llm import config as config_lib
+from llm import train
 
 
 @pytest.mark.parametrize(

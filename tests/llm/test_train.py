@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm import checkpoint, config as config_lib, train
+from llm import checkpoint, train
+from llm import config as config_lib
 from llm.metrics import read_metrics
 from llm.model import Transformer
 from llm.train_step import make_optimizer, make_train_step
