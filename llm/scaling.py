@@ -161,7 +161,10 @@ def approach1(table: Table, n_column: str = "params", grid_size: int = 30) -> di
 
 
 def approach2(final: Table, n_column: str = "params") -> dict:
-    """Per budget, loss = p2 x² + p1 x + p0 in x = log N; its vertex is N*(C); D* = C / (6 N*)."""
+    """Per budget, loss = p2 x² + p1 x + p0 in x = log N; its vertex is N*(C); D* = C / (6 N*).
+
+    The exponents are fitted to the vertices inside each budget's range of model sizes only.
+    """
     per_budget, skipped = [], []
     c = budgets(final)
     for budget in np.unique(c):
@@ -185,7 +188,14 @@ def approach2(final: Table, n_column: str = "params") -> dict:
                 "extrapolated": bool(x_opt < x.min() or x_opt > x.max()),
             }
         )
-    column = {k: np.array([b[k] for b in per_budget]) for k in ("budget", "n_opt", "d_opt")}
+    # A vertex outside the sizes trained is a guess: it is reported, not fitted.
+    inside = [b for b in per_budget if not b["extrapolated"]]
+    skipped += [
+        {"budget": b["budget"], "reason": "optimum outside the model sizes trained"}
+        for b in per_budget
+        if b["extrapolated"]
+    ]
+    column = {k: np.array([b[k] for b in inside]) for k in ("budget", "n_opt", "d_opt")}
     return {
         **_allocation(column["n_opt"], column["d_opt"], column["budget"]),
         "budgets": per_budget,

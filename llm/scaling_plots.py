@@ -26,7 +26,8 @@ def plot_isoflop(
             b = fitted[budget]
             x = np.linspace(np.log(rows[n_column]).min(), np.log(rows[n_column]).max(), 100)
             ax.plot(np.exp(x), np.polyval(b["parabola"], x), color=color)
-            ax.scatter([b["n_opt"]], [b["loss_opt"]], color=color, marker="*", s=150, zorder=3)
+            if not b["extrapolated"]:  # a vertex outside the sizes trained is not an optimum
+                ax.scatter([b["n_opt"]], [b["loss_opt"]], color=color, marker="*", s=150, zorder=3)
     ax.set(xscale="log", xlabel=f"N ({n_column})", ylabel="final loss", title="IsoFLOP profiles")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -40,7 +41,9 @@ def plot_frontier(result: dict, path: pathlib.Path) -> None:
     points = {
         "approach 1 (envelope)": result["approach1"].get("points", []),
         "approach 2 (IsoFLOP)": [
-            {"flops": b["budget"], **b} for b in result["approach2"]["budgets"]
+            {"flops": b["budget"], **b}
+            for b in result["approach2"]["budgets"]
+            if not b["extrapolated"]
         ],
     }
     frontier = result["approach3"]["frontier"]

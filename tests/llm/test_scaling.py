@@ -71,6 +71,23 @@ def test_approach2_exact_on_noise_free_parabolas():
     assert fit["b"]["value"] == pytest.approx(0.5, abs=1e-6)
 
 
+def test_approach2_fits_exponents_to_vertices_inside_the_sizes_trained():
+    rows = []
+    for budget in [1e18, 1e19, 1e20, 1e21]:
+        n_opt = 0.1 * budget**0.5
+        # The smallest budget's sizes all lie above its optimum: its vertex is extrapolated.
+        grid = np.geomspace(3, 30, 5) if budget == 1e18 else np.geomspace(0.1, 10, 5)
+        for n in n_opt * grid:
+            rows.append((n, budget / (6 * n), budget, 2 + 0.05 * np.log(n / n_opt) ** 2))
+    n, d, c, loss = map(np.array, zip(*rows))
+    fit = scaling.approach2({"params": n, "tokens": d, "flops": c, "loss": loss})
+    assert [b["extrapolated"] for b in fit["budgets"]] == [True, False, False, False]
+    (skipped,) = fit["skipped_budgets"]
+    assert skipped["budget"] == pytest.approx(1e18)
+    assert skipped["reason"] == "optimum outside the model sizes trained"
+    assert fit["a"]["value"] == pytest.approx(0.5, abs=1e-6)
+
+
 def test_approach1_envelope_follows_compute_optimal_frontier():
     table = isoflop_table(noise=0.0, fractions=np.geomspace(0.05, 1, 8))
     fit = scaling.approach1(table)
