@@ -59,10 +59,7 @@ def plan(budgets: list[float]) -> list[sweep.Run]:
     for budget in budgets:
         for name, fields in MODELS.items():
             cfg = config_lib.model_config(config_lib.with_overrides(base, fields))
-            per_step = (
-                flops.train_flops_per_token(cfg, base.seq_len) * base.batch_size * base.seq_len
-            )
-            steps = int(budget / per_step)
+            steps = flops.steps_for_budget(cfg, budget, base.batch_size, base.seq_len)
             schedule = {
                 "steps": steps,
                 "optimizer.warmup_steps": max(1, steps // 10),

@@ -71,7 +71,7 @@ def run(schedule: str, budget: float, workdir: pathlib.Path) -> dict:
     config = config_lib.with_overrides(base_config(), {"model.attention_pattern": schedule})
     cfg = config_lib.model_config(config)
     per_token = flops.train_flops_per_token(cfg, config.seq_len)
-    steps = int(budget / (per_token * config.batch_size * config.seq_len))
+    steps = flops.steps_for_budget(cfg, budget, config.batch_size, config.seq_len)
     config = config_lib.with_overrides(
         config,
         {

@@ -97,6 +97,11 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * param_counts(cfg)["matmul"] + attention
 
 
+def steps_for_budget(cfg: ModelConfig, budget: float, batch_size: int, seq_len: int) -> int:
+    """The whole training steps of batch_size x seq_len tokens that `budget` FLOPs buy."""
+    return int(budget / (train_flops_per_token(cfg, seq_len) * batch_size * seq_len))
+
+
 def peak_flops(device: jax.Device) -> float | None:
     """The device's dense bf16 peak FLOP/s, or None where unknown (CPUs: MFU is n/a)."""
     if device.platform == "cpu":

@@ -57,13 +57,12 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
     """One run per (budget, shape) with at least `min_steps` steps, its steps set by the budget."""
     common = dict(sweep.overrides)
     base = config_lib.with_overrides(load_config(sweep.base), common)
-    tokens_per_step = base.batch_size * base.seq_len
     runs = []
     for budget in sweep.budgets:
         for shape in sweep.shapes:
             model = {f"model.{k}": v for k, v in shape.items()}
             cfg = config_lib.model_config(config_lib.with_overrides(base, model))
-            steps = int(budget / (flops.train_flops_per_token(cfg, base.seq_len) * tokens_per_step))
+            steps = flops.steps_for_budget(cfg, budget, base.batch_size, base.seq_len)
             if steps < sweep.min_steps:
                 continue
             every = max(1, steps // sweep.evals_per_run)
