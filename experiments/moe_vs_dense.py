@@ -20,7 +20,9 @@ from absl import app, flags, logging
 
 from experiments.scaling import sweep
 from llm import config as config_lib
-from llm import flops, metrics, train
+from llm.science import flops
+from llm.training import metrics
+from llm import train
 
 # --workdir (one workdir per run under it) comes with experiments.scaling.sweep.
 _OUT = flags.DEFINE_string("out", "experiments/results/moe_vs_dense", "Where the results go.")

@@ -28,7 +28,10 @@ from absl import app, flags, logging
 
 from experiments import default
 from llm import config as config_lib
-from llm import flops, probes, sample, train
+from llm.science import flops
+from llm.science import probes
+from llm import sample, train
+from llm.training import loop
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/sparse_vs_dense", "Scratch directory for the training runs.")
@@ -89,7 +92,7 @@ def run(schedule: str, budget: float, workdir: pathlib.Path) -> dict:
     train_seconds = time.perf_counter() - start
 
     model, _ = sample.load_run(str(path))
-    tokenizer, _, eval_data = train.load_data(config)
+    tokenizer, _, eval_data = loop.load_data(config)
     batches = [eval_data.batch(i, config.batch_size) for i in range(config.eval_batches)]
     starts, position_loss = probes.position_losses(
         model, batches, FLAGS.position_buckets, config.seq_len

@@ -14,7 +14,7 @@ JSON. On a GPU both sides run in bfloat16 and torch is compiled with `torch.comp
 Layouts: each `--mesh=data=2,sequence=4[,context_parallel=ring]` (repeatable) places the step on
 a device mesh as `llm.train` does (the rules table of experiments/default.py); the run prints each
 layout's step time, its ratio to the first layout, and its per-device memory
-(`llm.partitioning.memory_report`). The torch baseline runs once per config (one device).
+(`llm.parallel.partitioning.memory_report`). The torch baseline runs once per config (one device).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m llm.benchmark --configs=default \
         --notorch --mesh=data=8 --mesh=fsdp=8 --mesh=data=2,sequence=4,context_parallel=ring
@@ -33,50 +33,40 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags
 
 from experiments import default as default_experiment
 from llm import config as config_lib
-from llm import flops, hf, partitioning, train
+from llm import hf
+from llm.parallel import partitioning
+from llm.science import flops
+from llm.training import loop
+from llm.training.experiment import Experiment
 
-_CONFIGS = flags.DEFINE_list("configs", ["default", "large"], "Configs to time (keys of CONFIGS).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per measurement.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation, allocator).")
-_TORCH = flags.DEFINE_bool("torch", True, "Also time the Hugging Face / torch baseline.")
-_OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
-_LAYOUTS = flags.DEFINE_multi_string(
-    "mesh",
-    [],
-    "A layout to time (repeatable): mesh sizes and optionally the context-parallel mode, e.g. "
-    "--mesh=data=8 --mesh=data=2,sequence=4,context_parallel=all_gather. Default: the config's.",
-)
-
-# Overrides of experiments/default.py: batch size, sequence length and model fields.
+# Dotted overrides of experiments/default.py: batch size, sequence length and model fields.
 CONFIGS: dict[str, dict] = {
     "default": {},
     "large": {
         "batch_size": 1,
         "seq_len": 512,
-        "model": {
-            "embed_dim": 512,
-            "num_layers": 8,
-            "num_heads": 8,
-            "num_kv_heads": 4,
-            "mlp_dim": 1536,
-        },
+        "model.embed_dim": 512,
+        "model.num_layers": 8,
+        "model.num_heads": 8,
+        "model.num_kv_heads": 4,
+        "model.mlp_dim": 1536,
     },
     # Mixture of experts, 8 experts top-2, against dense models with its active parameters
     # (mlp_dim = 2 experts; the router's D x E are the difference) and with its total ones.
-    "moe_8x2": {"model": {"moe": {"num_experts": 8, "top_k": 2, "expert_mlp_dim": 384}}},
+    "moe_8x2": {"model.moe.num_experts": 8, "model.moe.top_k": 2, "model.moe.expert_mlp_dim": 384},
     "moe_8x2_capacity": {
-        "model": {
-            "moe": {"num_experts": 8, "top_k": 2, "expert_mlp_dim": 384, "dispatch": "capacity"}
-        }
+        "model.moe.num_experts": 8,
+        "model.moe.top_k": 2,
+        "model.moe.expert_mlp_dim": 384,
+        "model.moe.dispatch": "capacity",
     },
-    "dense_active": {"model": {"mlp_dim": 2 * 384}},
-    "dense_total": {"model": {"mlp_dim": 8 * 384}},
+    "dense_active": {"model.mlp_dim": 2 * 384},
+    "dense_total": {"model.mlp_dim": 8 * 384},
 }
 MATMUL_SIZE = 2048
 
@@ -124,48 +114,40 @@ def parse_layout(text: str) -> dict[str, str]:
     return fields
 
 
-def experiment(name: str, layout: dict[str, str] | None = None) -> ml_collections.ConfigDict:
+def experiment(name: str, layout: dict[str, str] | None = None) -> Experiment:
     """experiments/default.py with the overrides of CONFIGS[name], on `layout` if given."""
-    config = default_experiment.get_config()
     overrides = dict(CONFIGS[name])
-    model = dict(overrides.pop("model", {}))
-    config.model.moe.update(model.pop("moe", {}))
-    config.model.update(model)
-    config.update(overrides)
     if on_gpu():
-        config.model.dtype = "bfloat16"
+        overrides["model.dtype"] = "bfloat16"
     if layout:
-        config.mesh.update({axis: int(layout.get(axis, 1)) for axis in partitioning.MESH_AXES})
-        config.model.context_parallel = layout.get("context_parallel", "ring")
-    config_lib.validate(config)
-    return config
+        overrides.update({f"mesh.{a}": int(layout.get(a, 1)) for a in partitioning.MESH_AXES})
+        overrides["model.context_parallel"] = layout.get("context_parallel", "ring")
+    return config_lib.resolve(config_lib.with_overrides(default_experiment.get_config(), overrides))
 
 
-def random_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+def random_batch(exp: Experiment) -> dict[str, np.ndarray]:
     """A fixed batch of random tokens: one document per row, every target counted."""
-    shape = (config.batch_size, config.seq_len)
+    shape = (exp.batch_size, exp.seq_len)
     rng = np.random.default_rng(0)
     return {
-        "inputs": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
-        "targets": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
+        "inputs": rng.integers(0, exp.model.vocab_size, shape, dtype=np.int32),
+        "targets": rng.integers(0, exp.model.vocab_size, shape, dtype=np.int32),
         "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
         "segment_ids": np.ones(shape, np.int32),
         "weights": np.ones(shape, np.float32),
     }
 
 
-def time_ours(
-    config: ml_collections.ConfigDict, batch: dict, steps: int, warmup: int
-) -> tuple[Timing, dict[str, int]]:
-    """Our jitted, donated training step on the config's mesh, as `llm.train` compiles it; and
-    the per-device memory report."""
-    mesh = partitioning.make_mesh(config.mesh.to_dict())
-    config_lib.check_sharding(config, mesh)
-    rules = tuple(config.axis_rules)
+def time_ours(exp: Experiment, batch: dict, steps: int, warmup: int) -> tuple[Timing, dict[str, int]]:
+    """Our jitted, donated training step on the experiment's mesh, as `llm.train` compiles it;
+    and the per-device memory report."""
+    mesh = partitioning.make_mesh(dict(exp.mesh.sizes))
+    exp.check_fits(mesh)
+    rules = exp.mesh.rules
     with jax.set_mesh(mesh), partitioning.axis_rules(rules):
-        setup = train.setup_state(config, mesh)
+        setup = loop.setup_state(exp, mesh)
         batch = jax.device_put(batch, partitioning.batch_sharding(mesh, rules))
-        train_step = train.compile_train_step(config, setup, batch)
+        train_step = loop.compile_train_step(exp, setup, batch)
     memory = partitioning.memory_report(setup.state, train_step)
     state = setup.state
 
@@ -177,18 +159,17 @@ def time_ours(
     return time_calls(step, steps, warmup), memory
 
 
-def time_torch(config: ml_collections.ConfigDict, batch: dict, steps: int, warmup: int) -> Timing:
+def time_torch(exp: Experiment, batch: dict, steps: int, warmup: int) -> Timing:
     """The same model as `transformers.LlamaForCausalLM`: AdamW step with clipping, same batch."""
     import torch
     import transformers
 
     torch.set_num_threads(os.cpu_count())
-    torch.manual_seed(config.seed)
-    cfg = config_lib.model_config(config)
-    hf_config = transformers.LlamaConfig(**hf._config_to_hf(cfg), attn_implementation="sdpa")
+    torch.manual_seed(exp.seed)
+    hf_config = transformers.LlamaConfig(**hf._config_to_hf(exp.model), attn_implementation="sdpa")
     device = "cuda" if on_gpu() else "cpu"
     model = transformers.LlamaForCausalLM(hf_config).to(device).train()
-    opt = config.optimizer
+    opt = exp.optimizer
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=opt.learning_rate,
@@ -235,11 +216,11 @@ def benchmark(
     name: str, layout: dict, ceiling: float, steps: int, warmup: int, with_torch: bool
 ) -> dict:
     """Times config `name` on `layout` (and torch's); returns its row of results."""
-    config = experiment(name, layout)
-    cfg = config_lib.model_config(config)
-    batch = random_batch(config)
-    tokens = config.batch_size * config.seq_len
-    flops_per_token = flops.train_flops_per_token(cfg, config.seq_len)
+    exp = experiment(name, layout)
+    cfg = exp.model
+    batch = random_batch(exp)
+    tokens = exp.tokens_per_step
+    flops_per_token = flops.train_flops_per_token(cfg, exp.seq_len)
 
     def figures(timing: Timing) -> dict:
         return {
@@ -250,21 +231,21 @@ def benchmark(
             "fraction_of_ceiling": tokens * flops_per_token / timing.best / ceiling,
         }
 
-    timing, memory = time_ours(config, batch, steps, warmup)
+    timing, memory = time_ours(exp, batch, steps, warmup)
     row = {
         "config": name,
-        "mesh": {k: v for k, v in config.mesh.items() if v != 1} or {"data": 1},
-        "context_parallel": config.model.context_parallel,
+        "mesh": {k: v for k, v in exp.mesh.sizes if v != 1} or {"data": 1},
+        "context_parallel": cfg.context_parallel,
         "memory_per_device": memory,
         "params": flops.param_counts(cfg)["total"],
-        "batch_size": config.batch_size,
-        "seq_len": config.seq_len,
+        "batch_size": exp.batch_size,
+        "seq_len": exp.seq_len,
         "flops_per_token": flops_per_token,
         "ours": figures(timing),
     }
     row["active_params"] = flops.param_counts(cfg)["active"]
     if with_torch and not cfg.moe.num_experts:  # Llama has no experts
-        row["torch"] = figures(time_torch(config, batch, steps, warmup))
+        row["torch"] = figures(time_torch(exp, batch, steps, warmup))
         row["ours_over_torch"] = (
             row["ours"]["tokens_per_second"] / row["torch"]["tokens_per_second"]
         )
@@ -322,33 +303,48 @@ def environment() -> dict:
     }
 
 
+def define_flags() -> None:
+    flags.DEFINE_list("configs", ["default", "large"], "Configs to time (keys of CONFIGS).")
+    flags.DEFINE_integer("steps", 10, "Timed steps per measurement.")
+    flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation, allocator).")
+    flags.DEFINE_bool("torch", True, "Also time the Hugging Face / torch baseline.")
+    flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
+    flags.DEFINE_multi_string(
+        "mesh",
+        [],
+        "A layout to time (repeatable): mesh sizes and optionally the context-parallel mode, "
+        "e.g. --mesh=data=8 --mesh=data=2,sequence=4,context_parallel=all_gather. Default: the "
+        "config's.",
+    )
+
+
 def main(argv: list[str]) -> None:
     del argv
-    unknown = set(_CONFIGS.value) - set(CONFIGS)
+    f = flags.FLAGS
+    unknown = set(f.configs) - set(CONFIGS)
     if unknown:
         raise app.UsageError(f"unknown --configs {sorted(unknown)}; known: {sorted(CONFIGS)}")
     env = environment()
     print(", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
-    ceiling = matmul_ceiling(_STEPS.value)
-    layouts = [parse_layout(text) for text in _LAYOUTS.value] or [{}]
+    ceiling = matmul_ceiling(f.steps)
+    layouts = [parse_layout(text) for text in f.mesh] or [{}]
     rows = []
-    for name in _CONFIGS.value:
+    for name in f.configs:
         first = None
         for layout in layouts:
-            row = benchmark(
-                name, layout, ceiling, _STEPS.value, _WARMUP.value, _TORCH.value and first is None
-            )
+            row = benchmark(name, layout, ceiling, f.steps, f.warmup, f.torch and first is None)
             first = first or row
             row["ours_over_first_layout"] = (
                 row["ours"]["tokens_per_second"] / first["ours"]["tokens_per_second"]
             )
             rows.append(row)
     print_table(rows, ceiling)
-    if _OUT.value:
+    if f.out:
         results = {"environment": env, "matmul_flops_per_second": ceiling, "results": rows}
-        with open(_OUT.value, "w") as f:
-            json.dump(results, f, indent=2)
+        with open(f.out, "w") as out:
+            json.dump(results, out, indent=2)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

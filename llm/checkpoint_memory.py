@@ -18,8 +18,10 @@ import threading
 import jax
 from absl import app, flags, logging
 
-from llm import checkpoint, partitioning, train
 from llm import config as config_lib
+from llm.parallel import partitioning
+from llm.training import checkpoint, loop
+from llm.training.experiment import Experiment
 
 
 def rss() -> int:
@@ -48,17 +50,17 @@ def peak_rss(result: dict, key: str, interval: float = 0.001):
         result[key] = max(peak[0], rss()) - start
 
 
-def measure(config) -> dict[str, int]:
+def measure(exp: Experiment) -> dict[str, int]:
     """Bytes: the state, and the peak RSS increase of a fresh init, a save, a restore."""
-    mesh = partitioning.make_mesh(config.mesh.to_dict())
+    mesh = partitioning.make_mesh(dict(exp.mesh.sizes))
     result: dict[str, int] = {}
     with (
         tempfile.TemporaryDirectory() as workdir,
         jax.set_mesh(mesh),
-        partitioning.axis_rules(tuple(config.axis_rules)),
+        partitioning.axis_rules(exp.mesh.rules),
     ):
         with peak_rss(result, "fresh init"):
-            state = train.setup_state(config, mesh).state
+            state = loop.setup_state(exp, mesh).state
             jax.block_until_ready(state)
         result["state"] = sum(x.nbytes for x in jax.tree.leaves(state))
         manager = checkpoint.make_manager(workdir)
@@ -68,7 +70,7 @@ def measure(config) -> dict[str, int]:
         del state
         manager = checkpoint.make_manager(workdir)
         with peak_rss(result, "restore"):
-            state = train.setup_state(config, mesh, manager).state
+            state = loop.setup_state(exp, mesh, manager).state
             jax.block_until_ready(state)
     return result
 
@@ -76,9 +78,7 @@ def measure(config) -> dict[str, int]:
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of its work at INFO
-    config = flags.FLAGS.config
-    config_lib.validate(config)
-    result = measure(config)
+    result = measure(config_lib.resolve(flags.FLAGS.config))
     state = result.pop("state")
     print(f"train state: {state / 2**20:.1f} MiB ({jax.device_count()} device(s))")
     for name, grown in result.items():

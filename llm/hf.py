@@ -28,8 +28,8 @@ from flax import nnx, traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from llm import sparse
-from llm.model import ModelConfig, MoEConfig, Transformer
+from llm.model.config import ModelConfig, MoEConfig
+from llm.model.transformer import Transformer
 
 # Our parameter path -> (HF tensor name, number of leading "in" axes of our array; 0 = copied as is).
 _TOP = {
@@ -287,8 +287,6 @@ def load(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> Tra
     cfg = _config_from_hf(
         json.loads((path / "config.json").read_text()), dtype=dtype, scan_layers=scan_layers
     )
-    if scan_layers and cfg.moe.num_experts:
-        raise ValueError(f"{path}: scan_layers=True is not supported with MoE layers.")
     tensors = _open_tensors(path)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -319,7 +317,7 @@ def save(model: Transformer, path: str) -> None:
     """Writes `model` as a HF Llama, Mixtral or Qwen2-MoE directory (module docstring):
     config.json + model.safetensors."""
     cfg, path = model.cfg, pathlib.Path(path)
-    if set(sparse.layer_patterns(cfg)) != {"dense"}:
+    if set(cfg.layer_patterns) != {"dense"}:
         raise ValueError(
             f"attention_pattern={cfg.attention_pattern!r}: a HF Llama attends densely, so this "
             "model would load as a different one; only dense models can be saved."

@@ -25,7 +25,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from llm import config as config_lib
-from llm import flops, metrics, train
+from llm.science import flops
+from llm.training import metrics
+from llm import train
 
 _SWEEP = config_flags.DEFINE_config_file("sweep", None, "Sweep config file.", lock_config=True)
 _PRINT_COMMANDS = flags.DEFINE_bool("print_commands", False, "Write DIR/commands.sh, run nothing.")
@@ -88,7 +90,7 @@ def command(run: Run, base: str, workdir: pathlib.Path) -> str:
 def is_finished(run: Run, workdir: pathlib.Path) -> bool:
     path = workdir / run.name
     return (path / "metrics.jsonl").exists() and any(
-        r["step"] == run.steps for r in metrics.read_metrics(path)
+        r.step == run.steps for r in metrics.read_metrics(path)
     )
 
 
@@ -103,7 +105,7 @@ def collect(runs: list[Run], base: ml_collections.ConfigDict, workdir: pathlib.P
         cfg = config_lib.model_config(config)
         counts = flops.param_counts(cfg)
         per_token = flops.train_flops_per_token(cfg, config.seq_len)
-        evals = {r["step"]: r for r in metrics.read_metrics(path) if "eval_loss" in r}
+        evals = {r.step: r for r in metrics.read_metrics(path) if "eval_loss" in r}
         for step, record in sorted(evals.items()):
             tokens = step * config.batch_size * config.seq_len
             rows.append(

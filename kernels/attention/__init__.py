@@ -1,6 +1,6 @@
 """Attention: public API, mask descriptions, reference and kernel backends."""
 
-from kernels.attention.api import UnsupportedError, attention
+from kernels.attention.api import IMPLEMENTATIONS, UnsupportedError, attention
 from kernels.attention.block_sizes import BlockSizes, default_block_sizes
 from kernels.attention.mask_info import MaskInfo, mask_info
 from kernels.attention.masks import (
@@ -17,6 +17,7 @@ from kernels.attention.masks import (
 from kernels.attention.reference import attention_reference, attention_reference_with_lse
 
 __all__ = [
+    "IMPLEMENTATIONS",
     "BlockSizes",
     "BlockSparseMask",
     "CausalMask",

@@ -13,7 +13,6 @@ so adding a backend is adding its module file (and its name to _MODULES).
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
 import types
 
@@ -30,6 +29,7 @@ _MODULES = {
     "pallas_gpu": "pallas_gpu",
     "pallas_tpu": "pallas_tpu",
 }
+IMPLEMENTATIONS = tuple(_MODULES)  # what `implementation=` accepts, besides None
 # Preference order for implementation=None, per jax.default_backend().
 _AUTO = {"gpu": ("pallas_gpu", "cudnn", "xla"), "tpu": ("pallas_tpu", "xla")}
 
@@ -43,12 +43,9 @@ class UnsupportedError(ValueError):
     """An explicitly requested implementation cannot run these inputs here."""
 
 
-def _module(implementation: str) -> types.ModuleType | None:
-    """The backend module, or None if its file does not exist (yet)."""
-    name = f"{__package__}.{_MODULES[implementation]}"
-    if importlib.util.find_spec(name) is None:
-        return None
-    return importlib.import_module(name)  # Import errors propagate.
+def _module(implementation: str) -> types.ModuleType:
+    """The backend module (imported on first use; import errors propagate)."""
+    return importlib.import_module(f"{__package__}.{_MODULES[implementation]}")
 
 
 def _validate(q, k, v, segment_ids, sliding_window, mask, softmax_scale, block_sizes) -> None:
@@ -144,7 +141,6 @@ def attention(
     Raises:
       ValueError: bad inputs (the message names the argument).
       UnsupportedError: the requested implementation cannot run these inputs.
-      NotImplementedError: the requested implementation is not written yet.
     """
     if implementation is not None and implementation not in _MODULES:
         raise ValueError(
@@ -177,22 +173,13 @@ def attention(
     if implementation is None:
         for name in _AUTO.get(jax.default_backend(), ("xla",)):
             module = _module(name)
-            if (
-                module is not None
-                and not missing(module)
-                and module.unsupported_reason(q, k, v, **kwargs) is None
-            ):
+            if not missing(module) and module.unsupported_reason(q, k, v, **kwargs) is None:
                 return module.attention(q, k, v, softmax_scale=scale, **kwargs, **extra)
         raise UnsupportedError(
             "no attention implementation supports these inputs"
         )  # xla always does.
 
     module = _module(implementation)
-    if module is None:
-        raise NotImplementedError(
-            f"implementation={implementation!r} is not implemented yet "
-            f"(no module kernels/attention/{_MODULES[implementation]}.py)"
-        )
     if lacking := missing(module):
         raise UnsupportedError(
             f"implementation={implementation!r} does not support {sorted(lacking)}; "

@@ -10,9 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm import checkpoint, debug, partitioning, train
+from llm.training import checkpoint
+from llm.training import debug
+from llm.parallel import partitioning
+from llm import train
 from llm import config as config_lib
-from llm.metrics import last_per_step, read_metrics
+from llm.training.metrics import last_per_step, read_metrics
+from llm.training import loop
 
 
 def _state(step: int):
@@ -99,7 +103,7 @@ def test_corrupt_step_is_named_or_skipped(tmp_path, caplog, damage, file):
 
     with caplog.at_level(logging.WARNING):
         restored = checkpoint.restore_latest(manager, abstract, fallback_to_previous=True)
-    assert int(restored["step"]) == 3
+    assert int(restored.step) == 3
     assert "restoring step 3 instead" in caplog.text
     assert _committed(tmp_path) == [3]
     assert (tmp_path / "corrupt_checkpoints" / "6").is_dir(), "set aside, not deleted"
@@ -119,7 +123,7 @@ def test_training_resumes_from_the_previous_step_of_a_corrupt_checkpoint(tmp_pat
     fallback = config_lib.with_overrides(config, {"checkpoint.fallback_to_previous": True})
     train.train_and_evaluate(fallback, str(tmp_path))
     records = read_metrics(tmp_path)
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 3, 4]  # steps 3, 4 trained again
+    assert [r.step for r in records] == [1, 2, 3, 4, 3, 4]  # steps 3, 4 trained again
     assert records[-1]["loss"] == expected[4]["loss"]
     assert _committed(tmp_path) == [2, 4]
 
@@ -145,13 +149,13 @@ def test_restore_reads_into_abstract_targets_without_a_fresh_state(
     monkeypatch.setattr(train, "jax", recorder)
     mesh = partitioning.make_mesh(tiny_config.mesh.to_dict())
     with jax.set_mesh(mesh), partitioning.axis_rules(tuple(tiny_config.axis_rules)):
-        fresh = train.setup_state(tiny_config, mesh).state
+        fresh = loop.setup_state(config_lib.resolve(tiny_config), mesh).state
         assert recorder.jitted == ["init_state"]  # a fresh start builds the state
         manager = checkpoint.make_manager(tmp_path)
         checkpoint.save(manager, {k: v for k, v in fresh.items() if k != "guard"})  # older format
         checkpoint.wait(manager)
         recorder.jitted.clear()
-        restored = train.setup_state(tiny_config, mesh, manager).state
+        restored = loop.setup_state(config_lib.resolve(tiny_config), mesh, manager).state
     assert recorder.jitted == [], "a restore builds no fresh state, only jax.eval_shape"
     assert restored.keys() == fresh.keys(), "a checkpoint from before llm.guard gets a fresh guard"
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(fresh), strict=True):

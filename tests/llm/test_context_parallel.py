@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import kernels
-from llm import context_parallel, partitioning
+from llm.parallel import context as context_parallel
+from llm.parallel import partitioning
+from llm.model import config as model_config
 
 RULES = (
     ("batch", ("data", "fsdp")),
@@ -39,7 +41,7 @@ def values_and_grads(fn, q, k, v, segment_ids, cotangent):
     return out, grads
 
 
-@pytest.mark.parametrize("mode", context_parallel.MODES)
+@pytest.mark.parametrize("mode", model_config.CONTEXT_PARALLEL)
 @pytest.mark.parametrize("sizes", MESHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_attention_equals_plain_attention(mode, sizes):
     q, k, v, segment_ids, cotangent = inputs()

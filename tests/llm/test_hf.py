@@ -11,8 +11,10 @@ import transformers
 from flax import nnx, traverse_util
 from safetensors.numpy import load_file, save_file
 
-from llm import flops, hf
-from llm.model import ModelConfig, MoEConfig, Transformer
+from llm.science import flops
+from llm import hf
+from llm.model.config import ModelConfig, MoEConfig
+from llm.model.transformer import Transformer
 
 VOCAB, LENGTH = 128, 16
 

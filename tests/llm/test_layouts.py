@@ -10,8 +10,10 @@ import pytest
 from flax import nnx
 
 from llm import config as config_lib
-from llm import partitioning, train
-from llm.train_step import cross_entropy
+from llm.parallel import partitioning
+from llm import train
+from llm.training.step import cross_entropy
+from llm.training import loop
 
 # Measured max deviation from one device, float32, over all LAYOUTS: losses 1.1e-7 relative,
 # per-token gradients 1.1e-8 absolute (largest |g| 2.6e-2), parameters after 3 AdamW steps 3.7e-7.
@@ -68,10 +70,10 @@ def with_mesh(config, sizes: dict):
 def run(config, devices) -> dict:
     """Gradients at the initial state, then STEPS train steps; everything back on the host."""
     mesh = partitioning.make_mesh(config.mesh.to_dict(), devices=devices)
-    config_lib.check_sharding(config, mesh)
+    config_lib.resolve(config).check_fits(mesh)
     rules = tuple(config.axis_rules)
     with jax.set_mesh(mesh), partitioning.axis_rules(rules):
-        setup = train.setup_state(config, mesh)
+        setup = loop.setup_state(config_lib.resolve(config), mesh)
         data = [
             jax.device_put(b, partitioning.batch_sharding(mesh, rules))
             for b in batches(config, STEPS)
@@ -84,8 +86,8 @@ def run(config, devices) -> dict:
             loss_sum, _ = cross_entropy(logits, batch["targets"], batch["weights"], config.z_loss)
             return loss_sum / jnp.sum(batch["weights"])  # per token, as the train step averages
 
-        grads = jax.jit(jax.grad(loss))(setup.state["params"], data[0])
-        step = train.compile_train_step(config, setup, data[0])
+        grads = jax.jit(jax.grad(loss))(setup.state.params, data[0])
+        step = loop.compile_train_step(config_lib.resolve(config), setup, data[0])
         state, losses = setup.state, []
         for batch in data:
             state, metrics = step(state, batch)
@@ -116,11 +118,11 @@ def test_layout_matches_one_device_and_the_rules_table(tiny_config, sizes):
     for a, b in zip(jax.tree.leaves(got["grads"]), jax.tree.leaves(ref["grads"])):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
     state, mesh = got["state"], got["mesh"]
-    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref["state"]["params"])):
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref["state"]["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
 
-    params = variables(state["params"])
-    adam = state["opt_state"][1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
+    params = variables(state.params)
+    adam = state.opt_state[1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
     for placed in (params, variables(adam.mu), variables(adam.nu)):
         assert len(placed) == len(params)
         for var in placed:

@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm import checkpoint, flops, moe, partitioning, train
+from llm.training import checkpoint
+from llm.science import flops
+from llm.model import moe
+from llm.parallel import partitioning
+from llm import train
 from llm import config as config_lib
-from llm.metrics import read_metrics
-from llm.model import ModelConfig, MoEConfig, Transformer
+from llm.training.metrics import read_metrics
+from llm.model.config import ModelConfig, MoEConfig
+from llm.model.transformer import Transformer
+from llm.training import loop
+from llm.model import config as model_config
 
 E, K, D, F = 4, 2, 16, 8
 
@@ -46,7 +53,7 @@ def reference(x, router, w_gate, w_up, w_down, cfg: MoEConfig):
     return jnp.stack(ys).reshape(x.shape), aux_loss, z / t
 
 
-@pytest.mark.parametrize("router", moe.ROUTERS)
+@pytest.mark.parametrize("router", model_config.ROUTERS)
 def test_dropless_equals_a_per_token_loop_values_and_gradients(router):
     mod = layer(router=router)
     x = jax.random.normal(jax.random.key(1), (1, 8, D))
@@ -136,7 +143,7 @@ def moe_config(tiny_config, **fields):
 def train_one_step(config, devices):
     """One train step of `config` on `devices`: metrics and the new state, on the host."""
     mesh = partitioning.make_mesh(config.mesh.to_dict(), devices=devices)
-    config_lib.check_sharding(config, mesh)
+    config_lib.resolve(config).check_fits(mesh)
     rules = tuple(config.axis_rules)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.model.vocab_size, (config.batch_size, config.seq_len + 1))
@@ -149,9 +156,9 @@ def train_one_step(config, devices):
         "weights": np.ones(shape, np.float32),
     }
     with jax.set_mesh(mesh), partitioning.axis_rules(rules):
-        setup = train.setup_state(config, mesh)
+        setup = loop.setup_state(config_lib.resolve(config), mesh)
         batch = jax.device_put(batch, partitioning.batch_sharding(mesh, rules))
-        step = train.compile_train_step(config, setup, batch)
+        step = loop.compile_train_step(config_lib.resolve(config), setup, batch)
         state, metrics = step(setup.state, batch)
     return jax.device_get(metrics), jax.device_get(state), step.as_text()
 
@@ -159,7 +166,7 @@ def train_one_step(config, devices):
 _ONE_DEVICE: dict = {}
 
 
-@pytest.mark.parametrize("dispatch", moe.DISPATCHES)
+@pytest.mark.parametrize("dispatch", model_config.DISPATCHES)
 def test_expert_parallel_equals_one_device(tiny_config, dispatch):
     """mesh expert=4 x data=2 against dropless on one device (capacity_factor=E: nothing dropped)."""
     config = moe_config(tiny_config, **{"model.moe.capacity_factor": 8.0})
@@ -173,9 +180,9 @@ def test_expert_parallel_equals_one_device(tiny_config, dispatch):
     assert set(got) == set(want)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    for a, b in zip(jax.tree.leaves(got_state["params"]), jax.tree.leaves(want_state["params"])):
+    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    bias = got_state["params"]["blocks"][1]["mlp"]["expert_bias"][...]
+    bias = got_state.params["blocks"][1]["mlp"]["expert_bias"][...]
     assert np.abs(bias).max() == pytest.approx(1e-3)  # one balancing step, taken in the jitted step
 
 

@@ -10,9 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from llm import distributed, train
+from llm.parallel import distributed
+from llm import train
 from llm.config import ConfigError
-from llm.metrics import read_metrics
+from llm.training.metrics import read_metrics
+from llm.training import loop
 
 PROCESSES = 2
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -98,7 +100,7 @@ def test_two_processes_match_one(tmp_path, tiny_config):
 
 
 def test_process_shards_are_disjoint_and_cover_the_global_batch(tiny_config):
-    _, data, _ = train.load_data(tiny_config)
+    _, data, _ = loop.load_data(tiny_config)
     for step in range(3):
         whole = data.batch(step, tiny_config.batch_size)
         parts = [

@@ -12,8 +12,9 @@ from flax import nnx
 
 from kernels.attention.reference import attention_reference
 from kernels.nsa_selected import selected_attention_pallas
-from llm import native_sparse as nsa
-from llm.model import Attention, ModelConfig
+from llm.model import nsa as nsa
+from llm.model.attention import Attention
+from llm.model.config import ModelConfig
 
 B, L, H, K, DH = 2, 40, 4, 2, 8  # L = 5 blocks of 8: the last query block is partial for BLOCK=6
 BLOCK = 8
@@ -209,8 +210,8 @@ def test_pallas_selected_block_kernel_matches_the_dense_mask_reference(segments)
 
 def test_nsa_pattern_builds_the_layer_and_counts_its_parameters():
     """attention_pattern "sliding,nsa" puts NSA in odd layers; flops counts its parameters."""
-    from llm import flops
-    from llm.model import Transformer
+    from llm.science import flops
+    from llm.model.transformer import Transformer
 
     cfg = ModelConfig(
         vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,

@@ -9,11 +9,14 @@ import pytest
 from flax import nnx
 
 from data import pipeline
-from llm import checkpoint, guard, train
+from llm.training import checkpoint
+from llm.training import guard
+from llm import train
 from llm import config as config_lib
-from llm.metrics import read_metrics
-from llm.model import Transformer
-from llm.train_step import make_optimizer, make_train_step
+from llm.training.metrics import read_metrics
+from llm.model.transformer import Transformer
+from llm.training.optimizer import make_optimizer
+from llm.training.step import make_train_step
 
 
 def _guard_config(nonfinite="skip", window=0, sigmas=3.0):
@@ -25,9 +28,9 @@ def _guard_config(nonfinite="skip", window=0, sigmas=3.0):
 def _fake_step(state, batch):
     """Moves params by 1 and reports the batch's loss: the guard's decisions are readable."""
     new = {
-        "step": state["step"] + 1,
-        "params": {"w": state["params"]["w"] + 1.0},
-        "opt_state": state["opt_state"] + 1,
+        "step": state.step + 1,
+        "params": {"w": state.params["w"] + 1.0},
+        "opt_state": state.opt_state + 1,
     }
     return new, {"loss": batch["loss"], "grad_norm": jnp.float32(1.0)}
 
@@ -50,11 +53,11 @@ def test_loss_spikes_and_nonfinite_losses_are_skipped_and_the_window_resumes(tmp
     losses = [1.0, 1.2, 0.8, 1.1, 1.0, 5.0, float("nan"), 1.05, 0.9, 1.1, 9.0, 1.0]
     skipped = {5, 6, 10}  # the spikes and the NaN: 0-based positions
     full, metrics = _run(step, state, losses)
-    assert int(full["step"]) == len(losses)
-    assert float(full["params"]["w"]) == len(losses) - len(skipped)  # a skipped step moves nothing
-    assert int(full["opt_state"]) == len(losses) - len(skipped)
+    assert int(full.step) == len(losses)
+    assert float(full.params["w"]) == len(losses) - len(skipped)  # a skipped step moves nothing
+    assert int(full.opt_state) == len(losses) - len(skipped)
     assert int(metrics["skipped_steps"]) == len(skipped)
-    assert int(full["guard"]["bad_step"]) == 7 and int(full["guard"]["bad_what"]) == guard.LOSS
+    assert int(full.guard["bad_step"]) == 7 and int(full.guard["bad_what"]) == guard.LOSS
 
     half, _ = _run(step, state, losses[:8])  # save, restore, go on: the same decisions
     manager = checkpoint.make_manager(tmp_path)
@@ -69,7 +72,7 @@ def test_loss_spikes_and_nonfinite_losses_are_skipped_and_the_window_resumes(tmp
 def test_skip_keeps_parameters_and_optimizer_state_bit_for_bit(tiny_config):
     cfg = config_lib.model_config(config_lib.with_overrides(tiny_config, {"model.num_layers": 1}))
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    tx, schedule = make_optimizer(tiny_config.optimizer, steps=10)
+    tx, schedule = make_optimizer(config_lib.resolve(tiny_config).optimizer, steps=10)
     inner = make_train_step(graphdef, tx, schedule, grad_accum_steps=1, z_loss=0.0)
     step = jax.jit(guard.guarded(inner, _guard_config("skip")))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 17)), jnp.int32)
@@ -91,7 +94,7 @@ def test_skip_keeps_parameters_and_optimizer_state_bit_for_bit(tiny_config):
     poisoned = {**batch, "weights": batch["weights"].at[0, 3].set(jnp.nan)}
     after, metrics = step(state, poisoned)
     assert np.isnan(metrics["loss"]) and int(metrics["skipped_steps"]) == 1
-    assert int(after["step"]) == 2
+    assert int(after.step) == 2
     for key in ("params", "opt_state"):
         for a, b in zip(jax.tree.leaves(after[key]), jax.tree.leaves(before[key]), strict=True):
             np.testing.assert_array_equal(a, b)
@@ -128,7 +131,7 @@ def test_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, small,
 
 def test_stop_names_non_finite_parameters(tmp_path):
     def overflowing_step(state, batch):  # a finite loss and gradients, an update to infinity
-        new = {**state, "step": state["step"] + 1, "params": {"w": state["params"]["w"] * 1e39}}
+        new = {**state, "step": state.step + 1, "params": {"w": state.params["w"] * 1e39}}
         return new, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)}
 
     config = _guard_config("stop")

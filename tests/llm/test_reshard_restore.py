@@ -4,8 +4,12 @@ memory report sees FSDP divide the parameter bytes."""
 import jax
 import pytest
 
-from llm import checkpoint, partitioning, train
-from llm.metrics import read_metrics
+from llm.training import checkpoint
+from llm.parallel import partitioning
+from llm import train
+from llm.training.metrics import read_metrics
+from llm.training import loop
+from llm import config as config_lib
 
 
 class Interrupted(Exception):
@@ -21,7 +25,7 @@ def with_mesh(config, **sizes):
 
 def test_save_under_fsdp_resume_under_tensor_and_data(tmp_path, tiny_config, monkeypatch):
     train.train_and_evaluate(with_mesh(tiny_config, data=8), str(tmp_path / "full"))
-    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
+    expected = {r.step: r["loss"] for r in read_metrics(tmp_path / "full")}
 
     save = checkpoint.save
 
@@ -37,9 +41,9 @@ def test_save_under_fsdp_resume_under_tensor_and_data(tmp_path, tiny_config, mon
     train.train_and_evaluate(with_mesh(tiny_config, data=4, tensor=2), str(tmp_path / "resharded"))
 
     records = read_metrics(tmp_path / "resharded")
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r.step for r in records] == [1, 2, 3, 4, 5, 6]
     for record in records:
-        assert record["loss"] == pytest.approx(expected[record["step"]], rel=1e-5)
+        assert record["loss"] == pytest.approx(expected[record.step], rel=1e-5)
 
 
 def test_memory_report_shrinks_parameters_by_the_fsdp_factor(tiny_config):
@@ -48,7 +52,7 @@ def test_memory_report_shrinks_parameters_by_the_fsdp_factor(tiny_config):
         config = with_mesh(tiny_config, data=8 // fsdp, fsdp=fsdp)
         mesh = partitioning.make_mesh(config.mesh.to_dict())
         with jax.set_mesh(mesh), partitioning.axis_rules(tuple(config.axis_rules)):
-            setup = train.setup_state(config, mesh)
+            setup = loop.setup_state(config_lib.resolve(config), mesh)
             abstract_batch = {
                 k: jax.ShapeDtypeStruct(
                     (config.batch_size, config.seq_len),
@@ -63,9 +67,9 @@ def test_memory_report_shrinks_parameters_by_the_fsdp_factor(tiny_config):
                     ("weights", "float32"),
                 )
             }
-            compiled = train.compile_train_step(config, setup, abstract_batch)
+            compiled = loop.compile_train_step(config_lib.resolve(config), setup, abstract_batch)
             reports[fsdp] = partitioning.memory_report(setup.state, compiled)
-    print({k: train.format_memory(v) for k, v in reports.items()})
+    print({k: loop.format_memory(v) for k, v in reports.items()})
     assert reports[8]["params"] * 8 == reports[1]["params"]
     assert reports[8]["optimizer"] < reports[1]["optimizer"] / 7  # mu, nu split; the count is not
     assert reports[1]["temp"] > 0

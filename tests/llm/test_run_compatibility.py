@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from llm.metrics import last_per_step, read_metrics
+from llm.training.metrics import last_per_step, read_metrics
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "run_before_refactor"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm.model import ModelConfig, Transformer
-from llm.sample import generate, top_k_filter, top_p_filter
+from llm.model.config import ModelConfig
+from llm.model.transformer import Transformer
+from llm.model.decode import generate, top_k_filter, top_p_filter
 
 PROMPT, NEW = 5, 8
 

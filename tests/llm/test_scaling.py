@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from llm import config as config_lib
-from llm import flops, scaling
-from llm.model import ModelConfig
+from llm.science import flops
+from llm.science import scaling
+from llm.model.config import ModelConfig
 
 TRUE = {"E": 1.7, "A": 400.0, "B": 410.0, "alpha": 0.34, "beta": 0.28}
 
@@ -191,7 +192,7 @@ def test_sweep_plans_resumes_and_collects(tmp_path):
     final = scaling.final_rows(table)
     # Each run spends its budget, short of one step at most (steps are whole).
     assert np.all(final["flops"] <= final["budget"])
-    assert np.all(final["budget"] < final["flops"] * (final["step"] + 1) / final["step"])
+    assert np.all(final["budget"] < final["flops"] * (final.step + 1) / final.step)
 
     sweep.run_sweep(tiny_sweep(), str(tmp_path / "cluster"), print_commands=True)
     commands = (tmp_path / "cluster" / "commands.sh").read_text().splitlines()

@@ -11,8 +11,12 @@ from flax import nnx
 from test_model import stacked_copy  # pytest puts tests/llm on sys.path
 
 from data import tokenizer as tokenizer_lib
-from llm import flops, hf, probes, sparse
-from llm.model import ModelConfig, Transformer, init_cache
+from llm.science import flops
+from llm.science import probes
+from llm.model import patterns as sparse
+from llm import hf
+from llm.model.config import ModelConfig
+from llm.model.transformer import Transformer, init_cache
 
 CFG = ModelConfig(
     vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,

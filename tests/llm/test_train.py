@@ -7,18 +7,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm import checkpoint, train
+from llm.training import checkpoint
+from llm import train
 from llm import config as config_lib
-from llm.metrics import read_metrics
-from llm.model import Transformer
-from llm.train_step import make_optimizer, make_train_step
+from llm.training.metrics import read_metrics
+from llm.model.transformer import Transformer
+from llm.training.optimizer import make_optimizer
+from llm.training.step import make_train_step
 
 
 def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(tiny_config):
     cfg = config_lib.model_config(tiny_config)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    tx, schedule = make_optimizer(tiny_config.optimizer, steps=30)
+    tx, schedule = make_optimizer(config_lib.resolve(tiny_config).optimizer, steps=30)
     step = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum_steps=2, z_loss=1e-4))
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 33)), jnp.int32)
@@ -41,7 +43,7 @@ def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(tiny_config):
 def test_checkpoint_round_trip(tmp_path, tiny_config):
     cfg = config_lib.model_config(tiny_config)
     params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    tx, _ = make_optimizer(tiny_config.optimizer, steps=10)
+    tx, _ = make_optimizer(config_lib.resolve(tiny_config).optimizer, steps=10)
     state = {"step": jnp.array(7, jnp.int32), "params": params, "opt_state": tx.init(params)}
     manager = checkpoint.make_manager(tmp_path)
     checkpoint.save(manager, state)
@@ -60,7 +62,7 @@ class Interrupted(Exception):
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_config, monkeypatch):
     full = train.train_and_evaluate(tiny_config, str(tmp_path / "full"))
-    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
+    expected = {r.step: r["loss"] for r in read_metrics(tmp_path / "full")}
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert "eval_loss" in full
 
@@ -78,9 +80,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_config, monkeyp
     train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
 
     records = read_metrics(tmp_path / "resumed")
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # history kept across the restart
+    assert [r.step for r in records] == [1, 2, 3, 4, 5, 6]  # history kept across the restart
     for record in records:
-        assert record["loss"] == expected[record["step"]]  # bit-identical on CPU
+        assert record["loss"] == expected[record.step]  # bit-identical on CPU
 
 
 def test_resuming_with_a_different_model_is_refused(tmp_path, tiny_config):

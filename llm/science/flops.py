@@ -4,7 +4,7 @@ Training FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B): 6·N f
 parameters N (forward 2·N, backward 4·N) plus attention scores and values: 12·H·Dh per attended
 (query, key) pair (q·k and p·v are 2·Dh each per head forward, backward twice forward).
 
-Attention counts the pairs each layer's pattern really allows (llm.sparse), exactly: a causal
+Attention counts the pairs each layer's pattern really allows (llm.model.patterns), exactly: a causal
 dense layer over T tokens attends T(T+1)/2 pairs, i.e. 12·H·Dh·(T+1)/2 per token, half of PaLM's
 12·H·Dh·T (PaLM counts the full square even for causal models). Counting only allowed pairs, as
 FlashAttention and MaxText do, keeps dense and sparse layers comparable: a sliding window of
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import jax
 
-from llm import sparse
-from llm.model import ModelConfig
+from llm.model import patterns
+from llm.model.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -51,7 +51,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     dense_layers = cfg.num_layers - moe_layers
     # A learned-sparse ("nsa") layer adds its gates [D, H, 3] and the K/V compressions
     # [block, Dh, Dh]; per token a compression costs as much as a [Dh, Dh] matmul per kv head.
-    nsa_layers = sparse.layer_patterns(cfg).count("nsa")
+    nsa_layers = cfg.layer_patterns.count("nsa")
     gates = d * cfg.num_heads * 3
     nsa_params = gates + 2 * cfg.attention_nsa_block * dh * dh
     nsa_matmul = gates + 2 * cfg.num_kv_heads * dh * dh
@@ -87,7 +87,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 def attention_flops_per_sequence(cfg: ModelConfig, seq_len: int) -> tuple[int, ...]:
     """Per layer, forward + backward attention FLOPs of one sequence of seq_len tokens."""
     return tuple(
-        12 * cfg.num_heads * cfg.head_dim * pairs for pairs in sparse.visible_pairs(cfg, seq_len)
+        12 * cfg.num_heads * cfg.head_dim * pairs for pairs in patterns.visible_pairs(cfg, seq_len)
     )
 
 

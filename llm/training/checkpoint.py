@@ -3,7 +3,8 @@
 A checkpoint has two items, so that sampling can read the parameters without the optimizer:
     params:    the model parameters (an nnx.State)
     opt_state: the rest of the train state: {"step": int32[], "opt_state": the optax state,
-               "guard": the non-finite and loss-spike state of llm.guard}
+               "guard": the non-finite and loss-spike state of llm.training.guard}
+(the fields of llm.training.state.TrainState).
 Orbax writes each step to a temporary directory and renames it when complete, so a listed step
 is always whole; a temporary directory left by a killed run is deleted when the next run opens
 the manager. An old step is deleted only after the next one has committed, and a failed
@@ -12,6 +13,7 @@ asynchronous save raises `CheckpointSaveError` at the next save or wait, never s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -23,8 +25,10 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llm import debug
-from llm.train_step import TrainState
+from llm.errors import check, check_positive
+from llm.model.config import shape_differences
+from llm.training import debug
+from llm.training.state import TrainState
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -43,43 +47,40 @@ class CheckpointSaveError(OSError):
     """An asynchronous save failed (disk full, permissions, ...); earlier checkpoints are kept."""
 
 
-# Model fields that change the parameters' shapes or layout; others (dtype, remat, ...) may change.
-SHAPE_FIELDS = (
-    "vocab_size",
-    "num_layers",
-    "embed_dim",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "mlp_dim",
-    "tie_embeddings",
-    "scan_layers",
-    "param_dtype",
-)
-# The same for model.moe, compared when either model has experts.
-MOE_SHAPE_FIELDS = (
-    "num_experts",
-    "expert_mlp_dim",
-    "every",
-    "first_dense_layers",
-    "num_shared_experts",
-)
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """When and how checkpoints are written and read, checked when built."""
 
+    every: int = 100  # config.checkpoint_every: steps between saves (and at the end); 0: never
+    keep: int = 2  # config.keep_checkpoints: the last N steps kept
+    fallback_to_previous: bool = False  # config.checkpoint.fallback_to_previous
 
-def _shape_fields(model: dict) -> dict:
-    fields = {k: model.get(k) for k in SHAPE_FIELDS}
-    moe = model.get("moe") or {}  # absent in configs saved before MoE: dense
-    if moe.get("num_experts"):
-        fields.update({f"moe.{k}": moe.get(k) for k in MOE_SHAPE_FIELDS})
-    return fields
+    def __post_init__(self):
+        check(
+            self.every >= 0, f"config.checkpoint_every must be >= 0 (0 disables), got {self.every}."
+        )
+        check_positive(self.keep, "keep_checkpoints")
+        check(
+            isinstance(self.fallback_to_previous, bool),
+            "config.checkpoint.fallback_to_previous must be True or False, got "
+            f"{self.fallback_to_previous!r}.",
+        )
 
 
 def check_same_model(saved: dict, current: dict) -> None:
-    """Refuses to resume when a shape-determining model field differs, naming each."""
-    saved, current = _shape_fields(saved), _shape_fields(current)
-    differing = [k for k in {**saved, **current} if saved.get(k) != current.get(k)]
+    """Refuses to resume when a shape-determining model field (config.json's "model" dicts)
+    differs, naming each."""
+    differing = shape_differences(saved, current)
     if differing:
-        changes = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
+
+        def get(config: dict, key: str):
+            for part in key.split("."):
+                config = (config or {}).get(part)
+            return config
+
+        changes = ", ".join(
+            f"model.{k}: {get(saved, k)!r} -> {get(current, k)!r}" for k in differing
+        )
         raise CheckpointMismatchError(
             f"this workdir was trained with a different model ({changes}); use a new --workdir, "
             "or the original model settings to resume."
@@ -122,14 +123,13 @@ def wait(manager: ocp.CheckpointManager) -> None:
 
 def save(manager: ocp.CheckpointManager, state: TrainState, *, force: bool = False) -> None:
     """Starts an asynchronous save of `state` at its step (waits for the previous save first)."""
-    step = int(jax.device_get(state["step"]))
+    step = int(jax.device_get(state.step))
     wait(manager)
-    rest = {k: v for k, v in state.items() if k != "params"}  # step, opt_state, guard
     manager.save(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state["params"]),
-            opt_state=ocp.args.StandardSave(rest),
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(_rest(state)),
         ),
         force=force,
     )
@@ -171,20 +171,28 @@ def restore_latest(
     return None
 
 
+def _rest(state: TrainState) -> dict:
+    """The "opt_state" item: every field of the state but the parameters."""
+    return {"step": state.step, "opt_state": state.opt_state, "guard": state.guard}
+
+
 def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
-    """Step `step`; a checkpoint saved before llm.guard existed comes back without "guard"."""
-    rest = {k: v for k, v in abstract_state.items() if k != "params"}
+    """Step `step`. A checkpoint saved before llm.training.guard existed has no "guard": it
+    comes back with guard=None, for the caller to start afresh."""
+    rest = _rest(abstract_state)
     errors = []
     for item in (rest, {k: v for k, v in rest.items() if k != "guard"}):
         try:
             restored = manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_state["params"]),
+                    params=ocp.args.StandardRestore(abstract_state.params),
                     opt_state=ocp.args.StandardRestore(item),
                 ),
             )
-            return {"params": restored.params, **restored.opt_state}
+            return abstract_state.replace(
+                params=restored.params, **{"guard": None, **restored.opt_state}
+            )
         except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types)
             errors.append(e)
     raise errors[0]

@@ -33,9 +33,32 @@ import jax.numpy as jnp
 
 import kernels
 from kernels.attention.masks import CausalMask, Mask
-from llm import partitioning
+from llm.errors import check
+from llm.model.config import CONTEXT_PARALLEL as MODES
+from llm.model.config import ModelConfig
+from llm.parallel import partitioning
 
-MODES = ("ring", "all_gather")
+
+def validate(cfg: ModelConfig, seq_len: int, mesh: jax.sharding.Mesh, rules) -> None:
+    """Context parallelism can run `cfg` on `mesh`: dense attention only, and for "ring" a
+    sequence that splits into two chunks per device (zig-zag). ConfigError otherwise."""
+    seq_axes = [a for a in partitioning.mesh_axes_of("seq", rules) if mesh.shape[a] > 1]
+    if not seq_axes:
+        return
+    axis, n = seq_axes[0], mesh.shape[seq_axes[0]]
+    check(
+        set(cfg.layer_patterns) == {"dense"},
+        f"config.model.attention_pattern={cfg.attention_pattern!r}: context parallelism "
+        f"(mesh.{axis}={n}) supports dense causal attention only; "
+        "use --config.model.attention_pattern=dense or --config.mesh.sequence=1.",
+    )
+    if cfg.context_parallel == "ring":
+        check(
+            seq_len % (2 * n) == 0,
+            f"config.seq_len={seq_len} does not split into {2 * n} chunks: ring context "
+            f"parallelism over mesh.{axis}={n} gives each device two chunks "
+            f"(zig-zag); use a multiple of {2 * n}, or --config.model.context_parallel=all_gather.",
+        )
 
 
 def sequence_axis() -> tuple[str | None, int]:
@@ -63,7 +86,7 @@ def attention(
 ) -> jax.Array:
     """Causal attention (packed segments allowed) -> [B, L, H, Dh], split over the sequence axis.
 
-    `mask` (a layer's llm.sparse pattern, causality included) replaces plain causal masking;
+    `mask` (a layer's llm.model.patterns pattern, causality included) replaces plain causal masking;
     split over the sequence axis only dense causal attention is supported.
     """
     axis, n = sequence_axis()

@@ -1,58 +1,16 @@
-"""The pure pieces of training: optimizer, loss, and the jitted train and eval steps."""
+"""The pure pieces of training: the loss, and the train and eval steps (jitted by the loop)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
-from llm import moe
-
-# {"step": int32[], "params": nnx.State, "opt_state": optax state}. "params" is the whole model
-# state: the trained nnx.Param plus untrained state (MoE expert biases); the optimizer sees the
-# nnx.Param part only.
-TrainState = dict[str, Any]
-# inputs, targets, segment_ids, positions: int32[B, L]; weights: f32[B, L]
-Batch = dict[str, jax.Array]
-
-
-def make_optimizer(
-    opt: ml_collections.ConfigDict, steps: int
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup then cosine decay, global-norm clipping; norms are not decayed."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=opt.learning_rate,
-        warmup_steps=opt.warmup_steps,
-        decay_steps=steps,
-        end_value=opt.learning_rate * opt.min_learning_rate_ratio,
-    )
-
-    def decay_mask(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "scale" not in jax.tree_util.keystr(path), params
-        )
-
-    tx = optax.chain(
-        optax.clip_by_global_norm(opt.grad_clip_norm)
-        if opt.grad_clip_norm > 0
-        else optax.identity(),
-        optax.adamw(
-            schedule,
-            b1=opt.b1,
-            b2=opt.b2,
-            eps=opt.eps,
-            weight_decay=opt.weight_decay,
-            mask=decay_mask,
-        ),
-    )
-    return tx, schedule
-
+from llm.model import moe
+from llm.training.state import Batch, TrainState
 
 def cross_entropy(
     logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float
@@ -94,7 +52,7 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        params, rest = nnx.split_state(state["params"], nnx.Param, ...)
+        params, rest = nnx.split_state(state.params, nnx.Param, ...)
         if grad_accum_steps == 1:
             (_, (ce_sum, moe_aux)), grads = grad_fn(params, rest, batch)
         else:
@@ -113,21 +71,19 @@ def make_train_step(
             moe_aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe_aux)
         num_tokens = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
         grads = jax.tree.map(lambda g: g / num_tokens, grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
         params = optax.apply_updates(params, updates)
         if moe_aux:  # auxiliary-loss-free balancing, from this batch's expert loads
             model = nnx.merge(graphdef, params, rest)
             model.update_expert_biases({i: layer["load"] for i, layer in moe_aux.items()})
             rest = nnx.state(model, nnx.Not(nnx.Param))
-        new_state = {
-            "step": state["step"] + 1,
-            "params": nnx.merge_state(params, rest),
-            "opt_state": opt_state,
-        }
+        new_state = state.replace(
+            step=state.step + 1, params=nnx.merge_state(params, rest), opt_state=opt_state
+        )
         metrics = {
             "loss": ce_sum / num_tokens,
             "grad_norm": optax.global_norm(grads),
-            "learning_rate": schedule(state["step"]),
+            "learning_rate": schedule(state.step),
             **moe.aux_metrics(moe_aux),
         }
         return new_state, metrics

@@ -12,15 +12,16 @@ config.loss_spike.window = W > 0: a loss above mean + sigmas·std of the last W 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import orbax.checkpoint as ocp
 
-from llm import checkpoint
-from llm.train_step import Batch, TrainState
+from llm.errors import check, is_int
+from llm.training import checkpoint
+from llm.training.state import Batch, TrainState
 
 POLICIES = ("stop", "skip")
 LOSS, GRADIENTS, PARAMETERS = 1, 2, 4  # bits of `bad_what`
@@ -30,13 +31,38 @@ class NonFiniteError(FloatingPointError):
     """A step produced a non-finite loss, gradient or parameter under nonfinite="stop"."""
 
 
-def init_guard(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+@dataclasses.dataclass(frozen=True)
+class GuardConfig:
+    """config.nonfinite and config.loss_spike, checked when built."""
+
+    nonfinite: str = "stop"  # one of POLICIES
+    spike_window: int = 0  # config.loss_spike.window; 0 disables
+    spike_sigmas: float = 6.0  # config.loss_spike.sigmas
+
+    def __post_init__(self):
+        check(
+            self.nonfinite in POLICIES,
+            f"config.nonfinite={self.nonfinite!r} is not one of {POLICIES}.",
+        )
+        window, sigmas = self.spike_window, self.spike_sigmas
+        check(
+            is_int(window) and window >= 0,
+            f"config.loss_spike.window must be an integer >= 0 (0 disables), got {window!r}.",
+        )
+        check(
+            isinstance(sigmas, (int, float)) and sigmas > 0,
+            f"config.loss_spike.sigmas must be > 0, got {sigmas!r}: e.g. "
+            "--config.loss_spike.sigmas=6.",
+        )
+
+
+def init_guard(cfg: GuardConfig) -> dict[str, jax.Array]:
     """The guard's part of the train state."""
     return {
         "skipped": jnp.zeros((), jnp.int32),  # steps whose update was skipped
         "bad_step": jnp.full((), -1, jnp.int32),  # first step with a non-finite value; -1: none
         "bad_what": jnp.zeros((), jnp.int32),  # LOSS | GRADIENTS | PARAMETERS of that step
-        "losses": jnp.zeros((max(config.loss_spike.window, 1),), jnp.float32),  # ring buffer
+        "losses": jnp.zeros((max(cfg.spike_window, 1),), jnp.float32),  # ring buffer
         "num_losses": jnp.zeros((), jnp.int32),  # losses accepted so far
     }
 
@@ -46,23 +72,22 @@ def _all_finite(tree) -> jax.Array:
 
 
 def guarded(
-    step_fn: Callable[[TrainState, Batch], tuple[TrainState, dict]],
-    config: ml_collections.ConfigDict,
+    step_fn: Callable[[TrainState, Batch], tuple[TrainState, dict]], cfg: GuardConfig
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """`step_fn` (which sees step, params, opt_state) with the checks above; adds `guard`."""
-    window, sigmas = config.loss_spike.window, config.loss_spike.sigmas
+    """`step_fn` (which leaves `guard` as it is) with the checks above, which update `guard`."""
+    window, sigmas = cfg.spike_window, cfg.spike_sigmas
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        guard = state["guard"]
-        new, metrics = step_fn({k: v for k, v in state.items() if k != "guard"}, batch)
+        guard = state.guard
+        new, metrics = step_fn(state, batch)
         loss = metrics["loss"]
         what = (
             jnp.where(jnp.isfinite(loss), 0, LOSS)
             | jnp.where(jnp.isfinite(metrics["grad_norm"]), 0, GRADIENTS)
-            | jnp.where(_all_finite(new["params"]), 0, PARAMETERS)
+            | jnp.where(_all_finite(new.params), 0, PARAMETERS)
         )
         first_bad = (what != 0) & (guard["bad_step"] < 0)
-        skip = (what != 0) if config.nonfinite == "skip" else jnp.zeros((), bool)
+        skip = (what != 0) if cfg.nonfinite == "skip" else jnp.zeros((), bool)
         if window:
             history = guard["losses"]
             spike = (guard["num_losses"] >= window) & (
@@ -72,7 +97,7 @@ def guarded(
         accept = (what == 0) & ~skip
         new_guard = {
             "skipped": guard["skipped"] + skip.astype(jnp.int32),
-            "bad_step": jnp.where(first_bad, new["step"], guard["bad_step"]),
+            "bad_step": jnp.where(first_bad, new.step, guard["bad_step"]),
             "bad_what": jnp.where(first_bad, what, guard["bad_what"]),
             "losses": jnp.where(
                 accept,
@@ -81,12 +106,16 @@ def guarded(
             ),
             "num_losses": guard["num_losses"] + accept.astype(jnp.int32),
         }
-        if config.nonfinite == "skip" or window:  # keep the old parameters and optimizer state
-            new = dict(new)
-            for k in ("params", "opt_state"):
-                new[k] = jax.tree.map(lambda n, o: jnp.where(skip, o, n), new[k], state[k])
+        if cfg.nonfinite == "skip" or window:  # keep the old parameters and optimizer state
+            def keep(n, o):
+                return jnp.where(skip, o, n)
+
+            new = new.replace(
+                params=jax.tree.map(keep, new.params, state.params),
+                opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
+            )
         metrics = {**metrics, "skipped_steps": new_guard["skipped"]}
-        return {**new, "guard": new_guard}, metrics
+        return new.replace(guard=new_guard), metrics
 
     return step
 
@@ -95,7 +124,7 @@ def raise_if_nonfinite(state: TrainState, manager: ocp.CheckpointManager) -> Non
     """Raises NonFiniteError if a step of `state` went non-finite (nonfinite="stop"), once the
     pending save of an earlier, good state has committed."""
     bad_step, what = (
-        int(x) for x in jax.device_get((state["guard"]["bad_step"], state["guard"]["bad_what"]))
+        int(x) for x in jax.device_get((state.guard["bad_step"], state.guard["bad_what"]))
     )
     if bad_step < 0:
         return

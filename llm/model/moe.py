@@ -22,7 +22,7 @@ Parameters, with the Mixtral names they map to (torch keeps [out, in]):
     w_gate  [E, D, F]  block_sparse_moe.experts.{e}.w1.weight.T
     w_up    [E, D, F]  block_sparse_moe.experts.{e}.w3.weight.T
     w_down  [E, F, D]  block_sparse_moe.experts.{e}.w2.weight.T
-    shared: an llm.model.MLP of width num_shared_experts * F; expert_bias [E]: ExpertBias state.
+    shared: an llm.model.layers.MLP of width num_shared_experts * F; expert_bias [E]: ExpertBias state.
     shared_gate [D, 1] (shared_expert_gate): Qwen2-MoE's mlp.shared_expert_gate.weight.T.
 """
 
@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm import partitioning
-from llm.model import MLP, ModelConfig, MoEConfig, _param, dense, shard
+from llm.model.config import ModelConfig, MoEConfig
+from llm.model.layers import MLP, dense, param
+from llm.parallel import partitioning
+from llm.parallel.partitioning import shard
 
-ROUTERS = ("softmax_topk", "sigmoid_topk")
-DISPATCHES = ("dropless", "capacity")
 Weights = tuple[
     jax.Array, jax.Array, jax.Array
 ]  # w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D]
@@ -202,16 +202,18 @@ class MoE(nnx.Module):
         e, f = m.num_experts, m.expert_mlp_dim
         init = nnx.initializers.normal(0.02)
         out_init = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers))
-        self.router = _param(rngs, init, (d, e), ("embed", None), pdt)
-        self.w_gate = _param(rngs, init, (e, d, f), ("expert", "embed", "mlp"), pdt)
-        self.w_up = _param(rngs, init, (e, d, f), ("expert", "embed", "mlp"), pdt)
-        self.w_down = _param(rngs, out_init, (e, f, d), ("expert", "mlp", "embed"), pdt)
+        self.router = param(rngs, init, (d, e), ("embed", None), pdt)
+        self.w_gate = param(rngs, init, (e, d, f), ("expert", "embed", "mlp"), pdt)
+        self.w_up = param(rngs, init, (e, d, f), ("expert", "embed", "mlp"), pdt)
+        self.w_down = param(rngs, out_init, (e, f, d), ("expert", "mlp", "embed"), pdt)
         self.expert_bias = ExpertBias(
             jnp.zeros((e,), jnp.float32), out_sharding=(None,), eager_sharding=False
         )
-        shared_cfg = dataclasses.replace(cfg, mlp_dim=m.num_shared_experts * f)
-        self.shared = nnx.data(MLP(shared_cfg, rngs=rngs) if m.num_shared_experts else None)
-        gate = _param(rngs, init, (d, 1), ("embed", None), pdt) if m.shared_expert_gate else None
+        shared = None
+        if m.num_shared_experts:
+            shared = MLP(dataclasses.replace(cfg, mlp_dim=m.num_shared_experts * f), rngs=rngs)
+        self.shared = nnx.data(shared)
+        gate = param(rngs, init, (d, 1), ("embed", None), pdt) if m.shared_expert_gate else None
         self.shared_gate = nnx.data(gate)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

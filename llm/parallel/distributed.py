@@ -13,19 +13,17 @@ import os
 import jax
 from absl import flags
 
-from llm.config import ConfigError
+from llm.errors import ConfigError
 
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address",
-    None,
-    "host:port of process 0, for a multi-process run without a cluster manager.",
-)
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Processes in the job (with --coordinator_address)."
-)
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index in [0, num_processes)."
-)
+def define_flags() -> None:
+    """--coordinator_address, --num_processes, --process_id: for an entry point's __main__."""
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "host:port of process 0, for a multi-process run without a cluster manager.",
+    )
+    flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator_address).")
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
 def cluster_detected() -> bool:
@@ -42,10 +40,11 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
 ) -> None:
-    """Joins the job's processes (arguments default to the flags); a no-op for a single process."""
-    coordinator_address = coordinator_address or _flag(_COORDINATOR)
-    num_processes = num_processes if num_processes is not None else _flag(_NUM_PROCESSES)
-    process_id = process_id if process_id is not None else _flag(_PROCESS_ID)
+    """Joins the job's processes (arguments default to the flags of `define_flags`, where an
+    entry point defined them); a no-op for a single process."""
+    coordinator_address = coordinator_address or _flag("coordinator_address")
+    num_processes = num_processes if num_processes is not None else _flag("num_processes")
+    process_id = process_id if process_id is not None else _flag("process_id")
     explicit = (coordinator_address, num_processes, process_id)
     if any(x is not None for x in explicit):
         if any(x is None for x in explicit):
@@ -62,5 +61,6 @@ def initialize(
         jax.distributed.initialize()
 
 
-def _flag(holder: flags.FlagHolder):
-    return holder.value if flags.FLAGS.is_parsed() else None
+def _flag(name: str):
+    """The flag's value where it is defined and parsed, else None."""
+    return flags.FLAGS[name].value if name in flags.FLAGS and flags.FLAGS.is_parsed() else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -17,17 +18,62 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from llm.errors import check, is_int
+
 MeshAxes = str | tuple[str, ...] | None
 AxisRules = Sequence[tuple[str, MeshAxes]]
 # Outermost to innermost: jax.make_mesh lays the last axes on the fastest links, so tensor
 # parallelism (a collective in every layer) gets neighbouring devices and data parallelism (one
-# gradient reduction per step) spans hosts. "sequence" is size 1 until context parallelism is
-# implemented; "expert" holds MoE experts (llm.moe) and splits the batch like data parallelism.
+# gradient reduction per step) spans hosts. "sequence" splits the sequence (context parallelism,
+# llm.parallel.context); "expert" holds MoE experts (llm.model.moe) and splits the batch like data
+# parallelism.
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 
 class MeshError(ValueError):
     """Mesh sizes that do not fit the devices; the message says how to fix them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """config.mesh (axis sizes, one may be -1) and config.axis_rules, checked when built."""
+
+    sizes: tuple[tuple[str, int], ...]  # (mesh axis, size) pairs
+    rules: tuple[tuple[str, MeshAxes], ...]  # logical axis -> mesh axes
+
+    def __post_init__(self):
+        unknown = {axis for axis, _ in self.sizes} - set(MESH_AXES)
+        check(
+            not unknown,
+            f"config.mesh has unknown axes {sorted(unknown)}; the axes are {MESH_AXES}.",
+        )
+        for axis, size in self.sizes:
+            check(
+                is_int(size) and (size > 0 or size == -1),
+                f"config.mesh.{axis} must be a positive integer or -1 (all remaining devices), "
+                f"got {size!r}.",
+            )
+        named = {a for name, _ in self.rules for a in mesh_axes_of(name, self.rules)}
+        check(
+            named <= set(MESH_AXES),
+            f"config.axis_rules names unknown mesh axes {sorted(named - set(MESH_AXES))}; "
+            f"the mesh axes are {MESH_AXES}.",
+        )
+
+
+def check_sharding(dims: dict[str, tuple[str, int]], mesh: Mesh, rules: AxisRules) -> None:
+    """Every dimension the rules table shards splits evenly over its mesh axes. `dims`: logical
+    axis -> (the config field that sets its size, the size)."""
+    for name, (field, size) in dims.items():
+        axes = mesh_axes_of(name, rules)
+        shards = math.prod(mesh.shape[a] for a in axes)
+        over = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+        check(
+            size % shards == 0,
+            f"config.{field}={size} does not split over {over} ({shards} devices; axis_rules "
+            f"shard {name!r} over {axes}): use a multiple of {shards} for config.{field}, or "
+            "shrink those mesh axes (or change config.axis_rules).",
+        )
 
 
 _RULES: contextvars.ContextVar[AxisRules | None] = contextvars.ContextVar(
@@ -178,11 +224,11 @@ def bytes_per_device(tree: Any) -> int:
 
 
 def memory_report(state: Any, compiled: jax.stages.Compiled) -> dict[str, int]:
-    """Per-device bytes: the state's parameters and optimizer state (from their shardings), and the
-    compiled step's temporaries (activations, gradients, ...) from XLA's memory analysis."""
+    """Per-device bytes: the train state's parameters and optimizer state (from their shardings),
+    and the compiled step's temporaries (activations, gradients, ...) from XLA's memory analysis."""
     report = {
-        "params": bytes_per_device(state["params"]),
-        "optimizer": bytes_per_device(state["opt_state"]),
+        "params": bytes_per_device(state.params),
+        "optimizer": bytes_per_device(state.opt_state),
     }
     analysis = compiled.memory_analysis()
     if analysis is not None:  # some backends do not report

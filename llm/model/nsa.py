@@ -20,7 +20,7 @@ and selected/window keys are masked to the query's document.
 
 `sparse_attention` is the efficient plain-JAX path (gathers the selected blocks per query token);
 `sparse_attention_reference` builds the same layer from dense [L, L] boolean masks, for tests.
-Shape letters as in llm.model, plus N blocks per sequence (L padded to a multiple of `block`),
+Shape letters as in llm.model.layers, plus N blocks per sequence (L padded to a multiple of `block`),
 G = H // K query heads per kv head, S = num_selected + 1 blocks attended per query.
 """
 
@@ -34,40 +34,30 @@ import numpy as np
 from flax import nnx
 
 import kernels
-from llm.model import Attention, ModelConfig, _param, dense
-from llm.partitioning import shard
+from llm.errors import is_int
+from llm.model import patterns
+from llm.model.attention import Attention
+from llm.model.config import ModelConfig
+from llm.model.layers import dense, param
+from llm.parallel.partitioning import shard
 
 _NEG = -1e30  # finite "minus infinity" for masked scores (no inf - inf NaNs)
 BRANCHES = ("compressed", "selected", "window")
 
 
 def validate_hyperparameters(block: int, num_selected: int, window: int) -> None:
-    """Raises ValueError naming the first bad hyperparameter, its value and the fix."""
-    for name, value, minimum in (("block", block, 1), ("num_selected", num_selected, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """Raises ValueError naming the first bad hyperparameter, its value and the fix (the minimums
+    are the config fields' own, llm.model.patterns.MINIMUMS)."""
+    for name, value, field, meaning in (
+        ("block", block, "attention_nsa_block", " (tokens per compressed/selected block)"),
+        ("num_selected", num_selected, "attention_nsa_selected", ""),
+        ("window", window, "attention_window", " (sliding-window length, the query included)"),
+    ):
+        minimum = patterns.MINIMUMS[field]
+        if not is_int(value) or value < minimum:
             raise ValueError(
-                f"NativeSparseAttention {name}={value!r} must be an int >= {minimum}"
-                + (" (tokens per compressed/selected block)" if name == "block" else "")
+                f"NativeSparseAttention {name}={value!r} must be an int >= {minimum}{meaning}"
             )
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(
-            f"NativeSparseAttention window={window!r} must be an int >= 1 (sliding-window "
-            "length, the query itself included)"
-        )
-
-
-def nsa_visible(t: np.ndarray, block: int, num_selected: int, window: int) -> np.ndarray:
-    """Keys the query at position t scores, summed over the three branches (int64 like t).
-
-    Query t (in block i = t // block) scores (t + 1) // block compressed keys, the
-    min(num_selected, i) * block tokens of its selected past blocks plus the t - i * block + 1
-    tokens of its own block up to itself, and min(window, t + 1) window keys.
-    """
-    validate_hyperparameters(block, num_selected, window)
-    i = t // block
-    compressed = (t + 1) // block
-    selected = np.minimum(num_selected, i) * block + (t - i * block + 1)
-    return compressed + selected + np.minimum(window, t + 1)
 
 
 def nsa_attention_pairs(seq_len: int, block: int, num_selected: int, window: int) -> int:
@@ -76,8 +66,9 @@ def nsa_attention_pairs(seq_len: int, block: int, num_selected: int, window: int
     Per head; multiply by 4 * head_dim * heads for the forward FLOPs of the score and value
     matmuls.
     """
+    validate_hyperparameters(block, num_selected, window)
     t = np.arange(seq_len, dtype=np.int64)
-    return int(nsa_visible(t, block, num_selected, window).sum())
+    return int(patterns.nsa_visible(t, block, num_selected, window).sum())
 
 
 # Pieces shared by the efficient path and the reference.
@@ -337,7 +328,8 @@ def _mean_pool_init(key, shape, dtype):
 class NativeSparseAttention(Attention):
     """Drop-in for llm.model.Attention (same wq, wk, wv, wo) with NSA's three gated branches.
 
-    Hyperparameters (constructor keywords):
+    Hyperparameters (constructor keywords; None takes cfg's attention_nsa_block,
+    attention_nsa_selected and attention_window):
       block: tokens per block, for both the compressed keys and the selected blocks (NSA: 64).
       num_selected: past blocks each query token selects besides its own (NSA: 16 incl. own).
       window: sliding-window length, the query itself included (NSA: 512).
@@ -351,20 +343,23 @@ class NativeSparseAttention(Attention):
         cfg: ModelConfig,
         layer: int | None = None,
         *,
-        block: int = 16,
-        num_selected: int = 4,
-        window: int = 64,
+        block: int | None = None,
+        num_selected: int | None = None,
+        window: int | None = None,
         rngs: nnx.Rngs,
     ):
+        block = cfg.attention_nsa_block if block is None else block
+        num_selected = cfg.attention_nsa_selected if num_selected is None else num_selected
+        window = cfg.attention_window if window is None else window
         validate_hyperparameters(block, num_selected, window)
         super().__init__(cfg, layer, rngs=rngs)
         self.block, self.num_selected, self.window = block, num_selected, window
         d, h, dh, pdt = cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.param_dtype
         init = nnx.initializers.normal(0.02)
-        self.gate = _param(rngs, init, (d, h, 3), ("embed", "heads", "nsa_branch"), pdt)
+        self.gate = param(rngs, init, (d, h, 3), ("embed", "heads", "nsa_branch"), pdt)
         names = ("nsa_block", "head_dim", "nsa_head_dim")
-        self.compress_k = _param(rngs, _mean_pool_init, (block, dh, dh), names, pdt)
-        self.compress_v = _param(rngs, _mean_pool_init, (block, dh, dh), names, pdt)
+        self.compress_k = param(rngs, _mean_pool_init, (block, dh, dh), names, pdt)
+        self.compress_v = param(rngs, _mean_pool_init, (block, dh, dh), names, pdt)
 
     def __call__(self, x, positions, segment_ids, cache: dict[str, jax.Array] | None):
         """x: [B, L, D] -> ([B, L, D], None). Training forward only: cache must be None."""

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from llm.metrics import drop_partial_line
+from llm.training.metrics import drop_partial_line
 
 PAUSE_VARIABLE = "LLM_LAB_PAUSE"
 _hits: collections.Counter = collections.Counter()

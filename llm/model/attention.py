@@ -1,0 +1,97 @@
+"""Grouped-query attention with RoPE: the training path through the fused kernels (split over the
+sequence axis under context parallelism), and the KV-cache path for decoding. Each layer's mask
+is its pattern's (llm.model.patterns). Shape letters as in llm.model.layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels.attention.masks import Mask
+from kernels.attention.reference import attention_reference
+from llm.model import patterns
+from llm.model.config import ModelConfig
+from llm.model.layers import apply_rope, dense, param
+from llm.parallel import context
+from llm.parallel.partitioning import shard
+
+
+def cached_attention(
+    q, k, v, q_positions: jax.Array, kv_positions: jax.Array, mask: Mask
+) -> jax.Array:
+    """Attention over a KV cache: query at position p sees the cached keys the mask allows.
+
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; q_positions: [T]; kv_positions: [S].
+    """
+    visible = mask.predicate(q_positions[:, None], kv_positions[None, :])  # [T, S]
+    return attention_reference(q, k, v, mask=visible)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention: H query heads share K key/value heads (H % K == 0).
+
+    `layer` picks this layer's mask from the attention schedule (llm.model.patterns); None for
+    scanned layers, which share one pattern.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int | None, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.mask = patterns.layer_mask(cfg, layer)
+        d, h, kv, dh, pdt = (
+            cfg.embed_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.param_dtype,
+        )
+        init = nnx.initializers.normal(0.02)
+        out_init = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers))
+        self.wq = param(rngs, init, (d, h, dh), ("embed", "heads", "head_dim"), pdt)
+        self.wk = param(rngs, init, (d, kv, dh), ("embed", "kv_heads", "head_dim"), pdt)
+        self.wv = param(rngs, init, (d, kv, dh), ("embed", "kv_heads", "head_dim"), pdt)
+        self.wo = param(rngs, out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt)
+
+    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [B, L, D] -> q [B, L, H, Dh], k and v [B, L, K, Dh], RoPE applied to q and k."""
+        cfg, dt = self.cfg, self.cfg.dtype
+        q = dense(x, self.wq[...].astype(dt))  # [B, L, H, Dh]
+        k = dense(x, self.wk[...].astype(dt))  # [B, L, K, Dh]
+        v = dense(x, self.wv[...].astype(dt))  # [B, L, K, Dh]
+        q = shard(apply_rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
+        k = shard(
+            apply_rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim")
+        )
+        return q, k, shard(v, ("batch", "seq", "kv_heads", "head_dim"))
+
+    def __call__(self, x, positions, segment_ids, cache: dict[str, jax.Array] | None):
+        """x: [B, L, D] -> ([B, L, D], updated cache or None)."""
+        cfg, dt = self.cfg, self.cfg.dtype
+        q, k, v = self.project(x, positions)
+        if cache is None:  # training / full forward: the fused attention boundary
+            out = context.attention(
+                q,
+                k,
+                v,
+                segment_ids,
+                mask=self.mask,
+                mode=cfg.context_parallel,
+                implementation=cfg.attention_impl,
+            )
+        else:  # decoding: write k, v at cache["index"], attend over the whole cache
+            index = cache["index"]
+            k_all = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype), index, axis=1
+            )
+            v_all = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype), index, axis=1
+            )
+            q_positions = index + jnp.arange(q.shape[1])
+            kv_positions = jnp.arange(k_all.shape[1])
+            out = cached_attention(q, k_all, v_all, q_positions, kv_positions, self.mask)
+            cache = {"k": k_all, "v": v_all, "index": index}
+        out = dense(out, self.wo[...].astype(dt), in_dims=2)  # [B, L, D]
+        return out, cache

@@ -1,0 +1,199 @@
+"""The model's typed config: frozen dataclasses, checked and completed when built.
+
+A ModelConfig that exists is valid: `__post_init__` raises ConfigError (naming the config.model
+field and the fix) for the first bad field, then fills the derived values once: `head_dim`
+(when None) and `layer_patterns`, the attention schedule parsed and repeated over the layers.
+Fields marked `shape=True` in their metadata determine the parameters' shapes: a checkpoint
+resumes only under a config that agrees on them (llm.training.checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from kernels.attention import IMPLEMENTATIONS
+from llm.errors import check, check_positive, is_int
+from llm.model import patterns
+
+DTYPES = ("float32", "bfloat16", "float16")
+ROUTERS = ("softmax_topk", "sigmoid_topk")
+DISPATCHES = ("dropless", "capacity")
+CONTEXT_PARALLEL = ("ring", "all_gather")  # llm.parallel.context
+REMAT_POLICIES = {  # what the backward pass recomputes: name -> jax.checkpoint policy
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+SHAPE = {"shape": True}  # field metadata: the field fixes parameter shapes
+
+
+def shape_fields(cls: type) -> tuple[str, ...]:
+    """The fields of dataclass `cls` that fix parameter shapes."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("shape"))
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts feed-forward layers (llm.model.moe); num_experts=0 keeps every layer dense."""
+
+    num_experts: int = dataclasses.field(default=0, metadata=SHAPE)
+    top_k: int = 2  # experts per token
+    expert_mlp_dim: int = dataclasses.field(default=768, metadata=SHAPE)  # F of each expert
+    # MoE in layers i >= first_dense_layers with (i - first_dense_layers) % every == 0
+    every: int = dataclasses.field(default=1, metadata=SHAPE)
+    first_dense_layers: int = dataclasses.field(default=0, metadata=SHAPE)
+    router: str = "softmax_topk"  # one of ROUTERS
+    dispatch: str = "dropless"  # "dropless" (grouped matmul) or "capacity" (fixed buffers)
+    capacity_factor: float = 1.25  # capacity dispatch: slots per expert = ceil(cf * tokens * k / E)
+    aux_loss_weight: float = 1e-2  # Switch load-balancing loss
+    z_loss_weight: float = 1e-3  # router z-loss
+    bias_update_rate: float = 0.0  # auxiliary-loss-free balancing step size; 0 = off
+    num_shared_experts: int = dataclasses.field(default=0, metadata=SHAPE)  # dense SwiGLU experts
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(x @ w), w: [D, 1]
+
+    def __post_init__(self):
+        check(
+            is_int(self.num_experts) and self.num_experts >= 0,
+            f"config.model.moe.num_experts must be >= 0 (0 = dense), got {self.num_experts!r}.",
+        )
+        if self.num_experts:
+            self._validate_experts()
+
+    def _validate_experts(self) -> None:
+        for field in ("top_k", "expert_mlp_dim", "every"):
+            check_positive(getattr(self, field), f"model.moe.{field}")
+        check(
+            self.top_k <= self.num_experts,
+            f"config.model.moe.top_k={self.top_k} is more than config.model.moe.num_experts="
+            f"{self.num_experts}: each token picks top_k distinct experts; lower top_k.",
+        )
+        for field, allowed in (("router", ROUTERS), ("dispatch", DISPATCHES)):
+            value = getattr(self, field)
+            check(value in allowed, f"config.model.moe.{field}={value!r} is not one of {allowed}.")
+        check(
+            self.capacity_factor > 0,
+            f"config.model.moe.capacity_factor must be > 0, got {self.capacity_factor}: "
+            "set e.g. --config.model.moe.capacity_factor=1.25 (or use dispatch=dropless).",
+        )
+        for field in ("first_dense_layers", "num_shared_experts"):
+            value = getattr(self, field)
+            check(
+                is_int(value) and value >= 0,
+                f"config.model.moe.{field} must be an integer >= 0, got {value!r}.",
+            )
+        for field in ("aux_loss_weight", "z_loss_weight", "bias_update_rate"):
+            value = getattr(self, field)
+            check(value >= 0, f"config.model.moe.{field} must be >= 0 (0 = off), got {value}.")
+        check(
+            not self.shared_expert_gate or self.num_shared_experts > 0,
+            "config.model.moe.shared_expert_gate=True gates the shared experts, but "
+            "config.model.moe.num_shared_experts=0: set num_shared_experts >= 1 or the gate False.",
+        )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        start = self.first_dense_layers
+        return self.num_experts > 0 and layer >= start and (layer - start) % self.every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = dataclasses.field(default=4096, metadata=SHAPE)
+    num_layers: int = dataclasses.field(default=4, metadata=SHAPE)
+    embed_dim: int = dataclasses.field(default=256, metadata=SHAPE)
+    num_heads: int = dataclasses.field(default=4, metadata=SHAPE)
+    num_kv_heads: int = dataclasses.field(default=2, metadata=SHAPE)
+    head_dim: int | None = dataclasses.field(default=None, metadata=SHAPE)  # None: D // H
+    mlp_dim: int = dataclasses.field(default=768, metadata=SHAPE)
+    max_seq_len: int = 2048
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = dataclasses.field(default=True, metadata=SHAPE)
+    dtype: str = "float32"  # compute
+    param_dtype: str = dataclasses.field(default="float32", metadata=SHAPE)
+    scan_layers: bool = dataclasses.field(default=False, metadata=SHAPE)
+    remat: str = "none"  # a key of REMAT_POLICIES
+    attention_impl: str | None = None  # None = kernels.attention picks for the backend
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    attention_pattern: str = "dense"  # per-layer schedule of llm.model.patterns
+    attention_window: int = 128  # W of "sliding", "local_global", "dilated", "nsa"
+    attention_global: int = 16  # G global tokens of "local_global"
+    attention_stride: int = 8  # S of "strided", "dilated"
+    attention_chunk: int = 128  # C of "chunked"
+    attention_nsa_block: int = 16  # tokens per compressed/selected block of "nsa"
+    attention_nsa_selected: int = 4  # past blocks each "nsa" query selects (besides its own)
+    context_parallel: str = "ring"  # one of CONTEXT_PARALLEL, used when mesh.sequence > 1
+    # Derived: the pattern name of each layer (attention_pattern parsed and repeated).
+    layer_patterns: tuple[str, ...] = dataclasses.field(init=False, default=())
+
+    def __post_init__(self):
+        if isinstance(self.moe, dict):  # from a config file's nested section
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
+        self._validate()
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
+        schedule = patterns.parse_schedule(self.attention_pattern)
+        object.__setattr__(
+            self, "layer_patterns", patterns.repeat_over_layers(schedule, self.num_layers)
+        )
+
+    def _validate(self) -> None:
+        sizes = ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp_dim")
+        for field in (*sizes, "max_seq_len"):
+            check_positive(getattr(self, field), f"model.{field}")
+        check(
+            self.num_heads % self.num_kv_heads == 0,
+            f"config.model.num_heads={self.num_heads} is not divisible by config.model.num_kv_heads="
+            f"{self.num_kv_heads}: grouped-query attention shares each kv head among an equal number "
+            "of query heads; choose num_kv_heads dividing num_heads.",
+        )
+        if self.head_dim is None:
+            check(
+                self.embed_dim % self.num_heads == 0,
+                f"config.model.embed_dim={self.embed_dim} is not divisible by config.model.num_heads="
+                f"{self.num_heads}: set --config.model.head_dim explicitly or change the sizes.",
+            )
+        head_dim = self.head_dim or self.embed_dim // self.num_heads
+        check(head_dim % 2 == 0, f"head_dim={head_dim} must be even for rotary embeddings.")
+        for field in ("dtype", "param_dtype"):
+            value = getattr(self, field)
+            check(value in DTYPES, f"config.model.{field}={value!r} is not one of {DTYPES}.")
+        check(
+            self.remat in REMAT_POLICIES,
+            f"config.model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}.",
+        )
+        check(
+            self.attention_impl is None or self.attention_impl in IMPLEMENTATIONS,
+            f"config.model.attention_impl={self.attention_impl!r} is not one of "
+            f"{IMPLEMENTATIONS} (or unset, to pick the fastest for the backend).",
+        )
+        check(
+            self.context_parallel in CONTEXT_PARALLEL,
+            f"config.model.context_parallel={self.context_parallel!r} is not one of "
+            f"{CONTEXT_PARALLEL}.",
+        )
+        check(self.rope_theta > 0, f"config.model.rope_theta must be > 0, got {self.rope_theta}.")
+        check(
+            not (self.scan_layers and self.moe.num_experts),
+            "config.model.scan_layers=True is not supported with MoE layers "
+            "(config.model.moe.num_experts > 0): set --config.model.scan_layers=False.",
+        )
+        patterns.validate(self)
+
+
+def shape_differences(saved: dict, current: dict) -> list[str]:
+    """The shape-fixing fields ("num_layers", "moe.num_experts", ...) on which two model configs
+    (as dicts, e.g. from config.json) differ; MoE fields count when either model has experts."""
+    keys = [(k,) for k in shape_fields(ModelConfig)]
+    saved_moe, current_moe = saved.get("moe") or {}, current.get("moe") or {}  # absent: dense
+    if saved_moe.get("num_experts") or current_moe.get("num_experts"):
+        keys += [("moe", k) for k in shape_fields(MoEConfig)]
+
+    def get(config: dict, key: tuple[str, ...]):
+        for part in key:
+            config = (config or {}).get(part)
+        return config
+
+    return [".".join(k) for k in keys if get(saved, k) != get(current, k)]

@@ -1,0 +1,172 @@
+"""A decoder-only Transformer in the Llama style, read top to bottom.
+
+token embedding -> num_layers x [RMSNorm -> grouped-query attention with RoPE (llm.model.attention;
+or native sparse attention, llm.model.nsa) -> residual, RMSNorm -> SwiGLU MLP (or a mixture of
+experts, llm.model.moe) -> residual] -> RMSNorm -> output projection (tied or untied).
+
+Shape letters as in llm.model.layers. The config is llm.model.config.ModelConfig.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llm.model.attention import Attention
+from llm.model.config import REMAT_POLICIES, ModelConfig
+from llm.model.layers import MLP, RMSNorm, dense, param
+from llm.model.moe import MoE
+from llm.model.nsa import NativeSparseAttention
+from llm.parallel.partitioning import shard
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `moe` the MLP is a mixture of experts (llm.model.moe) and the block also returns its auxiliary
+    values (losses and routing statistics); a dense block returns {}. `layer` picks the block's
+    attention pattern (llm.model.patterns); None = the schedule's single pattern (scanned layers).
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, layer: int | None = None, *, rngs: nnx.Rngs, moe: bool = False
+    ):
+        kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
+        self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
+        nsa = cfg.layer_patterns[layer or 0] == "nsa"  # scanned layers share one pattern
+        self.attn = (NativeSparseAttention if nsa else Attention)(cfg, layer, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
+        self.is_moe = moe
+        self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, cache):
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+        x = x + h
+        h, aux = self.mlp(self.mlp_norm(x)) if self.is_moe else (self.mlp(self.mlp_norm(x)), {})
+        x = x + h
+        return shard(x, ("batch", "seq", "embed")), cache, aux
+
+
+class Transformer(nnx.Module):
+    """tokens: int32[B, L] -> logits: float32[B, L, V]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = cfg.param_dtype
+        self.embed = param(
+            rngs,
+            nnx.initializers.normal(0.02),
+            (cfg.vocab_size, cfg.embed_dim),
+            ("vocab", "embed"),
+            pdt,
+        )
+        if cfg.scan_layers:  # one Block whose parameters are stacked along a leading "layers" axis
+
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, rngs=rngs)
+
+            self.blocks = stacked_blocks(rngs)
+        else:
+            self.blocks = nnx.List(
+                [
+                    Block(cfg, i, rngs=rngs, moe=cfg.moe.is_moe_layer(i))
+                    for i in range(cfg.num_layers)
+                ]
+            )
+        self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.unembed = param(
+                rngs,
+                nnx.initializers.normal(0.02),
+                (cfg.embed_dim, cfg.vocab_size),
+                ("embed", "vocab"),
+                pdt,
+            )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: dict[str, Any] | None = None,
+        *,
+        return_aux: bool = False,
+    ):
+        """Returns logits, or (logits, cache) when decoding with a KV cache (see `init_cache`).
+
+        positions: [B, L] position of each token in its document (default 0..L-1, or the cache
+        index onward when decoding); segment_ids: [B, L] document ids of packed sequences.
+        return_aux: also return the MoE layers' auxiliary values {layer: {name: value}} (training).
+        """
+        cfg = self.cfg
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed[...].astype(cfg.dtype)[tokens]  # [B, L, D]
+        x = shard(x, ("batch", "seq", "embed"))
+        x, cache, aux = self._run_blocks(x, positions, segment_ids, cache)
+        x = self.final_norm(x)
+        unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]  # [D, V]
+        logits = dense(x, unembed.astype(cfg.dtype)).astype(jnp.float32)  # [B, L, V]
+        logits = shard(logits, ("batch", "seq", "vocab"))
+        if return_aux:
+            return logits, aux
+        return logits if cache is None else (logits, cache)
+
+    def _run_blocks(self, x, positions, segment_ids, cache):
+        """Applies the blocks (a Python loop, or a scan over stacked parameters), with remat."""
+        cfg = self.cfg
+
+        def block_fn(graphdef, block_state, x, block_cache):
+            return nnx.merge(graphdef, block_state)(x, positions, segment_ids, block_cache)
+
+        if cfg.remat != "none":
+            block_fn = jax.checkpoint(
+                block_fn, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,)
+            )
+
+        def layer_cache(k, v):
+            return None if cache is None else {"k": k, "v": v, "index": cache["index"]}
+
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+
+            def body(x, layer):  # dense blocks only (config validation)
+                layer_state, k, v = layer
+                x, new, _ = block_fn(graphdef, layer_state, x, layer_cache(k, v))
+                return x, (None, None) if new is None else (new["k"], new["v"])
+
+            kv = (None, None) if cache is None else (cache["k"], cache["v"])
+            x, (new_k, new_v) = jax.lax.scan(body, x, (state, *kv))
+            aux = {}
+        else:
+            new_k, new_v, aux = [], [], {}
+            for i, block in enumerate(self.blocks):
+                graphdef, state = nnx.split(block)
+                kv = (None, None) if cache is None else (cache["k"][i], cache["v"][i])
+                x, new, aux[i] = block_fn(graphdef, state, x, layer_cache(*kv))
+                if new is not None:
+                    new_k.append(new["k"])
+                    new_v.append(new["v"])
+            new_k, new_v = (jnp.stack(new_k), jnp.stack(new_v)) if new_k else (None, None)
+        aux = {i: values for i, values in aux.items() if values}
+        if cache is None:
+            return x, None, aux
+        return x, {"k": new_k, "v": new_v, "index": cache["index"] + x.shape[1]}, aux
+
+    def update_expert_biases(self, loads: dict[int, jax.Array]) -> None:
+        """One auxiliary-loss-free balancing step (llm.model.moe) of each MoE layer, from its load [E]."""
+        for i, load in loads.items():
+            self.blocks[i].mlp.update_bias(load)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
+    """An empty KV cache: k, v: [layers, B, max_len, K, Dh] in the compute dtype; index: int32[]."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.dtype)
+    return {"k": zeros, "v": zeros, "index": jnp.array(0, jnp.int32)}

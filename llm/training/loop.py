@@ -1,0 +1,295 @@
+"""The training loop: experiment -> data -> state on the mesh -> compiled step -> checkpoints and
+metrics, in named steps (`run` reads top to bottom; each "every N steps, or at the end" is
+`_due`). A batch is a pure function of (seed, step), so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from llm.model.decode import generate
+from llm.model.transformer import Transformer
+from llm.parallel import partitioning
+from llm.science import flops
+from llm.training import checkpoint, debug, guard
+from llm.training.experiment import Experiment
+from llm.training.inputs import load_data
+from llm.training.metrics import MetricsWriter
+from llm.training.optimizer import make_optimizer
+from llm.training.preemption import Preempted, PreemptionWatcher
+from llm.training.state import Batch, TrainState
+from llm.training.step import make_eval_step, make_train_step
+
+
+def prepare_workdir(workdir: str, exp: Experiment) -> pathlib.Path:
+    """Creates `workdir`, refuses to resume with a different model, and writes config.json."""
+    path = pathlib.Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path).close()  # unique per process: hosts may share path
+    except OSError as e:
+        raise PermissionError(
+            f"workdir {workdir} is not writable ({e.strerror}): pass a --workdir you can write to."
+        ) from None
+    saved = path / "config.json"
+    if saved.exists():
+        current = json.loads(exp.config_json)["model"]
+        checkpoint.check_same_model(json.loads(saved.read_text())["model"], current)
+    if jax.process_index() == 0:  # atomically: other hosts may be reading it
+        with tempfile.NamedTemporaryFile("w", dir=path, delete=False) as f:
+            f.write(exp.config_json)
+        os.replace(f.name, saved)
+    return path
+
+
+class Setup(NamedTuple):
+    """The train state on the mesh and what it was built with."""
+
+    state: TrainState
+    shardings: Any  # NamedShardings with the structure of `state`
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def setup_state(
+    exp: Experiment, mesh: jax.sharding.Mesh, manager: ocp.CheckpointManager | None = None
+) -> Setup:
+    """The train state placed by the rules table on `mesh`: `manager`'s latest checkpoint
+    (resharded onto this mesh, whatever mesh saved it), else a fresh init.
+
+    Call under `jax.set_mesh(mesh)` and `partitioning.axis_rules(exp.mesh.rules)`.
+    """
+    tx, schedule = make_optimizer(exp.optimizer, exp.steps)
+    graphdef = None
+
+    def init_state() -> TrainState:
+        nonlocal graphdef  # static structure, recorded while tracing
+        graphdef, model_state = nnx.split(Transformer(exp.model, rngs=nnx.Rngs(exp.seed)))
+        params, _ = nnx.split_state(model_state, nnx.Param, ...)  # what the optimizer trains
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=model_state,
+            opt_state=tx.init(params),
+            guard=guard.init_guard(exp.guard),
+        )
+
+    abstract = jax.eval_shape(init_state)
+    shardings = partitioning.state_shardings(abstract, mesh, exp.mesh.rules)
+    state = None
+    if manager is not None:
+        state = checkpoint.restore_latest(
+            manager,
+            partitioning.with_shardings(abstract, shardings),
+            fallback_to_previous=exp.checkpoint.fallback_to_previous,
+        )
+    if state is not None and state.guard is None:  # saved before llm.training.guard: afresh
+        state = state.replace(guard=jax.device_put(guard.init_guard(exp.guard), shardings.guard))
+    if state is None:
+        state = jax.jit(init_state, out_shardings=shardings)()
+    return Setup(state, shardings, graphdef, tx, schedule)
+
+
+def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
+    """The train step compiled ahead of time for `batch`; its new state keeps the state's shardings."""
+    step_fn = make_train_step(
+        setup.graphdef,
+        setup.tx,
+        setup.schedule,
+        grad_accum_steps=exp.grad_accum_steps,
+        z_loss=exp.z_loss,
+    )
+    step_fn = guard.guarded(step_fn, exp.guard)
+    jitted = jax.jit(step_fn, out_shardings=(setup.shardings, None), donate_argnums=0)
+    return jitted.lower(setup.state, batch).compile()
+
+
+def evaluate(eval_step, params, eval_data, exp: Experiment, put) -> dict[str, float]:
+    """Mean next-token loss and perplexity over the first `eval_batches` validation batches."""
+    total, count = 0.0, 0.0
+    for i in range(exp.eval_batches):
+        ce_sum, num = eval_step(params, put(eval_data.batch(i, exp.batch_size)))
+        total, count = total + float(ce_sum), count + float(num)
+    loss = total / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
+
+
+def format_memory(report: dict[str, int]) -> str:
+    """One line: per-device MiB of each entry of `partitioning.memory_report`."""
+    return "memory per device: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in report.items())
+
+
+def _due(done: int, every: int, steps: int) -> bool:
+    """Every `every` steps (0: never), and at the last step."""
+    return bool(every) and (done % every == 0 or done == steps)
+
+
+class Throughput:
+    """Tokens/s, TFLOP/s per device and MFU since the last `measure`."""
+
+    def __init__(self, exp: Experiment):
+        self.flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
+        self.peak = flops.peak_flops(jax.devices()[0])
+        self.tokens_per_step = exp.tokens_per_step
+        self.tick, self.steps = time.perf_counter(), 0
+
+    def measure(self) -> dict[str, float]:
+        tokens_per_second = self.steps * self.tokens_per_step / (time.perf_counter() - self.tick)
+        achieved = tokens_per_second * self.flops_per_token / jax.device_count()
+        out = {"tokens_per_second": tokens_per_second, "tflops_per_device": achieved / 1e12}
+        if self.peak:
+            out["mfu"] = achieved / self.peak
+        self.tick, self.steps = time.perf_counter(), 0
+        return out
+
+
+def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[str, float]:
+    """Trains `exp` in `workdir` (resuming if it has a checkpoint); returns the last metrics.
+
+    Raises `Preempted` once a signalled run has saved and committed.
+    """
+    path = prepare_workdir(workdir, exp)
+    mesh = partitioning.make_mesh(dict(exp.mesh.sizes))
+    exp.check_fits(mesh)
+    tokenizer, train_data, eval_data = load_data(
+        exp.data,
+        vocab_size=exp.model.vocab_size,
+        seq_len=exp.seq_len,
+        batch_size=exp.batch_size,
+        seed=exp.seed,
+    )
+    with jax.set_mesh(mesh), partitioning.axis_rules(exp.mesh.rules):
+        data_sharding = partitioning.batch_sharding(mesh, exp.mesh.rules)
+        manager = checkpoint.make_manager(path, keep=exp.checkpoint.keep)
+        setup = setup_state(exp, mesh, manager)
+        state = setup.state
+        start = int(state.step)
+        logging.info("Starting at step %d of %d.", start, exp.steps)
+
+        def put(batch):
+            return {
+                k: jax.make_array_from_process_local_data(data_sharding, v)
+                for k, v in batch.items()
+            }
+
+        def local_batch(step):
+            return train_data.batch(
+                step,
+                exp.batch_size,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+
+        debug.pause("compile")
+        t = time.perf_counter()
+        train_step = compile_train_step(exp, setup, put(local_batch(start)))
+        eval_step = jax.jit(make_eval_step(setup.graphdef))
+        _print_banner(exp, mesh, time.perf_counter() - t, state, train_step)
+        writer = MetricsWriter(path) if jax.process_index() == 0 else None
+
+        def save(state, **kwargs):  # never a non-finite state (nonfinite="stop")
+            if exp.guard.nonfinite == "stop":
+                guard.raise_if_nonfinite(state, manager)
+            checkpoint.save(manager, state, **kwargs)
+
+        metrics: dict[str, float] = {}
+        progress = tqdm(
+            total=exp.steps,
+            initial=start,
+            desc="train",
+            dynamic_ncols=True,
+            disable=jax.process_index() != 0,
+        )
+        throughput = Throughput(exp)
+        for step in range(start, exp.steps):
+            if preemption.should_stop(step):
+                break
+            if exp.log_batch_hashes and writer is not None:
+                debug.log_batch_hash(path, step, train_data.batch(step, exp.batch_size))
+            state, step_metrics = train_step(state, put(local_batch(step)))
+            throughput.steps += 1
+            progress.update(1)
+            done = step + 1
+            if _due(done, exp.log_every, exp.steps):
+                metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                metrics.update(throughput.measure())
+                if _due(done, exp.eval_every, exp.steps):
+                    metrics.update(evaluate(eval_step, state.params, eval_data, exp, put))
+                _log(writer, progress, done, metrics)
+                if exp.guard.nonfinite == "stop":  # after logging the bad values
+                    guard.raise_if_nonfinite(state, manager)
+            if _due(done, exp.checkpoint.every, exp.steps):
+                save(state)
+        progress.close()
+        checkpoint.wait(manager)
+        if writer:
+            writer.close()
+        _stop_if_preempted(state, exp, manager, save, preemption)
+        if start < exp.steps and exp.sample_prompt:
+            print_sample(state.params, setup.graphdef, tokenizer, exp)
+    return metrics
+
+
+def _print_banner(exp: Experiment, mesh, compile_seconds: float, state, train_step) -> None:
+    """The model's size and FLOPs, the compile time, the devices and the memory per device."""
+    counts = flops.param_counts(exp.model)
+    flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
+    print(
+        f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
+        f"non-embedding, {counts['active'] / 1e6:.2f}M active per token); "
+        f"{flops_per_token / 1e6:.1f} MFLOP per trained token; "
+        f"train step compiled in {compile_seconds:.1f} s; {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
+        f"mesh {dict(mesh.shape)}\n{format_memory(partitioning.memory_report(state, train_step))}",
+        flush=True,
+    )
+
+
+def _log(writer: MetricsWriter | None, progress: tqdm, done: int, metrics: dict) -> None:
+    """metrics.jsonl and TensorBoard (process 0), and the progress bar."""
+    if writer:
+        writer.write(done, metrics)
+    progress.set_postfix(
+        loss=f"{metrics['loss']:.3f}",
+        tok_s=f"{metrics['tokens_per_second']:,.0f}",
+        mfu=f"{metrics['mfu']:.1%}" if "mfu" in metrics else "n/a",
+    )
+
+
+def _stop_if_preempted(state, exp: Experiment, manager, save, preemption) -> None:
+    """A run stopped before its last step was preempted: save it (if not saved) and raise."""
+    last = int(state.step)
+    if last < exp.steps:
+        if manager.latest_step() != last:
+            save(state, force=True)
+            checkpoint.wait(manager)
+        raise Preempted(last, preemption.exit_status)
+
+
+def print_sample(params, graphdef, tokenizer, exp: Experiment) -> None:
+    """Continues `exp.sample_prompt` with the trained model."""
+    prompt = [tokenizer.bos_id] + tokenizer.encode(exp.sample_prompt)
+    tokens = generate(
+        nnx.merge(graphdef, params),
+        jnp.array([prompt], jnp.int32),
+        max_new_tokens=exp.sample_tokens,
+        rng=jax.random.key(exp.seed),
+        temperature=0.8,
+        top_k=40,
+        vocab_limit=tokenizer.vocab_size,
+    )
+    print(f"sample: {tokenizer.decode(list(np.asarray(tokens[0, 1:])))}", flush=True)
