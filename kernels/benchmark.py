@@ -32,13 +32,6 @@ from kernels.attention import specs
 from kernels.attention.block_sizes import default_block_sizes
 from kernels.attention.mask_info import EMPTY, mask_info
 
-_SPECS = flags.DEFINE_list("specs", [], "BENCHMARK_SPECS names to run (default: all).")
-_IMPLS = flags.DEFINE_list(
-    "impls", ["pallas_gpu", "xla", "cudnn", "tokamax"], "Implementations to compare."
-)
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement (best is kept).")
-_OUT = flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
-
 _KNOWN_IMPLS = ("pallas_gpu", "pallas_tpu", "xla", "cudnn", "tokamax")
 _BWD_FACTOR = 2.5  # Backward FLOPs / forward FLOPs.
 _BASELINES = ("xla", "cudnn")
@@ -174,25 +167,35 @@ def main(argv: list[str]) -> None:
         _cpu_smoke_check()
         return
     by_name = {s.name: s for s in specs.BENCHMARK_SPECS}
-    if unknown := [n for n in _SPECS.value if n not in by_name]:
+    if unknown := [n for n in flags.FLAGS.specs if n not in by_name]:
         raise app.UsageError(f"unknown --specs {unknown}; choose from {sorted(by_name)}")
-    chosen = [by_name[n] for n in _SPECS.value] or specs.BENCHMARK_SPECS
-    if unknown := [i for i in _IMPLS.value if i not in _KNOWN_IMPLS]:
+    chosen = [by_name[n] for n in flags.FLAGS.specs] or specs.BENCHMARK_SPECS
+    if unknown := [i for i in flags.FLAGS.impls if i not in _KNOWN_IMPLS]:
         raise app.UsageError(f"unknown --impls {unknown}; choose from {_KNOWN_IMPLS}")
-    print(f"device: {jax.devices()[0].device_kind}, repeats: {_REPEATS.value}")
+    print(f"device: {jax.devices()[0].device_kind}, repeats: {flags.FLAGS.repeats}")
     records = []
     for spec in chosen:
         print(
             f"{spec.name}: batch {spec.batch}, seq {spec.q_seq}/{spec.kv_seq}, heads "
             f"{spec.heads}/{spec.kv_heads}, head_dim {spec.head_dim}, {spec.dtype}"
         )
-        results = {impl: _measure(spec, impl, _REPEATS.value) for impl in _IMPLS.value}
+        results = {impl: _measure(spec, impl, flags.FLAGS.repeats) for impl in flags.FLAGS.impls}
         records += _report(spec, results)
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
+    if flags.FLAGS.out:
+        with open(flags.FLAGS.out, "w") as f:
             json.dump(records, f, indent=1)
-        print(f"wrote {_OUT.value}")
+        print(f"wrote {flags.FLAGS.out}")
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("specs", [], "BENCHMARK_SPECS names to run (default: all).")
+    flags.DEFINE_list(
+        "impls", ["pallas_gpu", "xla", "cudnn", "tokamax"], "Implementations to compare."
+    )
+    flags.DEFINE_integer("repeats", 10, "Timed runs per measurement (best is kept).")
+    flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

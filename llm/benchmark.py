@@ -279,7 +279,7 @@ def print_table(rows: list[dict], ceiling: float) -> None:
         mesh = " x ".join(f"{axis}={size}" for axis, size in row["mesh"].items())
         if "sequence" in row["mesh"]:
             mesh += f" ({row['context_parallel']})"
-        memory = train.format_memory(row["memory_per_device"]).removeprefix("memory per device: ")
+        memory = loop.format_memory(row["memory_per_device"]).removeprefix("memory per device: ")
         print(
             f"{row['config']:<8} {mesh:<32} {row['ours']['ms_per_step']:>8.1f} "
             f"{row['ours']['tokens_per_second']:>9,.0f} {row['ours_over_first_layout']:>7.2f}x  "

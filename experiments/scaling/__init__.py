@@ -1,1 +1,1 @@
-"""Scaling-law sweeps: IsoFLOP sweep configs and the runner (experiments/scaling/sweep.py)."""
+"""Scaling-law sweeps: IsoFLOP sweep configs (run by experiments/studies/sweep.py)."""

@@ -1,6 +1,6 @@
 """A CPU-sized IsoFLOP sweep: 4 compute budgets x 5 model widths on the shipped corpus.
 
-    python -m experiments.scaling.sweep --sweep=experiments/scaling/isoflop_small.py \
+    python -m experiments.studies.sweep --sweep=experiments/scaling/isoflop_small.py \
         --workdir=/tmp/isoflop_small
     python -m llm.scaling --runs=/tmp/isoflop_small/runs.csv --out=/tmp/isoflop_small/fits
 

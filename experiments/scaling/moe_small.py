@@ -1,6 +1,6 @@
 """One MoE run at one budget of the IsoFLOP study, through the same sweep machinery.
 
-    python -m experiments.scaling.sweep --sweep=experiments/scaling/moe_small.py \
+    python -m experiments.studies.sweep --sweep=experiments/scaling/moe_small.py \
         --workdir=/tmp/moe_small
 
 The 64-wide study model with its MLP replaced by 4 experts (top-1, each as wide as the dense MLP):

@@ -1,6 +1,6 @@
 """One sliding-window run at one budget of the IsoFLOP study, through the same sweep machinery.
 
-    python -m experiments.scaling.sweep --sweep=experiments/scaling/sparse_small.py \
+    python -m experiments.studies.sweep --sweep=experiments/scaling/sparse_small.py \
         --workdir=/tmp/sparse_small
 
 The 64-wide study model with a 32-token sliding window in place of dense causal attention;

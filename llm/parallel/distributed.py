@@ -15,6 +15,7 @@ from absl import flags
 
 from llm.errors import ConfigError
 
+
 def define_flags() -> None:
     """--coordinator_address, --num_processes, --process_id: for an entry point's __main__."""
     flags.DEFINE_string(

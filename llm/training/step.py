@@ -12,6 +12,7 @@ from flax import nnx
 from llm.model import moe
 from llm.training.state import Batch, TrainState
 
+
 def cross_entropy(
     logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float
 ) -> tuple[jax.Array, jax.Array]:

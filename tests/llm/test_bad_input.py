@@ -141,7 +141,7 @@ def test_config_and_data_mistakes(tmp_path, tiny_config, fields, error, message)
 def test_invalid_config_fails_in_under_a_second_before_compiling(
     tmp_path, tiny_config, monkeypatch, fields, message
 ):
-    monkeypatch.setattr(train, "compile_train_step", None)  # reaching it would be a TypeError
+    monkeypatch.setattr(loop, "compile_train_step", None)  # reaching it would be a TypeError
     config = config_lib.with_overrides(tiny_config, fields)
     start = time.perf_counter()
     with pytest.raises(config_lib.ConfigError, match=message):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import kernels
+from llm.model import config as model_config
 from llm.parallel import context as context_parallel
 from llm.parallel import partitioning
-from llm.model import config as model_config
 
 RULES = (
     ("batch", ("data", "fsdp")),

@@ -11,10 +11,10 @@ import transformers
 from flax import nnx, traverse_util
 from safetensors.numpy import load_file, save_file
 
-from llm.science import flops
 from llm import hf
 from llm.model.config import ModelConfig, MoEConfig
 from llm.model.transformer import Transformer
+from llm.science import flops
 
 VOCAB, LENGTH = 128, 16
 

@@ -133,7 +133,7 @@ def test_kills_and_signals_resume_bit_identically(tmp_path, tiny_config):
     # 3. kill -9 wherever the run is once it has logged step 8.
     process = Run(run, tiny_config, cache)
     deadline = time.time() + 240
-    while max((r.step for r in read_metrics(run)), default=0) < 8:
+    while max((r["step"] for r in read_metrics(run)), default=0) < 8:
         assert process.process.poll() is None and time.time() < deadline, process.tail()
         time.sleep(0.05)
     _kill(process)
@@ -148,12 +148,12 @@ def test_kills_and_signals_resume_bit_identically(tmp_path, tiny_config):
     assert sorted(last_per_step(records)) == list(range(1, STEPS + 1))
     assert len(records) > STEPS, "steps after a restored checkpoint are logged again"
     for record in records:  # every record, first or replayed, equals the uninterrupted run's
-        want = expected[record.step]
+        want = expected[record["step"]]
         assert (record["loss"], record["grad_norm"]) == (want["loss"], want["grad_norm"])
     hashes = read_metrics(run, "batch_hashes.jsonl")
     assert sorted(last_per_step(hashes)) == list(range(STEPS))
     for record in hashes:
-        assert record["sha256"] == expected_hashes[record.step]["sha256"], record
+        assert record["sha256"] == expected_hashes[record["step"]]["sha256"], record
 
 
 @pytest.mark.parametrize("nth", [1, 2])
@@ -175,4 +175,4 @@ def test_a_line_cut_short_by_a_kill_is_dropped(tmp_path):
 
     (tmp_path / "batch_hashes.jsonl").write_text('{"step": 0, "sha256": "ab')
     debug.log_batch_hash(tmp_path, 0, {"inputs": np.zeros(3)})
-    assert [r.step for r in read_metrics(tmp_path, "batch_hashes.jsonl")] == [0]
+    assert [r["step"] for r in read_metrics(tmp_path, "batch_hashes.jsonl")] == [0]

@@ -8,7 +8,6 @@ from flax import nnx
 
 from llm.model.config import ModelConfig
 from llm.model.transformer import Transformer
-from llm.training import loop
 
 CFG = ModelConfig(
     vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64

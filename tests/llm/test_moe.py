@@ -7,17 +7,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm.training import checkpoint
-from llm.science import flops
-from llm.model import moe
-from llm.parallel import partitioning
-from llm import train
 from llm import config as config_lib
-from llm.training.metrics import read_metrics
+from llm import train
+from llm.model import config as model_config
+from llm.model import moe
 from llm.model.config import ModelConfig, MoEConfig
 from llm.model.transformer import Transformer
-from llm.training import loop
-from llm.model import config as model_config
+from llm.parallel import partitioning
+from llm.science import flops
+from llm.training import checkpoint, loop
+from llm.training.metrics import read_metrics
 
 E, K, D, F = 4, 2, 16, 8
 

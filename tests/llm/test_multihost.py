@@ -10,11 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from llm.parallel import distributed
 from llm import train
 from llm.config import ConfigError
-from llm.training.metrics import read_metrics
+from llm.parallel import distributed
 from llm.training import loop
+from llm.training.metrics import read_metrics
 
 PROCESSES = 2
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

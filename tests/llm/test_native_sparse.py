@@ -12,7 +12,7 @@ from flax import nnx
 
 from kernels.attention.reference import attention_reference
 from kernels.nsa_selected import selected_attention_pallas
-from llm.model import nsa as nsa
+from llm.model import nsa, patterns
 from llm.model.attention import Attention
 from llm.model.config import ModelConfig
 
@@ -210,8 +210,8 @@ def test_pallas_selected_block_kernel_matches_the_dense_mask_reference(segments)
 
 def test_nsa_pattern_builds_the_layer_and_counts_its_parameters():
     """attention_pattern "sliding,nsa" puts NSA in odd layers; flops counts its parameters."""
-    from llm.science import flops
     from llm.model.transformer import Transformer
+    from llm.science import flops
 
     cfg = ModelConfig(
         vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
@@ -225,7 +225,7 @@ def test_nsa_pattern_builds_the_layer_and_counts_its_parameters():
     params = nnx.state(model, nnx.Param)
     n = sum(x.size for x in jax.tree.leaves(params))
     assert flops.param_counts(cfg)["total"] == n
-    pairs = sum(flops.sparse.visible_pairs(cfg, 24))
+    pairs = sum(patterns.visible_pairs(cfg, 24))
     window_pairs = sum(min(8, t + 1) for t in range(24))
     assert pairs == window_pairs + nsa.nsa_attention_pairs(24, 4, 2, 8)
     logits = model(jnp.zeros((1, 24), jnp.int32))

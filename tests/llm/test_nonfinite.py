@@ -3,35 +3,39 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from data import pipeline
-from llm.training import checkpoint
-from llm.training import guard
-from llm import train
 from llm import config as config_lib
-from llm.training.metrics import read_metrics
+from llm import train
 from llm.model.transformer import Transformer
+from llm.training import checkpoint, guard
+from llm.training.metrics import read_metrics
 from llm.training.optimizer import make_optimizer
+from llm.training.state import TrainState
 from llm.training.step import make_train_step
 
 
 def _guard_config(nonfinite="skip", window=0, sigmas=3.0):
-    return ml_collections.ConfigDict(
-        {"nonfinite": nonfinite, "loss_spike": {"window": window, "sigmas": sigmas}}
+    return guard.GuardConfig(nonfinite=nonfinite, spike_window=window, spike_sigmas=sigmas)
+
+
+def _state(params, opt_state, config) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=opt_state,
+        guard=guard.init_guard(config),
     )
 
 
 def _fake_step(state, batch):
     """Moves params by 1 and reports the batch's loss: the guard's decisions are readable."""
-    new = {
-        "step": state.step + 1,
-        "params": {"w": state.params["w"] + 1.0},
-        "opt_state": state.opt_state + 1,
-    }
+    new = state.replace(
+        step=state.step + 1, params={"w": state.params["w"] + 1.0}, opt_state=state.opt_state + 1
+    )
     return new, {"loss": batch["loss"], "grad_norm": jnp.float32(1.0)}
 
 
@@ -44,12 +48,7 @@ def _run(step, state, losses):
 def test_loss_spikes_and_nonfinite_losses_are_skipped_and_the_window_resumes(tmp_path):
     config = _guard_config(window=4, sigmas=3.0)
     step = jax.jit(guard.guarded(_fake_step, config))
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": {"w": jnp.zeros(())},
-        "opt_state": jnp.zeros((), jnp.int32),
-        "guard": guard.init_guard(config),
-    }
+    state = _state({"w": jnp.zeros(())}, jnp.zeros((), jnp.int32), config)
     losses = [1.0, 1.2, 0.8, 1.1, 1.0, 5.0, float("nan"), 1.05, 0.9, 1.1, 9.0, 1.0]
     skipped = {5, 6, 10}  # the spikes and the NaN: 0-based positions
     full, metrics = _run(step, state, losses)
@@ -83,12 +82,7 @@ def test_skip_keeps_parameters_and_optimizer_state_bit_for_bit(tiny_config):
         "segment_ids": jnp.ones((2, 16), jnp.int32),
         "weights": jnp.ones((2, 16), jnp.float32),
     }
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": tx.init(params),
-        "guard": guard.init_guard(_guard_config()),
-    }
+    state = _state(params, tx.init(params), _guard_config())
     state, _ = step(state, batch)  # a good step first, so the optimizer state is not all zeros
     before = jax.tree.map(np.asarray, state)
     poisoned = {**batch, "weights": batch["weights"].at[0, 3].set(jnp.nan)}
@@ -96,7 +90,8 @@ def test_skip_keeps_parameters_and_optimizer_state_bit_for_bit(tiny_config):
     assert np.isnan(metrics["loss"]) and int(metrics["skipped_steps"]) == 1
     assert int(after.step) == 2
     for key in ("params", "opt_state"):
-        for a, b in zip(jax.tree.leaves(after[key]), jax.tree.leaves(before[key]), strict=True):
+        after_key, before_key = getattr(after, key), getattr(before, key)
+        for a, b in zip(jax.tree.leaves(after_key), jax.tree.leaves(before_key), strict=True):
             np.testing.assert_array_equal(a, b)
 
 
@@ -131,16 +126,11 @@ def test_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, small,
 
 def test_stop_names_non_finite_parameters(tmp_path):
     def overflowing_step(state, batch):  # a finite loss and gradients, an update to infinity
-        new = {**state, "step": state.step + 1, "params": {"w": state.params["w"] * 1e39}}
+        new = state.replace(step=state.step + 1, params={"w": state.params["w"] * 1e39})
         return new, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)}
 
     config = _guard_config("stop")
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": {"w": jnp.ones((2,))},
-        "opt_state": jnp.zeros(()),
-        "guard": guard.init_guard(config),
-    }
+    state = _state({"w": jnp.ones((2,))}, jnp.zeros(()), config)
     state, _ = jax.jit(guard.guarded(overflowing_step, config))(state, {})
     manager = checkpoint.make_manager(tmp_path)
     with pytest.raises(guard.NonFiniteError, match="step 1: the parameters went non-finite.*none"):

@@ -62,5 +62,5 @@ def test_sigterm_saves_and_the_rerun_resumes(tmp_path, tiny_config):
         timeout=240,
     )
     assert resumed.returncode == 0, resumed.stderr
-    steps = [r.step for r in read_metrics(workdir)]
+    steps = [r["step"] for r in read_metrics(workdir)]
     assert steps[-2:] == [last_logged + 1, last_logged + 2]

@@ -4,12 +4,11 @@ memory report sees FSDP divide the parameter bytes."""
 import jax
 import pytest
 
-from llm.training import checkpoint
-from llm.parallel import partitioning
-from llm import train
-from llm.training.metrics import read_metrics
-from llm.training import loop
 from llm import config as config_lib
+from llm import train
+from llm.parallel import partitioning
+from llm.training import checkpoint, loop
+from llm.training.metrics import read_metrics
 
 
 class Interrupted(Exception):
@@ -25,7 +24,7 @@ def with_mesh(config, **sizes):
 
 def test_save_under_fsdp_resume_under_tensor_and_data(tmp_path, tiny_config, monkeypatch):
     train.train_and_evaluate(with_mesh(tiny_config, data=8), str(tmp_path / "full"))
-    expected = {r.step: r["loss"] for r in read_metrics(tmp_path / "full")}
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
 
     save = checkpoint.save
 
@@ -41,9 +40,9 @@ def test_save_under_fsdp_resume_under_tensor_and_data(tmp_path, tiny_config, mon
     train.train_and_evaluate(with_mesh(tiny_config, data=4, tensor=2), str(tmp_path / "resharded"))
 
     records = read_metrics(tmp_path / "resharded")
-    assert [r.step for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     for record in records:
-        assert record["loss"] == pytest.approx(expected[record.step], rel=1e-5)
+        assert record["loss"] == pytest.approx(expected[record["step"]], rel=1e-5)
 
 
 def test_memory_report_shrinks_parameters_by_the_fsdp_factor(tiny_config):

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from llm.model.config import ModelConfig
-from llm.model.transformer import Transformer
 from llm.model.decode import generate, top_k_filter, top_p_filter
+from llm.model.transformer import Transformer
 
 PROMPT, NEW = 5, 8
 

@@ -1,7 +1,8 @@
-"""llm.sparse patterns and schedules, their FLOP counts, the model under them, and llm.probes."""
+"""llm.model.patterns patterns and schedules, their FLOP counts, the model under them, and llm.probes."""
 
 import dataclasses
 import itertools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +12,11 @@ from flax import nnx
 from test_model import stacked_copy  # pytest puts tests/llm on sys.path
 
 from data import tokenizer as tokenizer_lib
-from llm.science import flops
-from llm.science import probes
-from llm.model import patterns as sparse
 from llm import hf
+from llm.model import patterns as sparse
 from llm.model.config import ModelConfig
 from llm.model.transformer import Transformer, init_cache
+from llm.science import flops, probes
 
 CFG = ModelConfig(
     vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
@@ -48,6 +48,13 @@ def with_pattern(pattern: str, **kw) -> ModelConfig:
     return dataclasses.replace(CFG, attention_pattern=pattern, **kw)
 
 
+def pattern_sizes(name: str, **kw) -> types.SimpleNamespace:
+    """CFG's pattern fields with `kw`, unchecked (sizes a ModelConfig would refuse count too),
+    every layer of pattern `name`."""
+    fields = {f.name: getattr(CFG, f.name) for f in dataclasses.fields(CFG)}
+    return types.SimpleNamespace(**{**fields, **kw, "layer_patterns": (name,) * CFG.num_layers})
+
+
 def tokens(shape, seed=0) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, shape), jnp.int32)
 
@@ -71,7 +78,7 @@ def test_pattern_mask_equals_hand_built(name):
     "window,num_global,stride,chunk", [(5, 2, 3, 4), (1, 0, 1, 1), (8, 9, 7, 40), (40, 3, 2, 6)]
 )
 def test_visible_pairs_equal_brute_force_count(name, window, num_global, stride, chunk):
-    cfg = with_pattern(
+    cfg = pattern_sizes(
         name,
         attention_window=window,
         attention_global=num_global,
@@ -106,7 +113,7 @@ def test_train_flops_count_each_layers_pairs():
 )
 def test_schedule_gives_each_layer_its_mask(spec, names):
     cfg = with_pattern(spec, num_layers=6)
-    assert sparse.layer_patterns(cfg) == names
+    assert cfg.layer_patterns == names
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     for block, name in zip(model.blocks, names, strict=True):
         np.testing.assert_array_equal(block.attn.mask.dense(12, 12), hand_mask(name, cfg, 12))
@@ -120,7 +127,7 @@ def test_bad_schedule_raises(spec):
 
 def test_scanned_layers_need_a_uniform_schedule():
     with pytest.raises(ValueError, match="scan_layers"):
-        sparse.layer_mask(with_pattern("sliding,dense"), None)
+        with_pattern("sliding,dense", scan_layers=True)
     assert sparse.layer_mask(with_pattern("sliding*2"), None) == sparse.PATTERNS["sliding"].mask(
         CFG
     )

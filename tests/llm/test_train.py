@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm.training import checkpoint
-from llm import train
 from llm import config as config_lib
-from llm.training.metrics import read_metrics
+from llm import train
 from llm.model.transformer import Transformer
+from llm.training import checkpoint
+from llm.training.metrics import read_metrics
 from llm.training.optimizer import make_optimizer
+from llm.training.state import TrainState
 from llm.training.step import make_train_step
 
 
@@ -31,7 +32,7 @@ def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(tiny_config):
         "segment_ids": jnp.ones((4, 32), jnp.int32),
         "weights": jnp.ones((4, 32), jnp.float32),
     }
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), guard={})
     losses = []
     for _ in range(30):
         state, metrics = step(state, batch)
@@ -44,7 +45,7 @@ def test_checkpoint_round_trip(tmp_path, tiny_config):
     cfg = config_lib.model_config(tiny_config)
     params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     tx, _ = make_optimizer(config_lib.resolve(tiny_config).optimizer, steps=10)
-    state = {"step": jnp.array(7, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = TrainState(jnp.array(7, jnp.int32), params, tx.init(params), guard={})
     manager = checkpoint.make_manager(tmp_path)
     checkpoint.save(manager, state)
     manager.wait_until_finished()
@@ -62,7 +63,7 @@ class Interrupted(Exception):
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_config, monkeypatch):
     full = train.train_and_evaluate(tiny_config, str(tmp_path / "full"))
-    expected = {r.step: r["loss"] for r in read_metrics(tmp_path / "full")}
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert "eval_loss" in full
 
@@ -80,9 +81,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_config, monkeyp
     train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
 
     records = read_metrics(tmp_path / "resumed")
-    assert [r.step for r in records] == [1, 2, 3, 4, 5, 6]  # history kept across the restart
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # history kept across the restart
     for record in records:
-        assert record["loss"] == expected[record.step]  # bit-identical on CPU
+        assert record["loss"] == expected[record["step"]]  # bit-identical on CPU
 
 
 def test_resuming_with_a_different_model_is_refused(tmp_path, tiny_config):

@@ -1,7 +1,7 @@
 """Runs an IsoFLOP sweep and collects its evaluated checkpoints into one CSV for llm.scaling.
 
-    python -m experiments.scaling.sweep --sweep=experiments/scaling/isoflop_small.py --workdir=DIR
-    python -m experiments.scaling.sweep --sweep=... --workdir=DIR --print_commands  # for a cluster
+    python -m experiments.studies.sweep --sweep=experiments/scaling/isoflop_small.py --workdir=DIR
+    python -m experiments.studies.sweep --sweep=... --workdir=DIR --print_commands  # for a cluster
 
 Runs go sequentially through llm.train.train_and_evaluate into DIR/<run>; a run whose final step
 is in its metrics.jsonl is not rerun. With --print_commands, DIR/commands.sh gets one
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import pathlib
 import shlex
 from collections.abc import Callable
@@ -25,13 +24,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from llm import config as config_lib
+from llm import train
 from llm.science import flops
 from llm.training import metrics
-from llm import train
-
-_SWEEP = config_flags.DEFINE_config_file("sweep", None, "Sweep config file.", lock_config=True)
-_PRINT_COMMANDS = flags.DEFINE_bool("print_commands", False, "Write DIR/commands.sh, run nothing.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep: one workdir per run.")
 
 COLUMNS = ("params", "non_embedding_params", "active_params", "tokens", "flops", "loss")
 
@@ -47,18 +42,10 @@ class Run:
         return self.overrides["steps"]
 
 
-def load_config(path: str) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file, as `--config=path` loads it."""
-    spec = importlib.util.spec_from_file_location("sweep_base_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
     """One run per (budget, shape) with at least `min_steps` steps, its steps set by the budget."""
     common = dict(sweep.overrides)
-    base = config_lib.with_overrides(load_config(sweep.base), common)
+    base = config_lib.with_overrides(config_lib.load_config(sweep.base), common)
     runs = []
     for budget in sweep.budgets:
         for shape in sweep.shapes:
@@ -90,7 +77,7 @@ def command(run: Run, base: str, workdir: pathlib.Path) -> str:
 def is_finished(run: Run, workdir: pathlib.Path) -> bool:
     path = workdir / run.name
     return (path / "metrics.jsonl").exists() and any(
-        r.step == run.steps for r in metrics.read_metrics(path)
+        r["step"] == run.steps for r in metrics.read_metrics(path)
     )
 
 
@@ -105,7 +92,7 @@ def collect(runs: list[Run], base: ml_collections.ConfigDict, workdir: pathlib.P
         cfg = config_lib.model_config(config)
         counts = flops.param_counts(cfg)
         per_token = flops.train_flops_per_token(cfg, config.seq_len)
-        evals = {r.step: r for r in metrics.read_metrics(path) if "eval_loss" in r}
+        evals = {r["step"]: r for r in metrics.read_metrics(path) if "eval_loss" in r}
         for step, record in sorted(evals.items()):
             tokens = step * config.batch_size * config.seq_len
             rows.append(
@@ -143,7 +130,7 @@ def run_sweep(
     out = pathlib.Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(sweep)
-    base = load_config(sweep.base)
+    base = config_lib.load_config(sweep.base)
     if print_commands:
         lines = [command(r, sweep.base, out) for r in runs]
         (out / "commands.sh").write_text("\n".join(lines) + "\n")
@@ -164,14 +151,22 @@ def run_sweep(
     return path
 
 
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("sweep", None, "Sweep config file.", lock_config=True)
+    flags.DEFINE_bool("print_commands", False, "Write DIR/commands.sh, run nothing.")
+    flags.DEFINE_string("workdir", None, "Directory of the sweep: one workdir per run.")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not _SWEEP.value or not _WORKDIR.value:
+    f = flags.FLAGS
+    if not f.sweep or not f.workdir:
         raise app.UsageError("--sweep=FILE and --workdir=DIR are required.")
-    path = run_sweep(_SWEEP.value, _WORKDIR.value, print_commands=_PRINT_COMMANDS.value)
+    path = run_sweep(f.sweep, f.workdir, print_commands=f.print_commands)
     print(f"runs: {path}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,6 +1,6 @@
-"""MoE against dense at equal training FLOPs, counted with active parameters (llm.flops).
+"""MoE against dense at equal training FLOPs, counted with active parameters (llm.science.flops).
 
-    nice -n 10 python -m experiments.moe_vs_dense --workdir=/tmp/moe_vs_dense
+    nice -n 10 python -m experiments.studies.moe_vs_dense --workdir=/tmp/moe_vs_dense
 
 At each compute budget a dense model and an MoE model of the same active parameters (8 experts,
 top-2, each expert half the dense MLP width, so a token's two experts cost one dense MLP) train
@@ -18,15 +18,11 @@ import time
 
 from absl import app, flags, logging
 
-from experiments.scaling import sweep
+from experiments.studies import sweep
 from llm import config as config_lib
+from llm import train
 from llm.science import flops
 from llm.training import metrics
-from llm import train
-
-# --workdir (one workdir per run under it) comes with experiments.scaling.sweep.
-_OUT = flags.DEFINE_string("out", "experiments/results/moe_vs_dense", "Where the results go.")
-_BUDGETS = flags.DEFINE_list("budgets", ["5e11", "1e12", "2e12", "4e12"], "Training FLOPs per run.")
 
 BASE = "experiments/default.py"
 COMMON = {  # a 2-layer, 64-wide model: CPU-sized
@@ -56,7 +52,7 @@ COLUMNS = (
 
 def plan(budgets: list[float]) -> list[sweep.Run]:
     """One run per (budget, model), its steps set by the budget."""
-    base = config_lib.with_overrides(sweep.load_config(BASE), COMMON)
+    base = config_lib.with_overrides(config_lib.load_config(BASE), COMMON)
     runs = []
     for budget in budgets:
         for name, fields in MODELS.items():
@@ -77,7 +73,7 @@ def plan(budgets: list[float]) -> list[sweep.Run]:
 
 def result(run: sweep.Run, model: str, workdir: pathlib.Path) -> dict:
     """The table row of a finished run."""
-    config = config_lib.with_overrides(sweep.load_config(BASE), run.overrides)
+    config = config_lib.with_overrides(config_lib.load_config(BASE), run.overrides)
     cfg = config_lib.model_config(config)
     counts = flops.param_counts(cfg)
     records = metrics.read_metrics(workdir / run.name)
@@ -127,6 +123,12 @@ def write(rows: list[dict], out: pathlib.Path, command: str, seconds: float) -> 
     fig.savefig(out / "loss_vs_flops.png", dpi=120)
 
 
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Directory of the study: one workdir per run.")
+    flags.DEFINE_string("out", "experiments/results/moe_vs_dense", "Where the results go.")
+    flags.DEFINE_list("budgets", ["5e11", "1e12", "2e12", "4e12"], "Training FLOPs per run.")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -134,8 +136,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir=DIR is required.")
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
     workdir, start = pathlib.Path(flags.FLAGS.workdir), time.perf_counter()
-    runs = plan([float(b) for b in _BUDGETS.value])
-    base = sweep.load_config(BASE)
+    runs = plan([float(b) for b in flags.FLAGS.budgets])
+    base = config_lib.load_config(BASE)
     rows = []
     for i, run in enumerate(runs):
         model = run.name.rsplit("_c", 1)[0]
@@ -146,12 +148,13 @@ def main(argv: list[str]) -> None:
             )
         rows.append(result(run, model, workdir))
     command = (
-        f"nice -n 10 python -m experiments.moe_vs_dense --workdir={workdir} "
-        f"--out={_OUT.value} --budgets={','.join(_BUDGETS.value)}"
+        f"nice -n 10 python -m experiments.studies.moe_vs_dense --workdir={workdir} "
+        f"--out={flags.FLAGS.out} --budgets={','.join(flags.FLAGS.budgets)}"
     )
-    write(rows, pathlib.Path(_OUT.value), command, time.perf_counter() - start)
-    print((pathlib.Path(_OUT.value) / "results.md").read_text())
+    write(rows, pathlib.Path(flags.FLAGS.out), command, time.perf_counter() - start)
+    print((pathlib.Path(flags.FLAGS.out) / "results.md").read_text())
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

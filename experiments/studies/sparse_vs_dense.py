@@ -1,11 +1,11 @@
 """Sparse vs dense attention at equal training FLOPs on the shipped corpus, sized for a CPU.
 
-    nice -n 10 python -m experiments.sparse_vs_dense --workdir=/tmp/sparse_vs_dense
+    nice -n 10 python -m experiments.studies.sparse_vs_dense --workdir=/tmp/sparse_vs_dense
 
-Trains one tiny model per attention schedule (llm/sparse.py), each for as many steps as the
-FLOP budget buys it (llm.flops.train_flops_per_token counts each pattern's attended pairs, so
+Trains one tiny model per attention schedule (llm/model/patterns.py), each for as many steps as the
+FLOP budget buys it (llm.science.flops.train_flops_per_token counts each pattern's attended pairs, so
 sparse schedules take more steps than dense), then measures final eval loss, eval loss per
-position bucket, passkey retrieval accuracy by candidate ranking (llm/probes.py) at several
+position bucket, passkey retrieval accuracy by candidate ranking (llm/science/probes.py) at several
 context lengths and depths, and the measured train step time. Writes results.csv, results.md,
 position_loss.png and passkey.png to --out_dir.
 
@@ -28,50 +28,56 @@ from absl import app, flags, logging
 
 from experiments import default
 from llm import config as config_lib
-from llm.science import flops
-from llm.science import probes
 from llm import sample, train
-from llm.training import loop
+from llm.science import flops, probes
+from llm.training import inputs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "/tmp/sparse_vs_dense", "Scratch directory for the training runs.")
-flags.DEFINE_string("out_dir", "experiments/results/sparse_vs_dense", "Where results go.")
-flags.DEFINE_integer("seq_len", 1024, "Training context (tokens).")
-flags.DEFINE_integer("batch_size", 4, "Sequences per step.")
-flags.DEFINE_integer("dense_steps", 150, "Steps of the dense run; fixes the FLOP budget of all.")
-flags.DEFINE_integer("window", 128, "attention_window of the sparse schedules.")
-flags.DEFINE_integer("num_global", 32, "attention_global of local_global.")
-flags.DEFINE_multi_string(
-    "schedule",
-    ["dense", "sliding", "local_global", "sliding*3,dense", "nsa"],
-    "attention_pattern of one run (llm/sparse.py syntax); repeat the flag for several runs.",
-)
-flags.DEFINE_list("context_lens", ["256", "512", "1024"], "Passkey prompt lengths (tokens).")
-flags.DEFINE_list("depths", ["0", "0.5", "0.9"], "Passkey needle depths in the filler.")
-flags.DEFINE_integer("trials", 16, "Passkey prompts per (context length, depth).")
-flags.DEFINE_integer("candidates", 5, "Keys ranked per prompt (chance = 1 / candidates).")
-flags.DEFINE_integer("position_buckets", 8, "Buckets of the per-position loss curve.")
 
 
-def base_config() -> ml_collections.ConfigDict:
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", "/tmp/sparse_vs_dense", "Scratch directory for the training runs.")
+    flags.DEFINE_string("out_dir", "experiments/results/sparse_vs_dense", "Where results go.")
+    flags.DEFINE_integer("seq_len", 1024, "Training context (tokens).")
+    flags.DEFINE_integer("batch_size", 4, "Sequences per step.")
+    flags.DEFINE_integer("dense_steps", 150, "Steps of the dense run; fixes the FLOP budget of all.")
+    flags.DEFINE_integer("window", 128, "attention_window of the sparse schedules.")
+    flags.DEFINE_integer("num_global", 32, "attention_global of local_global.")
+    flags.DEFINE_multi_string(
+        "schedule",
+        ["dense", "sliding", "local_global", "sliding*3,dense", "nsa"],
+        "attention_pattern of one run (llm/model/patterns.py syntax); repeat the flag for several runs.",
+    )
+    flags.DEFINE_list("context_lens", ["256", "512", "1024"], "Passkey prompt lengths (tokens).")
+    flags.DEFINE_list("depths", ["0", "0.5", "0.9"], "Passkey needle depths in the filler.")
+    flags.DEFINE_integer("trials", 16, "Passkey prompts per (context length, depth).")
+    flags.DEFINE_integer("candidates", 5, "Keys ranked per prompt (chance = 1 / candidates).")
+    flags.DEFINE_integer("position_buckets", 8, "Buckets of the per-position loss curve.")
+
+
+def base_config(
+    seq_len: int, batch_size: int, window: int, num_global: int
+) -> ml_collections.ConfigDict:
     """The default experiment shrunk to a 4-layer, 64-wide model at a long context."""
-    c = default.get_config()
-    c.unlock()
-    c.seq_len = FLAGS.seq_len
-    c.batch_size = FLAGS.batch_size
-    c.eval_batches = 8
-    c.sample_prompt = ""
-    c.model.update(
-        num_layers=4, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=192,
-        max_seq_len=FLAGS.seq_len, attention_window=FLAGS.window,
-        attention_global=FLAGS.num_global,
+    return config_lib.with_overrides(
+        default.get_config(),
+        {
+            "seq_len": seq_len, "batch_size": batch_size, "eval_batches": 8, "sample_prompt": "",
+            "model.num_layers": 4, "model.embed_dim": 64, "model.num_heads": 4,
+            "model.num_kv_heads": 2, "model.mlp_dim": 192, "model.max_seq_len": seq_len,
+            "model.attention_window": window, "model.attention_global": num_global,
+        },
     )  # fmt: skip
-    return c
+
+
+def flags_config() -> ml_collections.ConfigDict:
+    """`base_config` at the flags' sizes."""
+    return base_config(FLAGS.seq_len, FLAGS.batch_size, FLAGS.window, FLAGS.num_global)
 
 
 def run(schedule: str, budget: float, workdir: pathlib.Path) -> dict:
     """Trains `schedule` for budget FLOPs, then probes it; one results row."""
-    config = config_lib.with_overrides(base_config(), {"model.attention_pattern": schedule})
+    config = config_lib.with_overrides(flags_config(), {"model.attention_pattern": schedule})
     cfg = config_lib.model_config(config)
     per_token = flops.train_flops_per_token(cfg, config.seq_len)
     steps = flops.steps_for_budget(cfg, budget, config.batch_size, config.seq_len)
@@ -92,7 +98,14 @@ def run(schedule: str, budget: float, workdir: pathlib.Path) -> dict:
     train_seconds = time.perf_counter() - start
 
     model, _ = sample.load_run(str(path))
-    tokenizer, _, eval_data = loop.load_data(config)
+    exp = config_lib.resolve(config)
+    tokenizer, _, eval_data = inputs.load_data(
+        exp.data,
+        vocab_size=cfg.vocab_size,
+        seq_len=exp.seq_len,
+        batch_size=exp.batch_size,
+        seed=exp.seed,
+    )
     batches = [eval_data.batch(i, config.batch_size) for i in range(config.eval_batches)]
     starts, position_loss = probes.position_losses(
         model, batches, FLAGS.position_buckets, config.seq_len
@@ -212,8 +225,8 @@ def write_results(rows: list[dict], out: pathlib.Path, command: str, wall: float
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     del argv
-    command = " ".join(["python -m experiments.sparse_vs_dense", *sys.argv[1:]])
-    dense = config_lib.model_config(base_config())
+    command = " ".join(["python -m experiments.studies.sparse_vs_dense", *sys.argv[1:]])
+    dense = config_lib.model_config(flags_config())
     budget = FLAGS.dense_steps * FLAGS.batch_size * FLAGS.seq_len
     budget *= flops.train_flops_per_token(dense, FLAGS.seq_len)
     start = time.perf_counter()
@@ -223,4 +236,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
