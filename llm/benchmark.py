@@ -138,7 +138,9 @@ def random_batch(exp: Experiment) -> dict[str, np.ndarray]:
     }
 
 
-def time_ours(exp: Experiment, batch: dict, steps: int, warmup: int) -> tuple[Timing, dict[str, int]]:
+def time_ours(
+    exp: Experiment, batch: dict, steps: int, warmup: int
+) -> tuple[Timing, dict[str, int]]:
     """Our jitted, donated training step on the experiment's mesh, as `llm.train` compiles it;
     and the per-device memory report."""
     mesh = partitioning.make_mesh(dict(exp.mesh.sizes))

@@ -79,7 +79,10 @@ def _build(cls: type, fields: dict[str, Any], section: str):
     """cls(**fields); a field cls does not have is a ConfigError naming it."""
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(fields) - known)
-    check(not unknown, f"config{section} has unknown fields {unknown}; the fields are {sorted(known)}.")
+    check(
+        not unknown,
+        f"config{section} has unknown fields {unknown}; the fields are {sorted(known)}.",
+    )
     return cls(**fields)
 
 

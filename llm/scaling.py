@@ -1,6 +1,6 @@
 """Fit scaling laws to a table of runs (llm.science.scaling):
 
-    python -m llm.scaling --runs=runs.csv --out=/tmp/fits [--holdout]
+python -m llm.scaling --runs=runs.csv --out=/tmp/fits [--holdout]
 """
 
 from __future__ import annotations

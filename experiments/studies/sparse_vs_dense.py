@@ -30,17 +30,20 @@ from experiments import default
 from llm import config as config_lib
 from llm import sample, train
 from llm.science import flops, probes
-from llm.training import inputs
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("workdir", "/tmp/sparse_vs_dense", "Scratch directory for the training runs.")
+    flags.DEFINE_string(
+        "workdir", "/tmp/sparse_vs_dense", "Scratch directory for the training runs."
+    )
     flags.DEFINE_string("out_dir", "experiments/results/sparse_vs_dense", "Where results go.")
     flags.DEFINE_integer("seq_len", 1024, "Training context (tokens).")
     flags.DEFINE_integer("batch_size", 4, "Sequences per step.")
-    flags.DEFINE_integer("dense_steps", 150, "Steps of the dense run; fixes the FLOP budget of all.")
+    flags.DEFINE_integer(
+        "dense_steps", 150, "Steps of the dense run; fixes the FLOP budget of all."
+    )
     flags.DEFINE_integer("window", 128, "attention_window of the sparse schedules.")
     flags.DEFINE_integer("num_global", 32, "attention_global of local_global.")
     flags.DEFINE_multi_string(
@@ -98,14 +101,7 @@ def run(schedule: str, budget: float, workdir: pathlib.Path) -> dict:
     train_seconds = time.perf_counter() - start
 
     model, _ = sample.load_run(str(path))
-    exp = config_lib.resolve(config)
-    tokenizer, _, eval_data = inputs.load_data(
-        exp.data,
-        vocab_size=cfg.vocab_size,
-        seq_len=exp.seq_len,
-        batch_size=exp.batch_size,
-        seed=exp.seed,
-    )
+    tokenizer, _, eval_data = config_lib.resolve(config).load_data()
     batches = [eval_data.batch(i, config.batch_size) for i in range(config.eval_batches)]
     starts, position_loss = probes.position_losses(
         model, batches, FLAGS.position_buckets, config.seq_len

@@ -18,9 +18,7 @@ from llm.model.config import ModelConfig
 from llm.parallel.partitioning import shard
 
 
-def param(
-    rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...], dtype
-) -> nnx.Param:
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
     """A parameter with logical axis names; placement happens later, under jit, by the rules table."""
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 

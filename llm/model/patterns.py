@@ -222,7 +222,7 @@ def validate(sizes: Sizes) -> None:
         check(
             sizes.attention_stride < sizes.attention_window,
             f"config.model.attention_stride={sizes.attention_stride} must be smaller than "
-            f"config.model.attention_window={sizes.attention_window} for \"dilated\" (else a "
+            f'config.model.attention_window={sizes.attention_window} for "dilated" (else a '
             "query sees only itself): lower the stride or widen the window.",
         )
 

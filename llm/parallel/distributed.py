@@ -23,7 +23,9 @@ def define_flags() -> None:
         None,
         "host:port of process 0, for a multi-process run without a cluster manager.",
     )
-    flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator_address).")
+    flags.DEFINE_integer(
+        "num_processes", None, "Processes in the job (with --coordinator_address)."
+    )
     flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 

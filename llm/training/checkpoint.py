@@ -172,8 +172,10 @@ def restore_latest(
 
 
 def _rest(state: TrainState) -> dict:
-    """The "opt_state" item: every field of the state but the parameters."""
-    return {"step": state.step, "opt_state": state.opt_state, "guard": state.guard}
+    """The "opt_state" item: every field of the state but the parameters (a None guard, as in
+    checkpoints from before llm.training.guard, is left out)."""
+    rest = {"step": state.step, "opt_state": state.opt_state, "guard": state.guard}
+    return {k: v for k, v in rest.items() if v is not None}
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:

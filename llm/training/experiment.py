@@ -16,6 +16,7 @@ from llm.model import patterns
 from llm.model.config import ModelConfig
 from llm.parallel import context, partitioning
 from llm.parallel.partitioning import MeshConfig
+from llm.training import inputs
 from llm.training.checkpoint import CheckpointConfig
 from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
@@ -74,6 +75,16 @@ class Experiment:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
+
+    def load_data(self):
+        """The tokenizer and the packed train and eval splits of this experiment."""
+        return inputs.load_data(
+            self.data,
+            vocab_size=self.model.vocab_size,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
 
     def sharded_dims(self) -> dict[str, tuple[str, int]]:
         """Logical axes the rules table may shard -> (the config field setting the size, size)."""

@@ -107,6 +107,7 @@ def guarded(
             "num_losses": guard["num_losses"] + accept.astype(jnp.int32),
         }
         if cfg.nonfinite == "skip" or window:  # keep the old parameters and optimizer state
+
             def keep(n, o):
                 return jnp.where(skip, o, n)
 

@@ -27,7 +27,6 @@ from llm.parallel import partitioning
 from llm.science import flops
 from llm.training import checkpoint, debug, guard
 from llm.training.experiment import Experiment
-from llm.training.inputs import load_data
 from llm.training.metrics import MetricsWriter
 from llm.training.optimizer import make_optimizer
 from llm.training.preemption import Preempted, PreemptionWatcher
@@ -165,13 +164,7 @@ def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[st
     path = prepare_workdir(workdir, exp)
     mesh = partitioning.make_mesh(dict(exp.mesh.sizes))
     exp.check_fits(mesh)
-    tokenizer, train_data, eval_data = load_data(
-        exp.data,
-        vocab_size=exp.model.vocab_size,
-        seq_len=exp.seq_len,
-        batch_size=exp.batch_size,
-        seed=exp.seed,
-    )
+    tokenizer, train_data, eval_data = exp.load_data()
     with jax.set_mesh(mesh), partitioning.axis_rules(exp.mesh.rules):
         data_sharding = partitioning.batch_sharding(mesh, exp.mesh.rules)
         manager = checkpoint.make_manager(path, keep=exp.checkpoint.keep)

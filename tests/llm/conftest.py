@@ -6,6 +6,7 @@ import pytest
 
 from data import text_corpus
 from experiments import default
+from llm import config as config_lib
 
 
 @pytest.fixture(scope="session")
@@ -25,19 +26,24 @@ def data_dir(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture
 def tiny_config(text_dir, data_dir):
     """The default experiment shrunk to a 2-layer, 64-wide model on the tiny corpus."""
-    config = default.get_config()
-    config.unlock()
-    config.steps = 6
-    config.batch_size = 8  # one sequence per CPU device of the test mesh
-    config.seq_len = 32
-    config.log_every = 1
-    config.eval_every = 3
-    config.eval_batches = 1
-    config.checkpoint_every = 3
-    config.sample_prompt = ""
-    config.optimizer.warmup_steps = 2
-    config.data.text_dir = str(text_dir)
-    config.data.data_dir = str(data_dir)
-    config.model.update(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
-    config.lock()
-    return config
+    return config_lib.with_overrides(
+        default.get_config(),
+        {
+            "steps": 6,
+            "batch_size": 8,  # one sequence per CPU device of the test mesh
+            "seq_len": 32,
+            "log_every": 1,
+            "eval_every": 3,
+            "eval_batches": 1,
+            "checkpoint_every": 3,
+            "sample_prompt": "",
+            "optimizer.warmup_steps": 2,
+            "data.text_dir": str(text_dir),
+            "data.data_dir": str(data_dir),
+            "model.num_layers": 2,
+            "model.embed_dim": 64,
+            "model.num_heads": 4,
+            "model.num_kv_heads": 2,
+            "model.mlp_dim": 128,
+        },
+    )

@@ -11,6 +11,7 @@ import pytest
 from data import pipeline, text_corpus, tokenizer
 from llm import config as config_lib
 from llm import train
+from llm.training import loop
 
 
 @pytest.mark.parametrize(

@@ -15,14 +15,16 @@ from llm import train
 from llm.parallel import partitioning
 from llm.training import checkpoint, debug, loop
 from llm.training.metrics import last_per_step, read_metrics
+from llm.training.state import TrainState
 
 
-def _state(step: int):
-    return {
-        "step": jnp.array(step, jnp.int32),
-        "params": {"w": jnp.full((16, 16), float(step))},
-        "opt_state": {"m": jnp.zeros((16,))},
-    }
+def _state(step: int) -> TrainState:
+    return TrainState(
+        step=jnp.array(step, jnp.int32),
+        params={"w": jnp.full((16, 16), float(step))},
+        opt_state={"m": jnp.zeros((16,))},
+        guard={"skipped": jnp.zeros((), jnp.int32)},
+    )
 
 
 def _committed(directory) -> list[int]:
@@ -69,7 +71,7 @@ def test_retention_and_failed_saves(tmp_path, monkeypatch):
         checkpoint.save(manager, _state(5))
     assert _committed(tmp_path) == [2]
     abstract = jax.eval_shape(lambda: _state(0))
-    np.testing.assert_array_equal(checkpoint.restore_latest(manager, abstract)["params"]["w"], 2.0)
+    np.testing.assert_array_equal(checkpoint.restore_latest(manager, abstract).params["w"], 2.0)
 
 
 @pytest.mark.parametrize(

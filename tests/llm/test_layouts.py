@@ -59,12 +59,10 @@ def batches(config, count: int) -> list[dict[str, np.ndarray]]:
 
 def with_mesh(config, sizes: dict):
     """`config` on the mesh `sizes` (its "context_parallel" entry, if any, sets the model's)."""
-    config = config.copy_and_resolve_references()
-    sizes = dict(sizes)
-    with config.unlocked():
-        config.model.context_parallel = sizes.pop("context_parallel", "ring")
-        config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, **sizes})
-    return config
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, **sizes}
+    fields = {"model.context_parallel": sizes.pop("context_parallel", "ring")}
+    fields.update({f"mesh.{axis}": size for axis, size in sizes.items()})
+    return config_lib.with_overrides(config, fields)
 
 
 def run(config, devices) -> dict:
@@ -118,7 +116,7 @@ def test_layout_matches_one_device_and_the_rules_table(tiny_config, sizes):
     for a, b in zip(jax.tree.leaves(got["grads"]), jax.tree.leaves(ref["grads"])):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
     state, mesh = got["state"], got["mesh"]
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref["state"]["params"])):
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref["state"].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
 
     params = variables(state.params)

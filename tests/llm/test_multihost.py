@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+from llm import config as config_lib
 from llm import train
 from llm.config import ConfigError
 from llm.parallel import distributed
-from llm.training import loop
 from llm.training.metrics import read_metrics
 
 PROCESSES = 2
@@ -100,7 +100,7 @@ def test_two_processes_match_one(tmp_path, tiny_config):
 
 
 def test_process_shards_are_disjoint_and_cover_the_global_batch(tiny_config):
-    _, data, _ = loop.load_data(tiny_config)
+    _, data, _ = config_lib.resolve(tiny_config).load_data()
     for step in range(3):
         whole = data.batch(step, tiny_config.batch_size)
         parts = [

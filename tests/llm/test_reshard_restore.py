@@ -16,10 +16,8 @@ class Interrupted(Exception):
 
 
 def with_mesh(config, **sizes):
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, **sizes})
-    return config
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, **sizes}
+    return config_lib.with_overrides(config, {f"mesh.{axis}": n for axis, n in sizes.items()})
 
 
 def test_save_under_fsdp_resume_under_tensor_and_data(tmp_path, tiny_config, monkeypatch):

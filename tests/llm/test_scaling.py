@@ -179,7 +179,9 @@ def test_sweep_plans_resumes_and_collects(tmp_path):
     assert len(runs) == 4 and all(r.steps >= 2 for r in runs)
     for run in runs:  # the budget sets the steps: C = flops per token x tokens
         cfg = config_lib.model_config(
-            config_lib.with_overrides(config_lib.load_config("experiments/default.py"), run.overrides)
+            config_lib.with_overrides(
+                config_lib.load_config("experiments/default.py"), run.overrides
+            )
         )
         tokens = (run.steps + 1) * 8 * 32
         assert run.steps * 8 * 32 <= run.budget / flops.train_flops_per_token(cfg, 32) < tokens

@@ -88,8 +88,6 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_config, monkeyp
 
 def test_resuming_with_a_different_model_is_refused(tmp_path, tiny_config):
     train.train_and_evaluate(tiny_config, str(tmp_path))
-    wider = tiny_config.copy_and_resolve_references()
-    with wider.unlocked():
-        wider.model.embed_dim = 96
+    wider = config_lib.with_overrides(tiny_config, {"model.embed_dim": 96})
     with pytest.raises(checkpoint.CheckpointMismatchError, match="model.embed_dim: 64 -> 96"):
         train.train_and_evaluate(wider, str(tmp_path))
