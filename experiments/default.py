@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = placeholder(
         str
     )  # None = fastest for the backend; see kernels.attention
-    # Mixture of experts (llm.moe): MoE layers replace the dense MLP on a schedule.
+    # Mixture of experts (llm.model.moe): MoE layers replace the dense MLP on a schedule.
     c.model.moe = ml_collections.ConfigDict()
     c.model.moe.num_experts = 0  # 0 = dense everywhere
     c.model.moe.top_k = 2  # experts per token
@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.moe.bias_update_rate = 0.0  # auxiliary-loss-free balancing step; 0 = off
     c.model.moe.num_shared_experts = 0  # dense experts every token also uses
     c.model.moe.shared_expert_gate = False  # Qwen2-MoE: shared output * sigmoid(x @ w_gate)
-    # Attention schedule over layers (llm/sparse.py): pattern names, "*N" repeats, repeated to
+    # Attention schedule over layers (llm/model/patterns.py): pattern names, "*N" repeats, repeated to
     # num_layers, e.g. "dense", "sliding", "sliding*5,dense" (5 local : 1 global).
     c.model.attention_pattern = "dense"
     c.model.attention_window = 128  # W: keys a "sliding"/"local_global"/"dilated" query spans

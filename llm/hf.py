@@ -12,7 +12,7 @@ HF tensor each (experts.{e}.w1.weight: [F, D]); ours are stacked (w_gate: [E, D,
 save picks the architecture from the config: dense -> LlamaForCausalLM; MoE in every layer,
 softmax router, no shared experts -> MixtralForCausalLM; shared experts with
 moe.shared_expert_gate -> Qwen2MoeForCausalLM (dense layers anywhere, via mlp_only_layers).
-Both MoE models renormalize the top-k softmax scores as llm.moe does (Qwen2-MoE only with
+Both MoE models renormalize the top-k softmax scores as llm.model.moe does (Qwen2-MoE only with
 norm_topk_prob=true); load refuses configs that llm.model does not implement.
 """
 
@@ -49,7 +49,7 @@ _BLOCK = {  # inside one decoder layer, HF names relative to model.layers.{i}
     ("mlp", "w_down"): ("mlp.down_proj.weight", 1),
 }
 
-# An MoE layer's tensors (llm.moe.MoE), per model_type; all [out, in] (n_in = 1), {e}: expert.
+# An MoE layer's tensors (llm.model.moe.MoE), per model_type; all [out, in] (n_in = 1), {e}: expert.
 _MOE_BLOCK = {
     "mixtral": {
         ("mlp", "router"): "block_sparse_moe.gate.weight",
@@ -140,7 +140,7 @@ def _moe_from_hf(hf: dict) -> MoEConfig:
         raise ValueError(
             f"Unsupported Hugging Face config (num_experts={hf['num_experts']}, MoE layers "
             f"{layers}, shared_expert_intermediate_size={shared}, moe_intermediate_size={f}): "
-            "llm.moe needs MoE layers at first_dense_layers + every * n and shared experts of a "
+            "llm.model.moe needs MoE layers at first_dense_layers + every * n and shared experts of a "
             "positive multiple of moe_intermediate_size."
         )
     return moe

@@ -6,7 +6,7 @@
 
 Shape rule: width w in `widths`, depth = max(1, round(w / 64)), heads = w / 16 (head_dim 16, no
 GQA), mlp_dim = 3 w.
-Each run trains for budget / (FLOPs per token x batch_size x seq_len) steps (llm.flops); runs
+Each run trains for budget / (FLOPs per token x batch_size x seq_len) steps (llm.science.flops); runs
 shorter than `min_steps` are left out. At ~0.06 TFLOP/s on a 2-core CPU a run takes < ~1 minute.
 """
 
@@ -16,7 +16,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.base = "experiments/default.py"  # every run is this config plus the overrides below
-    c.budgets = (1e12, 2e12, 4e12, 8e12)  # training FLOPs per run (llm.flops.train_flops_per_token)
+    c.budgets = (1e12, 2e12, 4e12, 8e12)  # training FLOPs per run (llm.science.flops.train_flops_per_token)
     c.widths = (32, 48, 64, 96, 128)
     c.shapes = tuple(
         {"embed_dim": w, "num_layers": max(1, round(w / 64)), "num_heads": w // 16,

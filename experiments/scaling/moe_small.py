@@ -5,7 +5,7 @@
 
 The 64-wide study model with its MLP replaced by 4 experts (top-1, each as wide as the dense MLP):
 the same active parameters, so the same steps at the same budget; runs.csv's `active_params`
-and `flops` count the active experts only (llm.flops).
+and `flops` count the active experts only (llm.science.flops).
 """
 
 import ml_collections

@@ -4,7 +4,7 @@
         --workdir=/tmp/sparse_small
 
 The 64-wide study model with a 32-token sliding window in place of dense causal attention;
-llm.flops counts the attended pairs only, so the run gets more steps for the same budget.
+llm.science.flops counts the attended pairs only, so the run gets more steps for the same budget.
 """
 
 import ml_collections

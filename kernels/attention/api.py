@@ -35,7 +35,7 @@ _AUTO = {"gpu": ("pallas_gpu", "cudnn", "xla"), "tpu": ("pallas_tpu", "xla")}
 
 
 # Optional arguments a backend supports only if its module lists them in FEATURES; they are passed
-# to its `attention` as keyword arguments (context parallelism needs them: llm/context_parallel.py).
+# to its `attention` as keyword arguments (context parallelism needs them: llm/parallel/context.py).
 _FEATURES = ("return_lse", "q_offset", "kv_segment_ids")
 
 

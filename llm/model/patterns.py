@@ -10,7 +10,7 @@ W = attention_window, G = attention_global, S = attention_stride, C = attention_
   dilated       p - k < W and (p - k) % S == 0 (Longformer dilated window: every S-th key)
   chunked       p // C == k // C               (Llama 4: causal within chunks of C tokens)
   nsa           learned: compressed blocks + the top-n selected blocks + a window of W
-                (llm/native_sparse.py; its mask here is the window branch's)
+                (llm/model/nsa.py; its mask here is the window branch's)
 
 Positions are indices in the (packed) training row, as the kernels see them: global tokens and
 chunks are those of the row, and packed documents are still separated by segment ids.

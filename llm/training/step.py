@@ -37,7 +37,7 @@ def make_train_step(
     """One optimizer step over a batch split into `grad_accum_steps` micro-batches.
 
     MoE models add their weighted auxiliary losses to the loss, report their routing statistics
-    (llm.moe.aux_metrics) and take one loss-free balancing step of their expert biases.
+    (llm.model.moe.aux_metrics) and take one loss-free balancing step of their expert biases.
     """
 
     def loss_fn(params, rest, batch: Batch):

@@ -250,3 +250,12 @@ def test_unsaveable_moe_model(tmp_path, moe_fields, message):
     cfg = ModelConfig(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=4, moe=moe)
     with pytest.raises(ValueError, match=f"Cannot save as {message}"):
         hf.save(Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path))
+
+
+def test_hf_export_refuses_sparse_patterns(tmp_path):
+    cfg = ModelConfig(
+        vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
+        attention_pattern="sliding,dense",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="only dense models"):
+        hf.save(Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path))

@@ -22,7 +22,7 @@ def _train(workdir: pathlib.Path) -> dict[int, dict[str, float]]:
     """Runs the recorded command (8 CPU devices, from conftest's XLA_FLAGS) in `workdir`."""
     command = [sys.executable, "-m", "llm.train", "--config=experiments/default.py"]
     command += [f"--workdir={workdir}", *EXPECTED["overrides"]]
-    root = pathlib.Path(__file__).parents[2]
+    root = pathlib.Path(__file__).parents[3]
     result = subprocess.run(
         command, cwd=root, capture_output=True, text=True, timeout=600, check=False
     )

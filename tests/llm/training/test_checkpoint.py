@@ -152,13 +152,13 @@ def test_restore_reads_into_abstract_targets_without_a_fresh_state(
         fresh = loop.setup_state(config_lib.resolve(tiny_config), mesh).state
         assert recorder.jitted == ["init_state"]  # a fresh start builds the state
         manager = checkpoint.make_manager(tmp_path)
-        checkpoint.save(manager, fresh.replace(guard=None))  # the format from before llm.guard
+        checkpoint.save(manager, fresh.replace(guard=None))  # the format from before llm.training.guard
         checkpoint.wait(manager)
         recorder.jitted.clear()
         restored = loop.setup_state(config_lib.resolve(tiny_config), mesh, manager).state
     assert recorder.jitted == [], "a restore builds no fresh state, only jax.eval_shape"
     assert jax.tree.structure(restored) == jax.tree.structure(fresh), (
-        "a checkpoint from before llm.guard gets a fresh guard"
+        "a checkpoint from before llm.training.guard gets a fresh guard"
     )
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(fresh), strict=True):
         assert a.sharding == b.sharding

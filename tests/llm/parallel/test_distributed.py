@@ -17,7 +17,7 @@ from llm.parallel import distributed
 from llm.training.metrics import read_metrics
 
 PROCESSES = 2
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def free_port() -> int:

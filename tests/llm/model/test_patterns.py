@@ -1,7 +1,8 @@
-"""llm.model.patterns patterns and schedules, their FLOP counts, the model under them, and llm.probes."""
+"""llm.model.patterns: each pattern's mask and visible pairs against hand-built references, the
+schedule syntax, and the model under the patterns (equal to dense where a window covers the
+sequence, the receptive field, cached decoding)."""
 
 import dataclasses
-import itertools
 import types
 
 import jax
@@ -9,21 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_model import stacked_copy  # pytest puts tests/llm on sys.path
+from test_transformer import stacked_copy  # pytest puts this directory on sys.path
 
-from data import tokenizer as tokenizer_lib
-from llm import hf
 from llm.model import patterns as sparse
 from llm.model.config import ModelConfig
 from llm.model.transformer import Transformer, init_cache
-from llm.science import flops, probes
 
 CFG = ModelConfig(
     vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
     max_seq_len=64, attention_window=5, attention_global=2, attention_stride=3, attention_chunk=4,
 )  # fmt: skip
 
-# Pattern -> (p, k, cfg) -> visible, written from the definitions in the llm.sparse docstring.
+# Pattern -> (p, k, cfg) -> visible, written from the definitions in the llm.model.patterns docstring.
 HAND = {
     "dense": lambda p, k, c: k <= p,
     "sliding": lambda p, k, c: k <= p and p - k < c.attention_window,
@@ -59,7 +57,7 @@ def tokens(shape, seed=0) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, shape), jnp.int32)
 
 
-# "nsa" is learned (content-dependent): tests/llm/test_native_sparse.py checks it.
+# "nsa" is learned (content-dependent): tests/llm/model/test_nsa.py checks it.
 MASK_PATTERNS = sorted(set(sparse.PATTERNS) - {"nsa"})
 
 
@@ -88,18 +86,6 @@ def test_visible_pairs_equal_brute_force_count(name, window, num_global, stride,
     for seq in (1, 7, 33):
         brute = int(hand_mask(name, cfg, seq).sum())
         assert sparse.visible_pairs(cfg, seq) == (brute, brute)
-
-
-def test_train_flops_count_each_layers_pairs():
-    cfg = with_pattern("sliding*3,dense", num_layers=4)
-    seq = 20
-    pairs = 3 * int(hand_mask("sliding", cfg, seq).sum()) + seq * (seq + 1) // 2
-    per_pair = 12 * cfg.num_heads * cfg.head_dim
-    expected = 6 * flops.param_counts(cfg)["matmul"] + per_pair * pairs / seq
-    assert flops.train_flops_per_token(cfg, seq) == pytest.approx(expected, rel=1e-12)
-    # A window covering the sequence costs exactly what dense does.
-    wide = with_pattern("sliding", attention_window=seq)
-    assert flops.train_flops_per_token(wide, seq) == flops.train_flops_per_token(CFG, seq)
 
 
 @pytest.mark.parametrize(
@@ -140,11 +126,6 @@ def test_scanned_layers_follow_a_uniform_sliding_schedule():
     x = tokens((2, 12))
     np.testing.assert_allclose(scan(x), loop(x), atol=1e-5)
     assert not np.allclose(scan(x), Transformer(CFG, rngs=nnx.Rngs(0))(x), atol=1e-4)
-
-
-def test_hf_export_refuses_sparse_patterns(tmp_path):
-    with pytest.raises(ValueError, match="only dense models"):
-        hf.save(Transformer(with_pattern("sliding,dense"), rngs=nnx.Rngs(0)), str(tmp_path))
 
 
 def loss_and_grads(cfg: ModelConfig, x: jax.Array):
@@ -201,66 +182,3 @@ def test_cached_decode_equals_full_forward(pattern):
         logits, cache = model(x[:, t : t + 1], cache=cache)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tokenizer_lib.Tokenizer()
-
-
-def test_passkey_trials_hold_the_key_and_mark_the_answer(tokenizer):
-    filler = np.arange(100, 400, dtype=np.int32)
-    rows, answer, distances = probes.passkey_trials(
-        tokenizer.encode, filler, 96, 0.5, trials=3, num_candidates=4, bos_id=tokenizer.bos_id
-    )
-    assert rows.shape == answer.shape == (12, 97) and distances.shape == (3,)
-    for trial, c in itertools.product(range(3), range(4)):
-        row, mask = rows[trial * 4 + c], answer[trial * 4 + c]
-        true_key = tokenizer.decode(rows[trial * 4][answer[trial * 4]].tolist()).strip(" .")
-        text = tokenizer.decode(row.tolist())
-        assert f"The pass key is {true_key}." in text  # the needle holds the true key
-        key = tokenizer.decode(row[mask].tolist()).strip(" .")
-        assert len(key) == 5 and key.isdigit() and (c == 0) == (key == true_key)
-        start = int(np.argmax(mask))
-        assert tokenizer.decode(row[:start].tolist()).endswith("The pass key is")
-    assert 30 < distances.mean() < 96
-
-
-def test_probes_run_on_a_tiny_model(tokenizer):
-    cfg = dataclasses.replace(CFG, vocab_size=tokenizer.vocab_size, max_seq_len=128)
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    filler = np.random.default_rng(0).integers(5, 4000, 1000).astype(np.int32)
-    rows = probes.passkey_retrieval(
-        model, tokenizer.encode, filler, context_lens=(48, 64), depths=(0.0, 1.0), trials=2,
-        num_candidates=3, bos_id=tokenizer.bos_id,
-    )  # fmt: skip
-    assert [(r["context_len"], r["depth"]) for r in rows] == [
-        (48, 0.0),
-        (48, 1.0),
-        (64, 0.0),
-        (64, 1.0),
-    ]
-    assert all(r["accuracy"] in (0.0, 0.5, 1.0) for r in rows)
-    assert rows[0]["needle_distance"] > rows[1]["needle_distance"]
-
-    x = tokens((2, 33), seed=1)
-    batch = {
-        "inputs": x[:, :-1],
-        "targets": x[:, 1:],
-        "positions": jnp.array([list(range(20)) + list(range(12))] * 2),
-        "segment_ids": jnp.array([[1] * 20 + [2] * 12] * 2),
-        "weights": np.ones((2, 32), np.float32),
-    }
-    starts, means = probes.position_losses(model, [batch, batch], num_buckets=4, seq_len=32)
-    np.testing.assert_array_equal(starts, [0, 8, 16, 24])
-    losses = np.asarray(
-        probes.token_losses(model, batch["inputs"], batch["targets"], batch["positions"],
-                            batch["segment_ids"])
-    )  # fmt: skip
-    pos = np.asarray(batch["positions"])
-    for i, s in enumerate(starts):
-        in_bucket = (pos >= s) & (pos < s + 8)
-        if in_bucket.any():
-            assert means[i] == pytest.approx(losses[in_bucket].mean(), rel=1e-5)
-        else:
-            assert np.isnan(means[i])  # positions 24.. never occur
