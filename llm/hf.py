@@ -176,7 +176,7 @@ def _config_from_hf(hf: dict, *, dtype: str, scan_layers: bool) -> ModelConfig:
         embed_dim=hf["hidden_size"],
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        head_dim=hf.get("head_dim"),  # None: ModelConfig derives hidden_size // heads
         mlp_dim=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 10_000.0)),
