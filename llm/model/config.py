@@ -52,7 +52,8 @@ class MoEConfig:
     z_loss_weight: float = 1e-3  # router z-loss
     bias_update_rate: float = 0.0  # auxiliary-loss-free balancing step size; 0 = off
     num_shared_experts: int = dataclasses.field(default=0, metadata=SHAPE)  # dense SwiGLU experts
-    shared_expert_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(x @ w), w: [D, 1]
+    # Qwen2-MoE: shared output * sigmoid(x @ w), w: [D, 1]
+    shared_expert_gate: bool = dataclasses.field(default=False, metadata=SHAPE)
 
     def __post_init__(self):
         check(
@@ -183,17 +184,20 @@ class ModelConfig:
         patterns.validate(self)
 
 
-def shape_differences(saved: dict, current: dict) -> list[str]:
-    """The shape-fixing fields ("num_layers", "moe.num_experts", ...) on which two model configs
-    (as dicts, e.g. from config.json) differ; MoE fields count when either model has experts."""
-    keys = [(k,) for k in shape_fields(ModelConfig)]
-    saved_moe, current_moe = saved.get("moe") or {}, current.get("moe") or {}  # absent: dense
+def shape_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(field, saved value, current value) for each shape-fixing field ("num_layers",
+    "moe.num_experts", ...) on which two model configs (as dicts, e.g. from config.json) differ;
+    MoE fields count when either model has experts. A field a dict lacks (a config saved before
+    the field existed) has its default."""
+    saved_moe, current_moe = saved.get("moe") or {}, current.get("moe") or {}
+    keys = [(ModelConfig, None, f) for f in shape_fields(ModelConfig)]
     if saved_moe.get("num_experts") or current_moe.get("num_experts"):
-        keys += [("moe", k) for k in shape_fields(MoEConfig)]
-
-    def get(config: dict, key: tuple[str, ...]):
-        for part in key:
-            config = (config or {}).get(part)
-        return config
-
-    return [".".join(k) for k in keys if get(saved, k) != get(current, k)]
+        keys += [(MoEConfig, "moe", f) for f in shape_fields(MoEConfig)]
+    differing = []
+    for cls, section, name in keys:
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+        a, b = ((c.get(section) or {}) if section else c for c in (saved, current))
+        if a.get(name, default) != b.get(name, default):
+            label = f"{section}.{name}" if section else name
+            differing.append((label, a.get(name, default), b.get(name, default)))
+    return differing

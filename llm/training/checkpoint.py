@@ -72,15 +72,7 @@ def check_same_model(saved: dict, current: dict) -> None:
     differs, naming each."""
     differing = shape_differences(saved, current)
     if differing:
-
-        def get(config: dict, key: str):
-            for part in key.split("."):
-                config = (config or {}).get(part)
-            return config
-
-        changes = ", ".join(
-            f"model.{k}: {get(saved, k)!r} -> {get(current, k)!r}" for k in differing
-        )
+        changes = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, a, b in differing)
         raise CheckpointMismatchError(
             f"this workdir was trained with a different model ({changes}); use a new --workdir, "
             "or the original model settings to resume."

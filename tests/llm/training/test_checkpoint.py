@@ -152,7 +152,9 @@ def test_restore_reads_into_abstract_targets_without_a_fresh_state(
         fresh = loop.setup_state(config_lib.resolve(tiny_config), mesh).state
         assert recorder.jitted == ["init_state"]  # a fresh start builds the state
         manager = checkpoint.make_manager(tmp_path)
-        checkpoint.save(manager, fresh.replace(guard=None))  # the format from before llm.training.guard
+        checkpoint.save(
+            manager, fresh.replace(guard=None)
+        )  # the format from before llm.training.guard
         checkpoint.wait(manager)
         recorder.jitted.clear()
         restored = loop.setup_state(config_lib.resolve(tiny_config), mesh, manager).state
