@@ -132,15 +132,15 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.moe, dict):  # from a config file's nested section
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
-        self._validate()
+        schedule = self._validate()
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
-        schedule = patterns.parse_schedule(self.attention_pattern)
         object.__setattr__(
             self, "layer_patterns", patterns.repeat_over_layers(schedule, self.num_layers)
         )
 
-    def _validate(self) -> None:
+    def _validate(self) -> tuple[str, ...]:
+        """Checks every field; returns the parsed attention schedule."""
         sizes = ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp_dim")
         for field in (*sizes, "max_seq_len"):
             check_positive(getattr(self, field), f"model.{field}")
@@ -181,7 +181,7 @@ class ModelConfig:
             "config.model.scan_layers=True is not supported with MoE layers "
             "(config.model.moe.num_experts > 0): set --config.model.scan_layers=False.",
         )
-        patterns.validate(self)
+        return patterns.validate(self)
 
 
 def shape_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:

@@ -186,10 +186,10 @@ def fields_read(schedule: tuple[str, ...]) -> list[str]:
     return sorted({f for name in schedule for f in PATTERNS[name].fields})
 
 
-def validate(sizes: Sizes) -> None:
+def validate(sizes: Sizes) -> tuple[str, ...]:
     """The schedule parses, repeats evenly over the layers, suits scanned layers, and the sizes
-    its patterns read are valid (before `layer_patterns` is set). Raises ConfigError naming the
-    config.model field."""
+    its patterns read are valid (before `layer_patterns` is set). Returns the parsed schedule;
+    raises ConfigError naming the config.model field."""
     spec, num_layers = sizes.attention_pattern, sizes.num_layers
     try:
         schedule = parse_schedule(spec)
@@ -225,6 +225,7 @@ def validate(sizes: Sizes) -> None:
             f'config.model.attention_window={sizes.attention_window} for "dilated" (else a '
             "query sees only itself): lower the stride or widen the window.",
         )
+    return schedule
 
 
 def validate_fits(sizes: Sizes, seq_len: int) -> None:
