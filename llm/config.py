@@ -28,7 +28,14 @@ from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
 from llm.training.optimizer import OptimizerConfig
 
-__all__ = ["ConfigError", "define_config_flag", "load_config", "model_config", "resolve"]
+__all__ = [
+    "ConfigError",
+    "define_config_flag",
+    "load_config",
+    "model_config",
+    "resolve",
+    "with_overrides",
+]
 
 
 def define_config_flag(default: str) -> config_flags.FlagHolder:
