@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3
-    c.optimizer.warmup_steps = 30
+    c.optimizer.warmup_steps = placeholder(int)  # None = steps // 10 (30 of the 300 steps)
     c.optimizer.min_learning_rate_ratio = 0.1  # cosine decays to this fraction of the peak
     c.optimizer.weight_decay = 0.1
     c.optimizer.b1 = 0.9

@@ -86,5 +86,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    config_lib.define_config_flag("experiments/default.py")
-    app.run(main)
+    config_lib.define_config_flag()
+    app.run(main, flags_parser=config_lib.parse_flags)

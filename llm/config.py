@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 import ml_collections
+from absl import flags
 from ml_collections import config_flags
 
 from llm.errors import ConfigError, check
@@ -28,30 +29,66 @@ from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
 from llm.training.optimizer import OptimizerConfig
 
+# experiments/default.py, found from this file, so a command works from any directory.
+DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py")
+
 __all__ = [
+    "DEFAULT_CONFIG",
     "ConfigError",
     "define_config_flag",
     "load_config",
     "model_config",
+    "parse_flags",
     "resolve",
     "with_overrides",
 ]
 
 
-def define_config_flag(default: str) -> config_flags.FlagHolder:
+def _one_line(error: BaseException) -> str:
+    """The innermost message of `error` (ml_collections wraps KeyErrors in AttributeErrors), on
+    one line."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    return " ".join(str(error.args[0] if error.args else error).split())
+
+
+def define_config_flag(default: str = DEFAULT_CONFIG) -> config_flags.FlagHolder:
     """`--config=FILE` plus `--config.a.b=value` overrides; a misspelled field exits with a message.
 
-    ml_collections resolves override names while defining the flag, so the error surfaces here.
+    Overrides of the default file are resolved while the flag is defined, so their errors surface
+    here; those of a `--config=FILE` given on the command line surface in `parse_flags`.
     """
     try:
         return config_flags.DEFINE_config_file(
             "config", default, "Experiment config file.", lock_config=True
         )
     except (AttributeError, KeyError) as e:
-        while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(msg))
-            e = e.args[0]
-        hint = " ".join(str(e.args[0] if e.args else e).split())
-        sys.exit(f"error: unknown config field in a --config.* override: {hint}")
+        print(
+            f"error: unknown config field in a --config.* override: {_one_line(e)}", file=sys.stderr
+        )
+        sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for a command (`app.run(main, flags_parser=parse_flags)`): a user's
+    mistake (an unknown flag, a mistyped value, a misspelled --config.* field, a config file that
+    cannot be loaded) is one `error:` line and exit status 2, never a traceback."""
+    try:
+        argv = flags.FLAGS(argv)
+        if "config" in flags.FLAGS:  # ml_collections reports a file it could not load on use
+            flags.FLAGS.config.keys()
+        return argv
+    except flags.Error as e:
+        message = _one_line(e)
+    except (AttributeError, KeyError) as e:  # ml_collections: a field the config does not have
+        message = f"unknown config field in a --config.* override: {_one_line(e)}"
+    except (OSError, SyntaxError, TypeError, ValueError) as e:  # the config file
+        message = (
+            f"the --config file could not be loaded ({_one_line(e)}): pass --config=FILE, a "
+            f"Python file with get_config(), e.g. --config={DEFAULT_CONFIG}"
+        )
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -98,12 +135,22 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     return _build(ModelConfig, config.model.to_dict(), ".model")
 
 
+def _warmup_follows(optimizer: dict, steps: Any) -> dict:
+    """optimizer.warmup_steps=None warms up for a tenth of the run, so `--config.steps=N` alone
+    makes a consistent short run."""
+    if optimizer.get("warmup_steps") is None and isinstance(steps, int):
+        return {**optimizer, "warmup_steps": steps // 10}
+    return optimizer
+
+
 def resolve(config: ml_collections.ConfigDict) -> Experiment:
     """The typed experiment of `config`; ConfigError names the first mistake and its fix."""
     c = config.to_dict()
     return Experiment(
         model=model_config(config),
-        optimizer=_build(OptimizerConfig, c["optimizer"], ".optimizer"),
+        optimizer=_build(
+            OptimizerConfig, _warmup_follows(c["optimizer"], c["steps"]), ".optimizer"
+        ),
         data=_build(DataConfig, c["data"], ".data"),
         mesh=MeshConfig(
             sizes=tuple(c["mesh"].items()), rules=tuple(tuple(r) for r in c["axis_rules"])

@@ -81,4 +81,4 @@ if __name__ == "__main__":
     flags.DEFINE_float("top_p", 0.95, "Nucleus: smallest set with this much mass; 1 = all.")
     flags.DEFINE_bool("greedy", False, "Take the most likely token (ignores the above).")
     flags.DEFINE_integer("seed", 0, "Random seed of the sampling.")
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

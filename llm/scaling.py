@@ -6,9 +6,11 @@ python -m llm.scaling --runs=runs.csv --out=/tmp/fits [--holdout]
 from __future__ import annotations
 
 import pathlib
+import sys
 
 from absl import app, flags
 
+from llm import config as config_lib
 from llm.science import scaling
 
 
@@ -29,7 +31,11 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if not f.runs:
         raise app.UsageError("--runs=FILE.csv is required.")
-    table = scaling.read_runs(f.runs)
+    try:
+        table = scaling.read_runs(f.runs)
+    except (OSError, ValueError) as e:  # a missing, unreadable or malformed CSV
+        print(f"error: --runs={f.runs}: {e}", file=sys.stderr)
+        sys.exit(2)
     kwargs = {"bootstrap": f.bootstrap, "seed": f.seed}
     result = scaling.fit_all(table, f.n_column, **kwargs)
     if f.holdout:
@@ -49,4 +55,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

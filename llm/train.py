@@ -82,7 +82,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":  # flags only for the command, so other scripts can import this module
-    config_lib.define_config_flag("experiments/default.py")
+    config_lib.define_config_flag()
     flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
     distributed.define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -16,7 +16,12 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.base = "experiments/default.py"  # every run is this config plus the overrides below
-    c.budgets = (1e12, 2e12, 4e12, 8e12)  # training FLOPs per run (llm.science.flops.train_flops_per_token)
+    c.budgets = (
+        1e12,
+        2e12,
+        4e12,
+        8e12,
+    )  # training FLOPs per run (llm.science.flops.train_flops_per_token)
     c.widths = (32, 48, 64, 96, 128)
     c.shapes = tuple(
         {"embed_dim": w, "num_layers": max(1, round(w / 64)), "num_heads": w // 16,

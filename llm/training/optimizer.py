@@ -15,7 +15,9 @@ class OptimizerConfig:
     """config.optimizer, checked when built."""
 
     learning_rate: float = 3e-3
-    warmup_steps: int = 30
+    warmup_steps: int = (
+        30  # llm.config.resolve turns None (follow the run's length) into steps // 10
+    )
     min_learning_rate_ratio: float = 0.1  # cosine decays to this fraction of the peak
     weight_decay: float = 0.1
     b1: float = 0.9

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data import pipeline, text_corpus, tokenizer
+from experiments import default
 from llm import config as config_lib
 from llm import train
 from llm.training import loop
@@ -184,21 +185,60 @@ def test_unwritable_workdir(tmp_path, tiny_config):
         train.train_and_evaluate(tiny_config, str(blocker / "workdir"))
 
 
+ROOT = pathlib.Path(__file__).parents[2]
+
+
 @pytest.mark.parametrize(
-    "flag, message",
+    "flags, message",
     [
-        ("--config.model.num_layer=2", 'Did you mean "num_layers"'),
-        ("--config.model.num_heads=5", "not divisible by config.model.num_kv_heads"),
-        ("--config.steps=ten", "--config.steps=ten: invalid literal for int()"),
+        (["--config.model.num_layer=2"], 'Did you mean "num_layers"'),
+        (  # a misspelled field of a config file named on the command line
+            [f"--config={ROOT / 'experiments/default.py'}", "--config.model.num_layrs=2"],
+            'Did you mean "num_layers"',
+        ),
+        (["--config.model.num_heads=5"], "not divisible by config.model.num_kv_heads"),
+        (["--config.steps=ten"], "--config.steps=ten: invalid literal for int()"),
+        (["--config=experiments/nope.py"], "the --config file could not be loaded"),
+        (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
     ],
 )
-def test_command_line_mistakes_exit_with_a_message_not_a_traceback(tmp_path, flag, message):
+def test_command_line_mistakes_exit_with_a_message_not_a_traceback(tmp_path, flags, message):
+    """One `error:` line and exit status 2; run from outside the repository, so the default
+    config is found from the package, not the working directory."""
     result = subprocess.run(
-        [sys.executable, "-m", "llm.train", f"--workdir={tmp_path}", flag],
+        [sys.executable, "-m", "llm.train", f"--workdir={tmp_path / 'run'}", *flags],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_scaling_with_a_missing_csv_exits_with_a_message(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "llm.scaling", f"--runs={tmp_path / 'missing.csv'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == f"error: --runs={tmp_path / 'missing.csv'}: [Errno 2] No such file or directory: '{tmp_path / 'missing.csv'}'\n"
+    )
+
+
+def test_a_short_run_needs_only_its_steps():
+    """warmup_steps unset follows the run's length: the default keeps its 30 of 300 steps."""
+    assert config_lib.resolve(default.get_config()).optimizer.warmup_steps == 30
+    short = config_lib.with_overrides(default.get_config(), {"steps": 20})
+    assert config_lib.resolve(short).optimizer.warmup_steps == 2
+    explicit = config_lib.with_overrides(short, {"optimizer.warmup_steps": 20})
+    with pytest.raises(config_lib.ConfigError, match=r"warmup_steps=20 must be in \[0, steps=20\)"):
+        config_lib.resolve(explicit)
