@@ -13,53 +13,53 @@ from ml_collections.config_dict import placeholder
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.steps = 300
+    c.seed = 0  # initialization and data order
+    c.steps = 300  # optimizer steps of the run
     c.batch_size = 16  # global batch, in sequences
     c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide evenly)
-    c.seq_len = 256
-    c.log_every = 10
-    c.eval_every = 100
-    c.eval_batches = 8
-    c.checkpoint_every = 100
-    c.keep_checkpoints = 2
+    c.seq_len = 256  # tokens per training sequence
+    c.log_every = 10  # steps between metrics.jsonl records
+    c.eval_every = 100  # steps between evaluations (and at the end); 0 disables
+    c.eval_batches = 8  # validation batches per evaluation
+    c.checkpoint_every = 100  # steps between checkpoints (and at the end); 0 disables
+    c.keep_checkpoints = 2  # the last N checkpoints kept
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.fallback_to_previous = False  # restore the previous step if the latest is corrupt
     c.nonfinite = "stop"  # stop | skip: a step with a non-finite loss, gradient or parameter
     c.loss_spike = ml_collections.ConfigDict()  # skip a step whose loss > mean + sigmas·std
     c.loss_spike.window = 0  # of the last `window` accepted losses; 0 disables
-    c.loss_spike.sigmas = 6.0
+    c.loss_spike.sigmas = 6.0  # a loss above mean + sigmas * std of the window is skipped
     c.debug = ml_collections.ConfigDict()
     c.debug.log_batch_hashes = False  # WORKDIR/batch_hashes.jsonl: a SHA-256 per global batch
     c.z_loss = 1e-4  # weight of log(Z)^2 in the loss (PaLM); 0 disables
     c.sample_prompt = "The list type"  # decoded at the end of training; "" to skip
-    c.sample_tokens = 48
+    c.sample_tokens = 48  # tokens sampled after training
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "text_corpus"  # any tfds name with a text feature, e.g. "lm1b", "c4/en"
-    c.data.text_key = "text"
+    c.data.text_key = "text"  # the feature holding the text
     c.data.text_dir = ""  # a local directory of .txt files to read instead (text_corpus builder)
     c.data.data_dir = ""  # "" = data.pipeline.default_data_dir()
     c.data.tokenizer = ""  # "" = the shipped sentencepiece model (4096 pieces)
-    c.data.train_split = "train"
-    c.data.eval_split = "validation"
+    c.data.train_split = "train"  # tfds split to train on
+    c.data.eval_split = "validation"  # tfds split to evaluate on
 
     c.model = ml_collections.ConfigDict()
     c.model.vocab_size = 4096  # >= the tokenizer's vocabulary (larger = padded)
-    c.model.num_layers = 4
-    c.model.embed_dim = 256
-    c.model.num_heads = 4
-    c.model.num_kv_heads = 2
+    c.model.num_layers = 4  # transformer blocks
+    c.model.embed_dim = 256  # D, the residual width
+    c.model.num_heads = 4  # H query heads
+    c.model.num_kv_heads = 2  # K key/value heads (grouped-query attention; divides H)
     c.model.head_dim = placeholder(int)  # None = embed_dim // num_heads
-    c.model.mlp_dim = 768
+    c.model.mlp_dim = 768  # F, the SwiGLU hidden width
     c.model.max_seq_len = (
         2048  # longest sequence the model accepts (RoPE has no table, this is a guard)
     )
-    c.model.rope_theta = 10_000.0
-    c.model.norm_eps = 1e-6
-    c.model.tie_embeddings = True
+    c.model.rope_theta = 10_000.0  # RoPE base frequency
+    c.model.norm_eps = 1e-6  # RMSNorm epsilon
+    c.model.tie_embeddings = True  # output projection = embedding table transposed
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
-    c.model.param_dtype = "float32"
+    c.model.param_dtype = "float32"  # parameter (and optimizer state) dtype
     c.model.scan_layers = (
         False  # one compiled block scanned over layers (fast compiles for deep models)
     )
@@ -82,9 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.moe.bias_update_rate = 0.0  # auxiliary-loss-free balancing step; 0 = off
     c.model.moe.num_shared_experts = 0  # dense experts every token also uses
     c.model.moe.shared_expert_gate = False  # Qwen2-MoE: shared output * sigmoid(x @ w_gate)
-    # Attention schedule over layers (llm/model/patterns.py): pattern names, "*N" repeats, repeated to
-    # num_layers, e.g. "dense", "sliding", "sliding*5,dense" (5 local : 1 global).
-    c.model.attention_pattern = "dense"
+    # Attention schedule over layers (llm/model/patterns.py): pattern names, "*N" repeats,
+    # repeated to num_layers, e.g. "dense", "sliding", "sliding*5,dense" (5 local : 1 global).
+    c.model.attention_pattern = "dense"  # per-layer schedule, e.g. "sliding*5,dense" (above)
     c.model.attention_window = 128  # W: keys a "sliding"/"local_global"/"dilated" query spans
     c.model.attention_global = 16  # G: leading tokens every "local_global" query sees
     c.model.attention_stride = 8  # S: "strided" and "dilated" step between keys
@@ -93,16 +93,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention_nsa_selected = 4  # "nsa": past blocks each query selects besides its own
     # Context parallelism (mesh.sequence > 1): "ring" passes K/V blocks around the devices
     # (zig-zag load balanced; seq_len a multiple of 2 x mesh.sequence), "all_gather" gathers them.
-    c.model.context_parallel = "ring"
+    c.model.context_parallel = "ring"  # ring | all_gather (above)
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 3e-3
+    c.optimizer.learning_rate = 3e-3  # peak learning rate (after warmup)
     c.optimizer.warmup_steps = placeholder(int)  # None = steps // 10 (30 of the 300 steps)
     c.optimizer.min_learning_rate_ratio = 0.1  # cosine decays to this fraction of the peak
-    c.optimizer.weight_decay = 0.1
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.95
-    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.1  # AdamW decoupled weight decay (not on norm scales)
+    c.optimizer.b1 = 0.9  # Adam first-moment decay
+    c.optimizer.b2 = 0.95  # Adam second-moment decay
+    c.optimizer.eps = 1e-8  # Adam epsilon
     c.optimizer.grad_clip_norm = 1.0  # 0 disables clipping
 
     # Device mesh: one size may be -1 (all remaining devices); data x fsdp x ... = device count.

@@ -10,10 +10,13 @@ points sees a ConfigDict.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
+import io
 import pathlib
 import sys
+import tokenize
 from typing import Any
 
 import ml_collections
@@ -58,10 +61,12 @@ def define_config_flag(default: str = DEFAULT_CONFIG) -> config_flags.FlagHolder
     Overrides of the default file are resolved while the flag is defined, so their errors surface
     here; those of a `--config=FILE` given on the command line surface in `parse_flags`.
     """
+    help_text = "Experiment config file. Its fields, each overridable as --config.FIELD=VALUE:\n"
+    help_text += describe(default)
     try:
-        return config_flags.DEFINE_config_file(
-            "config", default, "Experiment config file.", lock_config=True
-        )
+        holder = config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])  # --help
+        return holder
     except (AttributeError, KeyError) as e:
         print(
             f"error: unknown config field in a --config.* override: {_one_line(e)}", file=sys.stderr
@@ -89,6 +94,44 @@ def parse_flags(argv: list[str]) -> list[str]:
         )
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def field_comments(path: str | pathlib.Path) -> dict[str, str]:
+    """Dotted field ("model.num_layers") -> the comment on the line(s) that set it in a config
+    file (`c.model.num_layers = 4  # ...`)."""
+    source = pathlib.Path(path).read_text()
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    fields = {}
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute)):
+            continue
+        parts, target = [], node.targets[0]
+        while isinstance(target, ast.Attribute):
+            parts.insert(0, target.attr)
+            target = target.value
+        lines = range(node.lineno, node.end_lineno + 1)
+        found = [comments[line] for line in lines if line in comments]
+        if found and "fmt:" not in found[0]:
+            fields[".".join(parts)] = found[0]
+    return fields
+
+
+def describe(path: str | pathlib.Path) -> str:
+    """One line per field of a config file: its dotted name, default and comment (for --help)."""
+    comments = field_comments(path)
+
+    def lines(node: dict, prefix: str):
+        for name, value in node.items():
+            if isinstance(value, dict):
+                yield from lines(value, f"{prefix}{name}.")
+            else:
+                comment = comments.get(prefix + name, "")
+                yield f"  {prefix}{name} = {value!r}" + (f"  # {comment}" if comment else "")
+
+    return "\n".join(lines(load_config(path).to_dict(), ""))
 
 
 def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:

@@ -119,3 +119,9 @@ print(ours)
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_test_file_names_are_unique():
+    """pytest imports test files by basename (no packages under tests/): two alike collide."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

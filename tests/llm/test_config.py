@@ -242,3 +242,18 @@ def test_a_short_run_needs_only_its_steps():
     explicit = config_lib.with_overrides(short, {"optimizer.warmup_steps": 20})
     with pytest.raises(config_lib.ConfigError, match=r"warmup_steps=20 must be in \[0, steps=20\)"):
         config_lib.resolve(explicit)
+
+
+def test_help_lists_the_config_fields_with_defaults_and_comments(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "llm.train", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    text = " ".join(result.stdout.split())  # absl wraps the help text (and exits 1 after it)
+    assert "model.num_layers = 4 # transformer blocks" in text
+    assert "model.moe.top_k = 2 # experts per token" in text
+    assert "optimizer.warmup_steps = None # None = steps // 10" in text
