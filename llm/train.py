@@ -75,7 +75,8 @@ def main(argv: list[str]) -> None:
         print(
             f"final: loss {metrics['loss']:.3f}, eval loss {metrics['eval_loss']:.3f} "
             f"(perplexity {metrics['eval_perplexity']:.1f}), "
-            f"{metrics['tokens_per_second']:,.0f} tokens/s, "
+            f"{metrics.get('tokens_per_second_median', metrics['tokens_per_second']):,.0f} "
+            "tokens/s (median of the logged intervals), "
             f"{metrics['tflops_per_device'] * 1e3:.1f} GFLOP/s per device, MFU {mfu}",
             flush=True,
         )

@@ -134,6 +134,7 @@ def run_sweep(
     if print_commands:
         lines = [command(r, sweep.base, out) for r in runs]
         (out / "commands.sh").write_text("\n".join(lines) + "\n")
+        print(f"{len(lines)} commands written to {out / 'commands.sh'}; nothing run", flush=True)
     else:
         for i, run in enumerate(runs):
             if is_finished(run, out):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import statistics
 import tempfile
 import time
 from typing import Any, NamedTuple
@@ -19,15 +20,15 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
-from tqdm import tqdm
 
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
 from llm.science import flops
 from llm.training import checkpoint, debug, guard
+from llm.training.console import Console
 from llm.training.experiment import Experiment
-from llm.training.metrics import MetricsWriter
+from llm.training.metrics import MetricsWriter, read_metrics
 from llm.training.optimizer import make_optimizer
 from llm.training.preemption import Preempted, PreemptionWatcher
 from llm.training.state import Batch, TrainState
@@ -138,18 +139,29 @@ def _due(done: int, every: int, steps: int) -> bool:
 
 
 class Throughput:
-    """Tokens/s, TFLOP/s per device and MFU since the last `measure`."""
+    """Tokens/s (since the last `measure`, and the median of all measures), TFLOP/s per device,
+    MFU, and the clock: `wall_time` (seconds since the epoch) and `elapsed` (seconds since this
+    process started training)."""
 
     def __init__(self, exp: Experiment):
         self.flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
         self.peak = flops.peak_flops(jax.devices()[0])
         self.tokens_per_step = exp.tokens_per_step
-        self.tick, self.steps = time.perf_counter(), 0
+        self.start = self.tick = time.perf_counter()
+        self.steps, self.history = 0, []
 
     def measure(self) -> dict[str, float]:
-        tokens_per_second = self.steps * self.tokens_per_step / (time.perf_counter() - self.tick)
+        now = time.perf_counter()
+        tokens_per_second = self.steps * self.tokens_per_step / (now - self.tick)
+        self.history.append(tokens_per_second)
         achieved = tokens_per_second * self.flops_per_token / jax.device_count()
-        out = {"tokens_per_second": tokens_per_second, "tflops_per_device": achieved / 1e12}
+        out = {
+            "tokens_per_second": tokens_per_second,
+            "tokens_per_second_median": statistics.median(self.history),
+            "tflops_per_device": achieved / 1e12,
+            "wall_time": time.time(),
+            "elapsed": now - self.start,
+        }
         if self.peak:
             out["mfu"] = achieved / self.peak
         self.tick, self.steps = time.perf_counter(), 0
@@ -171,6 +183,8 @@ def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[st
         setup = setup_state(exp, mesh, manager)
         state = setup.state
         start = int(state.step)
+        if start >= exp.steps:  # nothing to compile or train
+            return _finished(path, start, exp.steps)
         logging.info("Starting at step %d of %d.", start, exp.steps)
 
         def put(batch):
@@ -200,13 +214,7 @@ def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[st
             checkpoint.save(manager, state, **kwargs)
 
         metrics: dict[str, float] = {}
-        progress = tqdm(
-            total=exp.steps,
-            initial=start,
-            desc="train",
-            dynamic_ncols=True,
-            disable=jax.process_index() != 0,
-        )
+        console = Console(exp.steps, start)
         throughput = Throughput(exp)
         for step in range(start, exp.steps):
             if preemption.should_stop(step):
@@ -215,24 +223,26 @@ def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[st
                 debug.log_batch_hash(path, step, train_data.batch(step, exp.batch_size))
             state, step_metrics = train_step(state, put(local_batch(step)))
             throughput.steps += 1
-            progress.update(1)
+            console.step()
             done = step + 1
             if _due(done, exp.log_every, exp.steps):
                 metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 metrics.update(throughput.measure())
                 if _due(done, exp.eval_every, exp.steps):
                     metrics.update(evaluate(eval_step, state.params, eval_data, exp, put))
-                _log(writer, progress, done, metrics)
+                if writer:
+                    writer.write(done, metrics)
+                console.log(done, metrics)
                 if exp.guard.nonfinite == "stop":  # after logging the bad values
                     guard.raise_if_nonfinite(state, manager)
             if _due(done, exp.checkpoint.every, exp.steps):
                 save(state)
-        progress.close()
+        console.close()
         checkpoint.wait(manager)
         if writer:
             writer.close()
         _stop_if_preempted(state, exp, manager, save, preemption)
-        if start < exp.steps and exp.sample_prompt:
+        if exp.sample_prompt:
             print_sample(state.params, setup.graphdef, tokenizer, exp)
     return metrics
 
@@ -252,15 +262,12 @@ def _print_banner(exp: Experiment, mesh, compile_seconds: float, state, train_st
     )
 
 
-def _log(writer: MetricsWriter | None, progress: tqdm, done: int, metrics: dict) -> None:
-    """metrics.jsonl and TensorBoard (process 0), and the progress bar."""
-    if writer:
-        writer.write(done, metrics)
-    progress.set_postfix(
-        loss=f"{metrics['loss']:.3f}",
-        tok_s=f"{metrics['tokens_per_second']:,.0f}",
-        mfu=f"{metrics['mfu']:.1%}" if "mfu" in metrics else "n/a",
-    )
+def _finished(path: pathlib.Path, step: int, steps: int) -> dict[str, float]:
+    """Says that the run in `path` is finished; its last logged metrics."""
+    if jax.process_index() == 0:
+        print(f"{path}: this run is finished (step {step} of {steps}).", flush=True)
+    records = read_metrics(path) if (path / "metrics.jsonl").exists() else []
+    return {k: v for k, v in records[-1].items() if k != "step"} if records else {}
 
 
 def _stop_if_preempted(state, exp: Experiment, manager, save, preemption) -> None:

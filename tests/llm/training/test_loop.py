@@ -1,5 +1,9 @@
 """Training: the loss falls, checkpoints round-trip, and a resumed run equals an uninterrupted one
-bit for bit."""
+bit for bit; what the console prints and metrics.jsonl records."""
+
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -91,3 +95,39 @@ def test_resuming_with_a_different_model_is_refused(tmp_path, tiny_config):
     wider = config_lib.with_overrides(tiny_config, {"model.embed_dim": 96})
     with pytest.raises(checkpoint.CheckpointMismatchError, match="model.embed_dim: 64 -> 96"):
         train.train_and_evaluate(wider, str(tmp_path))
+
+
+def test_console_lines_clock_fields_and_a_finished_rerun(tmp_path, tiny_config):
+    """Without a terminal the run prints a line per log and per evaluation; metrics.jsonl gets
+    wall_time, elapsed and a running median of tokens/s; a rerun of the finished run says so and
+    neither compiles nor trains."""
+    command = [
+        sys.executable, "-m", "llm.train", f"--workdir={tmp_path / 'run'}",
+        "--config.steps=4", "--config.log_every=2", "--config.eval_every=4",
+        "--config.eval_batches=1", "--config.model.num_layers=1", "--config.model.embed_dim=32",
+        "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.mlp_dim=64",
+        "--config.seq_len=32", "--config.batch_size=8", "--config.sample_prompt=",
+        f"--config.data.text_dir={tiny_config.data.text_dir}",
+        f"--config.data.data_dir={tiny_config.data.data_dir}",
+    ]  # fmt: skip
+
+    def run() -> str:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    first = run()
+    assert "step 2/4: loss " in first and "step 4/4: eval loss " in first
+    assert "\r" not in first
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [2, 4]
+    for record in records:
+        assert record["elapsed"] > 0 and abs(record["wall_time"] - time.time()) < 600
+        assert record["tokens_per_second_median"] > 0
+    assert records[-1]["elapsed"] > records[0]["elapsed"]
+
+    again = run()
+    assert "this run is finished (step 4 of 4)" in again
+    assert "compiled" not in again and "step 2/4" not in again
+    assert "final: loss" in again  # the last record's figures
+    assert len(read_metrics(tmp_path / "run")) == 2
