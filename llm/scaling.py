@@ -13,6 +13,52 @@ from absl import app, flags
 from llm import config as config_lib
 from llm.science import scaling
 
+APPROACHES = {
+    "approach1": "envelope of the loss-vs-compute curves",
+    "approach2": "IsoFLOP parabolas",
+    "approach3": "parametric L(N, D), bootstrap intervals",
+}
+
+
+def _value(entry: dict) -> str:
+    low, high = entry.get("ci95", (None, None))
+    interval = f" [{low:.2f}, {high:.2f}]" if low is not None else ""
+    return f"{entry['value']:.3f}{interval}"
+
+
+def summary(result: dict, flops: float) -> str:
+    """A few lines a reader can take in: each approach's exponents and N*, D* at `flops`."""
+    lines = [
+        f"{result['runs']} runs, N = {result['n_column']}; allocations at C = {flops:.3g} FLOPs"
+    ]
+    for name, meaning in APPROACHES.items():
+        fit = result[name]
+        if "a" not in fit:
+            lines.append(f"{name} ({meaning}): {fit.get('skipped', 'no fit')}")
+            continue
+        if name == "approach3":
+            n_opt, d_opt = (float(x) for x in scaling.compute_optimal(fit, flops))
+            p = {k: fit[k]["value"] for k in ("E", "A", "B", "alpha", "beta")}
+            law = (
+                f"; L = {p['E']:.3g} + {p['A']:.3g} / N^{p['alpha']:.3f} "
+                f"+ {p['B']:.3g} / D^{p['beta']:.3f}"
+            )
+        else:
+            n_opt = fit["n_coef"] * flops ** fit["a"]["value"]
+            d_opt = fit["d_coef"] * flops ** fit["b"]["value"]
+            law = ""
+        lines.append(
+            f"{name} ({meaning}): a = {_value(fit['a'])}, b = {_value(fit['b'])}; "
+            f"N* = {n_opt:.3g}, D* = {d_opt:.3g}{law}"
+        )
+    if "holdout" in result:
+        h = result["holdout"]
+        lines.append(
+            f"holdout (budget {h['budget']:.3g} predicted from the others): RMSE of log loss "
+            f"{h['rmse_log']:.4f}, worst {h['max_abs_log']:.4f}"
+        )
+    return "\n".join(lines)
+
 
 def define_flags() -> None:
     flags.DEFINE_string("runs", None, "CSV of runs (one row per evaluated checkpoint).")
@@ -40,17 +86,18 @@ def main(argv: list[str]) -> None:
     result = scaling.fit_all(table, f.n_column, **kwargs)
     if f.holdout:
         result["holdout"] = scaling.holdout(table, f.n_column, **kwargs)
+    out = pathlib.Path(f.out) if f.out else pathlib.Path(f.runs).parent
+    out.mkdir(parents=True, exist_ok=True)
+    final = scaling.final_rows(table)
     if f.out:
         from llm.science import plots  # matplotlib only when plotting
 
-        out = pathlib.Path(f.out)
-        out.mkdir(parents=True, exist_ok=True)
-        final = scaling.final_rows(table)
         predicted = scaling.predict_loss(result["approach3"], final[f.n_column], final["tokens"])
         paths = plots.plot_all(final, scaling.budgets(final), predicted, result, out)
         result["plots"] = [str(p) for p in paths]
-        (out / "fit.json").write_text(scaling.to_json(result))
-    print(scaling.to_json(result))
+    (out / "fit.json").write_text(scaling.to_json(result))
+    print(summary(result, float(final["flops"].max())))
+    print(f"the whole result: {out / 'fit.json'}" + (" and plots" if f.out else ""))
 
 
 if __name__ == "__main__":

@@ -116,8 +116,14 @@ def test_cli_writes_json_and_plots(tmp_path):
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout)
-    assert result == json.loads((out / "fit.json").read_text())
+    result = json.loads((out / "fit.json").read_text())
+    lines = done.stdout.splitlines()  # a summary to read, not the JSON
+    assert lines[0].startswith(f"{result['runs']} runs, N = params; allocations at C = ")
+    for approach in ("approach1", "approach2", "approach3", "holdout"):
+        assert sum(line.startswith(approach) for line in lines) == 1, done.stdout
+    a3 = result["approach3"]["a"]["value"]
+    assert f"a = {a3:.3f} [" in next(line for line in lines if line.startswith("approach3"))
+    assert lines[-1] == f"the whole result: {out / 'fit.json'} and plots"
     for approach in ("approach1", "approach2", "approach3"):
         assert {"a", "b"} <= set(result[approach])
     assert set(TRUE) <= set(result["approach3"])
