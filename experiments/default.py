@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss_spike = ml_collections.ConfigDict()  # skip a step whose loss > mean + sigmas·std
     c.loss_spike.window = 0  # of the last `window` accepted losses; 0 disables
     c.loss_spike.sigmas = 6.0  # a loss above mean + sigmas * std of the window is skipped
+    c.profile = ml_collections.ConfigDict()  # a jax.profiler trace: TensorBoard or Perfetto
+    c.profile.start_step = -1  # first step traced into WORKDIR/profile/; -1 = no trace
+    c.profile.steps = 3  # steps traced
     c.debug = ml_collections.ConfigDict()
     c.debug.log_batch_hashes = False  # WORKDIR/batch_hashes.jsonl: a SHA-256 per global batch
     c.z_loss = 1e-4  # weight of log(Z)^2 in the loss (PaLM); 0 disables

@@ -220,5 +220,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
         sample_prompt=c["sample_prompt"],
         sample_tokens=c["sample_tokens"],
         log_batch_hashes=c["debug"]["log_batch_hashes"],
+        profile_start=c["profile"]["start_step"],
+        profile_steps=c["profile"]["steps"],
         config_json=config.to_json_best_effort(indent=2),
     )

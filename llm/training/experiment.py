@@ -11,7 +11,7 @@ import dataclasses
 
 import jax
 
-from llm.errors import check, check_positive
+from llm.errors import check, check_positive, is_int
 from llm.model import patterns
 from llm.model.config import ModelConfig
 from llm.parallel import context, partitioning
@@ -43,6 +43,8 @@ class Experiment:
     sample_prompt: str = ""  # decoded at the end of training; "" to skip
     sample_tokens: int = 48
     log_batch_hashes: bool = False  # config.debug.log_batch_hashes
+    profile_start: int = -1  # config.profile.start_step: first step traced; -1 = none
+    profile_steps: int = 3  # config.profile.steps
     config_json: str = "{}"  # the config as given, for WORKDIR/config.json
 
     def __post_init__(self):
@@ -67,6 +69,12 @@ class Experiment:
         patterns.validate_fits(self.model, self.seq_len)
         self.optimizer.check_schedule(self.steps)
         check(self.z_loss >= 0, f"config.z_loss must be >= 0, got {self.z_loss}.")
+        check(
+            is_int(self.profile_start) and self.profile_start >= -1,
+            f"config.profile.start_step must be a step >= 0, or -1 for no trace, got "
+            f"{self.profile_start!r}.",
+        )
+        check_positive(self.profile_steps, "profile.steps")
         check(
             isinstance(self.log_batch_hashes, bool),
             f"config.debug.log_batch_hashes must be True or False, got {self.log_batch_hashes!r}.",

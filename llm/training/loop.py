@@ -133,6 +133,30 @@ def format_memory(report: dict[str, int]) -> str:
     return "memory per device: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in report.items())
 
 
+class Profile:
+    """A jax.profiler trace of steps [start, start + steps) into WORKDIR/profile/ (TensorBoard's
+    profile plugin or Perfetto read it); start < 0: none."""
+
+    def __init__(self, directory: pathlib.Path, start: int, steps: int):
+        self.directory, self.start, self.end, self.tracing = directory, start, start + steps, False
+
+    def before(self, step: int) -> None:
+        if step == self.start:
+            jax.profiler.start_trace(str(self.directory))
+            self.tracing = True
+
+    def after(self, done: int, state: TrainState) -> None:
+        if self.tracing and done == self.end:
+            self.stop(state)
+
+    def stop(self, state: TrainState) -> None:
+        """Ends the trace once the traced steps' work is done (at the end of the run too)."""
+        if self.tracing:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.tracing = False
+
+
 def _due(done: int, every: int, steps: int) -> bool:
     """Every `every` steps (0: never), and at the last step."""
     return bool(every) and (done % every == 0 or done == steps)
@@ -216,15 +240,18 @@ def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[st
         metrics: dict[str, float] = {}
         console = Console(exp.steps, start)
         throughput = Throughput(exp)
+        profile = Profile(path / "profile", exp.profile_start, exp.profile_steps)
         for step in range(start, exp.steps):
             if preemption.should_stop(step):
                 break
+            profile.before(step)
             if exp.log_batch_hashes and writer is not None:
                 debug.log_batch_hash(path, step, train_data.batch(step, exp.batch_size))
             state, step_metrics = train_step(state, put(local_batch(step)))
             throughput.steps += 1
             console.step()
             done = step + 1
+            profile.after(done, state)
             if _due(done, exp.log_every, exp.steps):
                 metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 metrics.update(throughput.measure())
@@ -238,6 +265,7 @@ def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[st
             if _due(done, exp.checkpoint.every, exp.steps):
                 save(state)
         console.close()
+        profile.stop(state)
         checkpoint.wait(manager)
         if writer:
             writer.close()

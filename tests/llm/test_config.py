@@ -128,6 +128,8 @@ def test_config_and_data_mistakes(tmp_path, tiny_config, fields, error, message)
         ({"optimizer.grad_clip_norm": -1.0}, "grad_clip_norm must be >= 0"),
         ({"z_loss": -1e-4}, "config.z_loss must be >= 0"),
         ({"nonfinite": "ignore"}, "config.nonfinite='ignore' is not one of"),
+        ({"profile.start_step": -2}, "config.profile.start_step must be a step >= 0, or -1"),
+        ({"profile.steps": 0}, "config.profile.steps must be a positive integer"),
         ({"loss_spike.window": -1}, "config.loss_spike.window must be an integer >= 0"),
         ({"loss_spike.sigmas": 0.0}, "config.loss_spike.sigmas must be > 0"),
         ({"model.dtype": "float64"}, "config.model.dtype='float64' is not one of"),

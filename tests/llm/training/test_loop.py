@@ -131,3 +131,11 @@ def test_console_lines_clock_fields_and_a_finished_rerun(tmp_path, tiny_config):
     assert "compiled" not in again and "step 2/4" not in again
     assert "final: loss" in again  # the last record's figures
     assert len(read_metrics(tmp_path / "run")) == 2
+
+
+def test_profile_traces_the_chosen_steps(tmp_path, tiny_config):
+    config = config_lib.with_overrides(tiny_config, {"profile.start_step": 1, "profile.steps": 2})
+    train.train_and_evaluate(config, str(tmp_path))
+    traces = list((tmp_path / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
