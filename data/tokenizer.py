@@ -67,6 +67,10 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
+    def piece(self, token_id: int) -> str:
+        """The text piece of a token id ("<s>" for bos)."""
+        return self._sp.id_to_piece(token_id)
+
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 

@@ -3,6 +3,7 @@ safetensors).
 
     model = llm.hf.load("/path/to/llama")   # a *ForCausalLM directory, sharded or not
     llm.hf.save(model, "/tmp/out")          # transformers.AutoModelForCausalLM.from_pretrained works
+    llm.hf.save(model, "/tmp/out", tokenizer=Tokenizer())  # + AutoTokenizer, generation config
 
 HF stores every linear layer as weight[out, in] with heads flattened into one axis
 (q_proj: [H*Dh, D]); ours are [in, out] with heads split out (wq: [D, H, Dh]). Both use
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,7 @@ from flax import nnx, traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from data.tokenizer import UNK_ID, Tokenizer
 from llm.model.config import ModelConfig, MoEConfig
 from llm.model.transformer import Transformer
 
@@ -313,9 +316,10 @@ def load(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> Tra
     return nnx.merge(graphdef, state)
 
 
-def save(model: Transformer, path: str) -> None:
+def save(model: Transformer, path: str, *, tokenizer: Tokenizer | None = None) -> None:
     """Writes `model` as a HF Llama, Mixtral or Qwen2-MoE directory (module docstring):
-    config.json + model.safetensors."""
+    config.json + model.safetensors; with `tokenizer`, also its special-token ids, the tokenizer
+    (`save_tokenizer`) and generation_config.json."""
     cfg, path = model.cfg, pathlib.Path(path)
     if set(cfg.layer_patterns) != {"dense"}:
         raise ValueError(
@@ -331,5 +335,38 @@ def save(model: Transformer, path: str) -> None:
         for name, part in zip(names, parts, strict=True):
             tensors[name] = np.ascontiguousarray(_to_hf(np.asarray(part), n_in))
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(_config_to_hf(cfg), indent=2) + "\n")
+    hf_config = _config_to_hf(cfg)
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+        ids["pad_token_id"] = tokenizer.pad_id
+        hf_config.update(ids)
+        (path / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+        save_tokenizer(tokenizer, path)
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | pathlib.Path) -> None:
+    """Writes the sentencepiece model as transformers' LlamaTokenizer reads it (no prefix space,
+    no implicit bos/eos), so `AutoTokenizer.from_pretrained(path).encode(text,
+    add_special_tokens=False)` equals `tokenizer.encode(text)`."""
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer.path, path / "tokenizer.model")
+    special = {
+        "bos_token": tokenizer.piece(tokenizer.bos_id),
+        "eos_token": tokenizer.piece(tokenizer.eos_id),
+        "pad_token": tokenizer.piece(tokenizer.pad_id),
+        "unk_token": tokenizer.piece(UNK_ID),
+    }
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        **special,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "legacy": False,
+        "model_max_length": 1 << 30,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

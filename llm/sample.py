@@ -1,45 +1,26 @@
 """A command that continues a prompt with the model of a training run.
 
     python -m llm.sample --workdir=/tmp/default --prompt="The list type"
+    python -m llm.sample --workdir=/tmp/default@200 --prompt="The list type"  # step 200
 
 Decoding itself is llm.model.decode.generate.
 """
 
 from __future__ import annotations
 
-import json
-import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 
 from data.tokenizer import SHIPPED_MODEL, Tokenizer
 from llm import config as config_lib
 from llm.model.decode import generate
-from llm.model.transformer import Transformer
-from llm.training import checkpoint
+from llm.runs import load_run
 
 FLAGS = flags.FLAGS
-
-
-def load_run(workdir: str) -> tuple[Transformer, ml_collections.ConfigDict]:
-    """The model of the latest checkpoint of a training run, and the run's config."""
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {workdir} is not a training run; train one with "
-            f"`python -m llm.train --config=experiments/default.py --workdir={workdir}`."
-        )
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
-    cfg = config_lib.model_config(config)
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    nnx.update(model, checkpoint.restore_params(workdir, nnx.state(model)))  # + MoE biases
-    return model, config
 
 
 def main(argv: list[str]) -> None:
@@ -65,7 +46,8 @@ def main(argv: list[str]) -> None:
             vocab_limit=tokenizer.vocab_size,
         )
     except (FileNotFoundError, ValueError) as e:  # user errors: one message, no traceback
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     new = np.asarray(tokens[0, len(prompt) :]).tolist()
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
@@ -73,7 +55,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "Training run directory: config.json, checkpoints/.")
+    flags.DEFINE_string(
+        "workdir", None, "Training run directory (config.json, checkpoints/); DIR@STEP for a step."
+    )
     flags.DEFINE_string("prompt", "", "Text to continue (a bos token is prepended).")
     flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
     flags.DEFINE_float("temperature", 0.8, "Softmax temperature (> 0).")

@@ -28,7 +28,7 @@ from absl import app, flags, logging
 
 from experiments import default
 from llm import config as config_lib
-from llm import sample, train
+from llm import runs, train
 from llm.science import flops, probes
 
 FLAGS = flags.FLAGS
@@ -100,7 +100,7 @@ def run(schedule: str, budget: float, workdir: pathlib.Path) -> dict:
     metrics = train.train_and_evaluate(config, str(path))
     train_seconds = time.perf_counter() - start
 
-    model, _ = sample.load_run(str(path))
+    model, _ = runs.load_run(str(path))
     tokenizer, _, eval_data = config_lib.resolve(config).load_data()
     batches = [eval_data.batch(i, config.batch_size) for i in range(config.eval_batches)]
     starts, position_loss = probes.position_losses(

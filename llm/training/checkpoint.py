@@ -221,15 +221,25 @@ def describe_damage(step_dir: pathlib.Path, error: Exception) -> str:
     )
 
 
-def restore_params(workdir: str | pathlib.Path, abstract_params: nnx.State) -> nnx.State:
-    """The parameters of the latest checkpoint in `workdir` (no optimizer state is read)."""
+def restore_params(
+    workdir: str | pathlib.Path, abstract_params: nnx.State, step: int | None = None
+) -> nnx.State:
+    """The parameters of checkpoint `step` (None: the latest) in `workdir`; no optimizer state is
+    read."""
     directory = pathlib.Path(workdir) / "checkpoints"
     manager = make_manager(workdir, async_save=False, create=False) if directory.is_dir() else None
-    step = manager.latest_step() if manager else None
-    if step is None:
+    steps = sorted(manager.all_steps()) if manager else []
+    if not steps:
         raise CheckpointNotFoundError(
             f"no checkpoint in {directory}: train first with "
             f"`python -m llm.train --config=experiments/default.py --workdir={workdir}`."
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointNotFoundError(
+            f"no checkpoint of step {step} in {directory}; its steps are {steps}: pass one of "
+            f"them as {workdir}@STEP, or the directory alone for the latest."
         )
     try:
         restored = manager.restore(

@@ -1,0 +1,42 @@
+"""A training run's files, for the commands that read one (sample, export): its config and its
+model at a checkpoint. A run is named `DIR` (its latest checkpoint) or `DIR@STEP`."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+from flax import nnx
+
+from llm import config as config_lib
+from llm.model.transformer import Transformer
+from llm.training import checkpoint
+
+
+def split_step(run: str) -> tuple[str, int | None]:
+    """ "DIR@STEP" -> (DIR, STEP); "DIR" -> (DIR, None)."""
+    directory, at, step = run.rpartition("@")
+    if not at:
+        return run, None
+    if not step.isdigit():
+        raise ValueError(
+            f"{run!r}: the step after '@' must be a checkpoint step number, e.g. DIR@300."
+        )
+    return directory, int(step)
+
+
+def load_run(run: str) -> tuple[Transformer, ml_collections.ConfigDict]:
+    """The model of a run's checkpoint (`DIR` for the latest, `DIR@STEP`) and the run's config."""
+    workdir, step = split_step(run)
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {workdir} is not a training run; train one with "
+            f"`python -m llm.train --config=experiments/default.py --workdir={workdir}`."
+        )
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    cfg = config_lib.model_config(config)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    nnx.update(model, checkpoint.restore_params(workdir, nnx.state(model), step))  # + MoE biases
+    return model, config
