@@ -275,14 +275,33 @@ def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[st
     return metrics
 
 
+def layer_schedule(cfg) -> str:
+    """Each layer's attention pattern and MLP, runs of equal layers merged: "sliding+moe x3, dense"."""
+    kinds = [
+        p + ("+moe" if cfg.moe.is_moe_layer(i) else "") for i, p in enumerate(cfg.layer_patterns)
+    ]
+    runs: list[list] = []
+    for kind in kinds:
+        if runs and runs[-1][0] == kind:
+            runs[-1][1] += 1
+        else:
+            runs.append([kind, 1])
+    return ", ".join(kind if n == 1 else f"{kind} x{n}" for kind, n in runs)
+
+
 def _print_banner(exp: Experiment, mesh, compile_seconds: float, state, train_step) -> None:
-    """The model's size and FLOPs, the compile time, the devices and the memory per device."""
+    """The model's size, layers and FLOPs, the run's steps, the compile time, the devices and
+    the memory per device."""
     counts = flops.param_counts(exp.model)
     flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
+    flops_per_step = flops_per_token * exp.tokens_per_step
     print(
         f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
         f"non-embedding, {counts['active'] / 1e6:.2f}M active per token); "
-        f"{flops_per_token / 1e6:.1f} MFLOP per trained token; "
+        f"layers: {layer_schedule(exp.model)}\n"
+        f"run: {exp.steps} steps x {exp.tokens_per_step:,} tokens; "
+        f"{flops_per_token / 1e6:.1f} MFLOP per trained token, {flops_per_step:.3g} FLOPs per step, "
+        f"{flops_per_step * exp.steps:.3g} in all\n"
         f"train step compiled in {compile_seconds:.1f} s; {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
         f"mesh {dict(mesh.shape)}\n{format_memory(partitioning.memory_report(state, train_step))}",

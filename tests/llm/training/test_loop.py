@@ -13,8 +13,9 @@ from flax import nnx
 
 from llm import config as config_lib
 from llm import train
+from llm.model.config import ModelConfig, MoEConfig
 from llm.model.transformer import Transformer
-from llm.training import checkpoint
+from llm.training import checkpoint, loop
 from llm.training.metrics import read_metrics
 from llm.training.optimizer import make_optimizer
 from llm.training.state import TrainState
@@ -117,6 +118,7 @@ def test_console_lines_clock_fields_and_a_finished_rerun(tmp_path, tiny_config):
         return done.stdout
 
     first = run()
+    assert "layers: dense\nrun: 4 steps x 256 tokens; " in first  # the start-up summary
     assert "step 2/4: loss " in first and "step 4/4: eval loss " in first
     assert "\r" not in first
     records = read_metrics(tmp_path / "run")
@@ -139,3 +141,12 @@ def test_profile_traces_the_chosen_steps(tmp_path, tiny_config):
     traces = list((tmp_path / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_layer_schedule_marks_sparse_and_moe_layers():
+    cfg = ModelConfig(
+        num_layers=6, attention_pattern="sliding*2,dense",
+        moe=MoEConfig(num_experts=4, first_dense_layers=1, every=1),
+    )  # fmt: skip
+    assert loop.layer_schedule(cfg) == "sliding, sliding+moe, dense+moe, sliding+moe x2, dense+moe"
+    assert loop.layer_schedule(ModelConfig()) == "dense x4"
