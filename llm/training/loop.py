@@ -167,8 +167,8 @@ class Throughput:
     MFU, and the clock: `wall_time` (seconds since the epoch) and `elapsed` (seconds since this
     process started training)."""
 
-    def __init__(self, exp: Experiment):
-        self.flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
+    def __init__(self, exp: Experiment, flops_per_token: float):
+        self.flops_per_token = flops_per_token
         self.peak = flops.peak_flops(jax.devices()[0])
         self.tokens_per_step = exp.tokens_per_step
         self.start = self.tick = time.perf_counter()
@@ -229,7 +229,8 @@ def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[st
         t = time.perf_counter()
         train_step = compile_train_step(exp, setup, put(local_batch(start)))
         eval_step = jax.jit(make_eval_step(setup.graphdef))
-        _print_banner(exp, mesh, time.perf_counter() - t, state, train_step)
+        flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
+        _print_banner(exp, flops_per_token, mesh, time.perf_counter() - t, state, train_step)
         writer = MetricsWriter(path) if jax.process_index() == 0 else None
 
         def save(state, **kwargs):  # never a non-finite state (nonfinite="stop")
@@ -239,7 +240,7 @@ def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[st
 
         metrics: dict[str, float] = {}
         console = Console(exp.steps, start)
-        throughput = Throughput(exp)
+        throughput = Throughput(exp, flops_per_token)
         profile = Profile(path / "profile", exp.profile_start, exp.profile_steps)
         for step in range(start, exp.steps):
             if preemption.should_stop(step):
@@ -289,11 +290,12 @@ def layer_schedule(cfg) -> str:
     return ", ".join(kind if n == 1 else f"{kind} x{n}" for kind, n in runs)
 
 
-def _print_banner(exp: Experiment, mesh, compile_seconds: float, state, train_step) -> None:
+def _print_banner(
+    exp: Experiment, flops_per_token: float, mesh, compile_seconds: float, state, train_step
+) -> None:
     """The model's size, layers and FLOPs, the run's steps, the compile time, the devices and
     the memory per device."""
     counts = flops.param_counts(exp.model)
-    flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
     flops_per_step = flops_per_token * exp.tokens_per_step
     print(
         f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M "
