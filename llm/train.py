@@ -23,7 +23,7 @@ from data import tokenizer as tokenizer_lib
 from llm import config as config_lib
 from llm.errors import ConfigError
 from llm.parallel import distributed, partitioning
-from llm.training import checkpoint, guard, loop
+from llm.training import checkpoint, guard, loop, workdir
 from llm.training.preemption import Preempted, PreemptionWatcher
 
 # Mistakes a user can fix; reported as one message and exit status 2, never a traceback.
@@ -39,6 +39,9 @@ USER_ERRORS = (
     guard.NonFiniteError,
     partitioning.MeshError,
     PermissionError,
+    workdir.WorkdirBusyError,
+    workdir.ResumeChangeError,
+    workdir.WorkdirWriteError,
 )
 
 

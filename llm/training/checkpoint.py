@@ -26,7 +26,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from llm.errors import check, check_positive
-from llm.model.config import shape_differences
 from llm.training import debug
 from llm.training.state import TrainState
 
@@ -67,18 +66,6 @@ class CheckpointConfig:
         )
 
 
-def check_same_model(saved: dict, current: dict) -> None:
-    """Refuses to resume when a shape-determining model field (config.json's "model" dicts)
-    differs, naming each."""
-    differing = shape_differences(saved, current)
-    if differing:
-        changes = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, a, b in differing)
-        raise CheckpointMismatchError(
-            f"this workdir was trained with a different model ({changes}); use a new --workdir, "
-            "or the original model settings to resume."
-        )
-
-
 def make_manager(
     workdir: str | pathlib.Path, *, keep: int = 2, async_save: bool = True, create: bool = True
 ) -> ocp.CheckpointManager:
@@ -94,7 +81,10 @@ def make_manager(
     return ocp.CheckpointManager(
         pathlib.Path(workdir).resolve() / "checkpoints",
         options=options,
-        item_names=("params", "opt_state"),
+        item_handlers={  # so the metadata of a step can be read before anything is restored
+            "params": ocp.StandardCheckpointHandler(),
+            "opt_state": ocp.StandardCheckpointHandler(),
+        },
     )
 
 
@@ -142,6 +132,7 @@ def restore_latest(
     """
     steps = sorted(manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
+        check_restorable(manager, step, abstract_state)
         try:
             return _restore(manager, step, abstract_state)
         except Exception as e:
@@ -161,6 +152,57 @@ def restore_latest(
             multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
             manager.reload()
     return None
+
+
+def _leaves(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """ "a/b/c" path -> (shape, dtype) of each array of a state tree or of orbax's metadata."""
+
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    return {
+        "/".join(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def state_differences(saved: dict, expected: dict) -> list[str]:
+    """What differs between two `_leaves` maps, one line each: missing, extra, reshaped arrays."""
+    lines = [f"{p}: not in the checkpoint" for p in sorted(expected.keys() - saved.keys())]
+    lines += [f"{p}: in the checkpoint only" for p in sorted(saved.keys() - expected.keys())]
+    for p in sorted(expected.keys() & saved.keys()):
+        if saved[p] != expected[p]:
+            (s_shape, s_dtype), (e_shape, e_dtype) = saved[p], expected[p]
+            lines.append(f"{p}: saved {s_dtype}{list(s_shape)}, expected {e_dtype}{list(e_shape)}")
+    return lines
+
+
+def check_restorable(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> None:
+    """CheckpointMismatchError if step `step` holds a train state of another structure, shape or
+    dtype than `abstract_state` (from its metadata, before any array is read). Metadata that
+    cannot be read is left for the restore to report as damage."""
+    try:
+        metadata = manager.item_metadata(step)
+        params, rest = metadata["params"], metadata["opt_state"]
+    except Exception:  # noqa: BLE001  (damaged files: reported by the restore that follows)
+        return
+    if params is None or rest is None:
+        return
+    saved = {**_leaves(params), **_leaves(rest)}
+    expected = {**_leaves(abstract_state.params), **_leaves(_rest(abstract_state))}
+    if not any(p.startswith("guard/") for p in saved):  # saved before llm.training.guard
+        expected = {p: v for p, v in expected.items() if not p.startswith("guard/")}
+    differences = state_differences(saved, expected)
+    if differences:
+        shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {manager.directory} holds a different train state than "
+            f"this config builds ({len(differences)} arrays differ: {shown}); it is intact and "
+            "was left in place"
+        )
 
 
 def _rest(state: TrainState) -> dict:

@@ -21,6 +21,11 @@ from llm.training.checkpoint import CheckpointConfig
 from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
 from llm.training.optimizer import OptimizerConfig
+from llm.training.workdir import RESUME_POLICIES
+
+# A resume that raises `steps`: continue the schedule the run started with (held at its final
+# learning rate after its end), or replan warmup and decay over the new steps.
+RESUME_SCHEDULES = ("original", "stretch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +50,9 @@ class Experiment:
     log_batch_hashes: bool = False  # config.debug.log_batch_hashes
     profile_start: int = -1  # config.profile.start_step: first step traced; -1 = none
     profile_steps: int = 3  # config.profile.steps
+    resume_policy: str = "strict"  # strict | allow_changes (llm.training.workdir)
+    resume_schedule: str = "original"  # original | stretch: the schedule when a resume adds steps
+    schedule_steps: int | None = None  # learning-rate schedule length; None: steps
     config_json: str = "{}"  # the config as given, for WORKDIR/config.json
 
     def __post_init__(self):
@@ -67,7 +75,31 @@ class Experiment:
             "max_seq_len.",
         )
         patterns.validate_fits(self.model, self.seq_len)
-        self.optimizer.check_schedule(self.steps)
+        self.optimizer.check_schedule(self.schedule_length)
+        check(
+            is_int(self.seed) and self.seed >= 0,
+            f"config.seed must be an integer >= 0, got {self.seed!r}.",
+        )
+        check(
+            self.resume_policy in RESUME_POLICIES,
+            f"config.resume_policy must be one of {RESUME_POLICIES}, got {self.resume_policy!r}.",
+        )
+        check(
+            self.resume_schedule in RESUME_SCHEDULES,
+            f"config.resume_schedule must be one of {RESUME_SCHEDULES}, got "
+            f"{self.resume_schedule!r}.",
+        )
+        check(
+            self.model.param_dtype == "float32",
+            f"config.model.param_dtype={self.model.param_dtype}: training keeps float32 "
+            "parameters (AdamW's updates and state need them); set model.dtype=bfloat16 for "
+            "bfloat16 compute with float32 parameters.",
+        )
+        check(
+            self.model.dtype != "float16",
+            "config.model.dtype=float16 needs loss scaling, which this trainer does not have: "
+            "use bfloat16 (same memory, float32's range).",
+        )
         check(self.z_loss >= 0, f"config.z_loss must be >= 0, got {self.z_loss}.")
         check(
             is_int(self.profile_start) and self.profile_start >= -1,
@@ -79,6 +111,11 @@ class Experiment:
             isinstance(self.log_batch_hashes, bool),
             f"config.debug.log_batch_hashes must be True or False, got {self.log_batch_hashes!r}.",
         )
+
+    @property
+    def schedule_length(self) -> int:
+        """Steps of the learning-rate schedule (after them: its final rate)."""
+        return self.schedule_steps or self.steps
 
     @property
     def tokens_per_step(self) -> int:

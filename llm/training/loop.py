@@ -5,11 +5,10 @@ metrics, in named steps (`run` reads top to bottom; each "every N steps, or at t
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import pathlib
 import statistics
-import tempfile
 import time
 from typing import Any, NamedTuple
 
@@ -21,11 +20,13 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from llm.errors import check
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
 from llm.science import flops
 from llm.training import checkpoint, debug, guard
+from llm.training import workdir as workdir_lib
 from llm.training.console import Console
 from llm.training.experiment import Experiment
 from llm.training.metrics import MetricsWriter, read_metrics
@@ -33,27 +34,6 @@ from llm.training.optimizer import make_optimizer
 from llm.training.preemption import Preempted, PreemptionWatcher
 from llm.training.state import Batch, TrainState
 from llm.training.step import make_eval_step, make_train_step
-
-
-def prepare_workdir(workdir: str, exp: Experiment) -> pathlib.Path:
-    """Creates `workdir`, refuses to resume with a different model, and writes config.json."""
-    path = pathlib.Path(workdir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=path).close()  # unique per process: hosts may share path
-    except OSError as e:
-        raise PermissionError(
-            f"workdir {workdir} is not writable ({e.strerror}): pass a --workdir you can write to."
-        ) from None
-    saved = path / "config.json"
-    if saved.exists():
-        current = json.loads(exp.config_json)["model"]
-        checkpoint.check_same_model(json.loads(saved.read_text())["model"], current)
-    if jax.process_index() == 0:  # atomically: other hosts may be reading it
-        with tempfile.NamedTemporaryFile("w", dir=path, delete=False) as f:
-            f.write(exp.config_json)
-        os.replace(f.name, saved)
-    return path
 
 
 class Setup(NamedTuple):
@@ -74,7 +54,7 @@ def setup_state(
 
     Call under `jax.set_mesh(mesh)` and `partitioning.axis_rules(exp.mesh.rules)`.
     """
-    tx, schedule = make_optimizer(exp.optimizer, exp.steps)
+    tx, schedule = make_optimizer(exp.optimizer, exp.schedule_length)
     graphdef = None
 
     def init_state() -> TrainState:
@@ -195,20 +175,69 @@ class Throughput:
 def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[str, float]:
     """Trains `exp` in `workdir` (resuming if it has a checkpoint); returns the last metrics.
 
-    Raises `Preempted` once a signalled run has saved and committed.
+    Holds the workdir's lock throughout. Raises `Preempted` once a signalled run has saved and
+    committed.
     """
-    path = prepare_workdir(workdir, exp)
+    path = workdir_lib.create(workdir)
+    with workdir_lib.lock(path):
+        return _run_locked(exp, path, preemption)
+
+
+def _resumed(exp: Experiment, path: pathlib.Path) -> tuple[Experiment, list]:
+    """`exp` as it resumes the run in `path`: the changes from the run's config (refused by the
+    resume policy, see llm.training.workdir) and, under resume_schedule="original", the
+    learning-rate schedule the run has trained with."""
+    recorded = workdir_lib.read_config(path)
+    if recorded is None:
+        return exp, []
+    changed = workdir_lib.check_resume(recorded, json.loads(exp.config_json), exp.resume_policy)
+    history = workdir_lib.read_history(path)
+    if exp.resume_schedule == "original" and history and "schedule" in history[-1]:
+        last = history[-1]["schedule"]  # the schedule the run has trained with
+        exp = dataclasses.replace(
+            exp,
+            schedule_steps=last["steps"],
+            optimizer=dataclasses.replace(exp.optimizer, warmup_steps=last["warmup_steps"]),
+        )
+    return exp, changed
+
+
+def _run_locked(
+    exp: Experiment, path: pathlib.Path, preemption: PreemptionWatcher
+) -> dict[str, float]:
+    exp, changed = _resumed(exp, path)
     mesh = partitioning.make_mesh(dict(exp.mesh.sizes))
     exp.check_fits(mesh)
     tokenizer, train_data, eval_data = exp.load_data()
     with jax.set_mesh(mesh), partitioning.axis_rules(exp.mesh.rules):
         data_sharding = partitioning.batch_sharding(mesh, exp.mesh.rules)
         manager = checkpoint.make_manager(path, keep=exp.checkpoint.keep)
-        setup = setup_state(exp, mesh, manager)
+        try:
+            setup = setup_state(exp, mesh, manager)
+        except checkpoint.CheckpointMismatchError as e:
+            if changed:
+                raise checkpoint.CheckpointMismatchError(
+                    f"{e}; changed since the run's config.json: "
+                    f"{workdir_lib.format_changes(changed)}: resume with the recorded values, or "
+                    "pass a new --workdir."
+                ) from None
+            raise
         state = setup.state
         start = int(state.step)
-        if start >= exp.steps:  # nothing to compile or train
+        check(
+            start <= exp.steps,
+            f"config.steps={exp.steps} is below this workdir's checkpoint (step {start}): pass "
+            f"--config.steps={start} or more to continue it, or a new --workdir.",
+        )
+        if start == exp.steps:  # nothing to compile or train
             return _finished(path, start, exp.steps)
+        workdir_lib.record_start(
+            path,
+            exp.config_json,
+            start,
+            changed,
+            {"steps": exp.schedule_length, "warmup_steps": exp.optimizer.warmup_steps},
+        )
         logging.info("Starting at step %d of %d.", start, exp.steps)
 
         def put(batch):
@@ -253,10 +282,11 @@ def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[st
             console.step()
             done = step + 1
             profile.after(done, state)
-            if _due(done, exp.log_every, exp.steps):
+            evaluate_now = _due(done, exp.eval_every, exp.steps)  # on its own schedule
+            if evaluate_now or _due(done, exp.log_every, exp.steps):
                 metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 metrics.update(throughput.measure())
-                if _due(done, exp.eval_every, exp.steps):
+                if evaluate_now:
                     metrics.update(evaluate(eval_step, state.params, eval_data, exp, put))
                 if writer:
                     writer.write(done, metrics)

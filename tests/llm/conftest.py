@@ -24,8 +24,15 @@ def data_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture
-def tiny_config(text_dir, data_dir):
-    """The default experiment shrunk to a 2-layer, 64-wide model on the tiny corpus."""
+def tiny_config(tiny_config_shared):
+    """The default experiment shrunk to a 2-layer, 64-wide model on the tiny corpus (a copy each
+    test may change)."""
+    return tiny_config_shared.copy_and_resolve_references()
+
+
+@pytest.fixture(scope="session")
+def tiny_config_shared(text_dir, data_dir):
+    """`tiny_config` for session- and module-scoped fixtures (do not modify it)."""
     return config_lib.with_overrides(
         default.get_config(),
         {

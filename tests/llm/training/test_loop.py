@@ -91,13 +91,6 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_config, monkeyp
         assert record["loss"] == expected[record["step"]]  # bit-identical on CPU
 
 
-def test_resuming_with_a_different_model_is_refused(tmp_path, tiny_config):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
-    wider = config_lib.with_overrides(tiny_config, {"model.embed_dim": 96})
-    with pytest.raises(checkpoint.CheckpointMismatchError, match="model.embed_dim: 64 -> 96"):
-        train.train_and_evaluate(wider, str(tmp_path))
-
-
 def test_console_lines_clock_fields_and_a_finished_rerun(tmp_path, tiny_config):
     """Without a terminal the run prints a line per log and per evaluation; metrics.jsonl gets
     wall_time, elapsed and a running median of tokens/s; a rerun of the finished run says so and
