@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 from data.tokenizer import SHIPPED_MODEL, Tokenizer
 from llm import config as config_lib
-from llm.model.decode import generate
+from llm.model.decode import check_sampling, generate
 from llm.runs import load_run
 
 FLAGS = flags.FLAGS
@@ -30,6 +30,9 @@ def main(argv: list[str]) -> None:
         sys.exit("error: --workdir is required: the --workdir of a `python -m llm.train` run.")
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
     try:
+        check_sampling(
+            FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.greedy
+        )
         model, config = load_run(FLAGS.workdir)
         tokenizer = Tokenizer(config.data.tokenizer or SHIPPED_MODEL)
         prompt = [tokenizer.bos_id] + tokenizer.encode(FLAGS.prompt)

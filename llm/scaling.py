@@ -51,7 +51,9 @@ def summary(result: dict, flops: float) -> str:
             f"{name} ({meaning}): a = {_value(fit['a'])}, b = {_value(fit['b'])}; "
             f"N* = {n_opt:.3g}, D* = {d_opt:.3g}{law}"
         )
-    if "holdout" in result:
+    if "holdout" in result and "skipped" in result["holdout"]:
+        lines.append(f"holdout: {result['holdout']['skipped']}")
+    elif "holdout" in result:
         h = result["holdout"]
         lines.append(
             f"holdout (budget {h['budget']:.3g} predicted from the others): RMSE of log loss "
@@ -89,7 +91,9 @@ def main(argv: list[str]) -> None:
     out = pathlib.Path(f.out) if f.out else pathlib.Path(f.runs).parent
     out.mkdir(parents=True, exist_ok=True)
     final = scaling.final_rows(table)
-    if f.out:
+    if f.out and "skipped" in result["approach3"]:
+        print("no plots: they show approach 3's fit, which was skipped")
+    elif f.out:
         from llm.science import plots  # matplotlib only when plotting
 
         predicted = scaling.predict_loss(result["approach3"], final[f.n_column], final["tokens"])

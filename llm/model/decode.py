@@ -8,6 +8,7 @@ compiled once per shape and sampling setting.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,24 @@ def _generate(
     return jnp.concatenate([prompt, new.T], axis=1)
 
 
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, greedy: bool
+) -> None:
+    """ValueError naming the first sampling setting that would give a wrong or empty result."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if greedy:
+        return
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"temperature must be a finite number > 0, got {temperature}; use greedy for argmax."
+        )
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: all tokens), got {top_k}.")
+    if not 0 < top_p <= 1:  # also refuses nan
+        raise ValueError(f"top_p must be in (0, 1] (1: all tokens), got {top_p}.")
+
+
 def generate(
     model: Transformer,
     prompt_tokens: jax.Array,
@@ -125,8 +144,7 @@ def generate(
             f"prompt ({prompt_tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} "
             f"exceeds the model's max_seq_len={model.cfg.max_seq_len}."
         )
-    if not greedy and temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}; use greedy=True for argmax.")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, greedy)
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef,

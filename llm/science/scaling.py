@@ -56,7 +56,26 @@ def read_runs(path: str | pathlib.Path) -> Table:
             table[key] = np.array([float(v) for v in values])
         except ValueError:
             table[key] = np.array(values)
+    for key in REQUIRED_COLUMNS:  # rows are lines 2, 3, ... of the file
+        column = table[key]
+        if column.dtype.kind != "f":
+            row = next(i for i, v in enumerate(column) if not _is_number(v))
+            raise ValueError(f"{path}: column {key!r} has a non-number on line {row + 2}.")
+        bad = np.flatnonzero(~np.isfinite(column) | (column <= 0))
+        if bad.size:
+            raise ValueError(
+                f"{path}: column {key!r} must be finite and > 0; line {bad[0] + 2} has "
+                f"{column[bad[0]]} ({bad.size} such rows)."
+            )
     return table
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def select(table: Table, mask: np.ndarray) -> Table:
@@ -283,7 +302,14 @@ def predict_loss(fit: dict, n: np.ndarray, d: np.ndarray) -> np.ndarray:
 def approach3(
     final: Table, n_column: str = "params", bootstrap: int = 200, seed: int = 0, starts: int = 16
 ) -> dict:
-    """Parametric fit with bootstrap (runs resampled with replacement) 95% percentile intervals."""
+    """Parametric fit with bootstrap (runs resampled with replacement) 95% percentile intervals;
+    skipped (saying why) when the runs cannot determine the law's five parameters."""
+    sizes, lengths = (len(np.unique(final[k])) for k in (n_column, "tokens"))
+    if len(final["loss"]) < 5 or sizes < 2 or lengths < 2:
+        return {
+            "skipped": f"{len(final['loss'])} runs with {sizes} model sizes and {lengths} token "
+            "counts; L(N, D) needs at least 5 runs, 2 sizes and 2 token counts"
+        }
     log_n, log_d, log_loss = (np.log(final[k]) for k in (n_column, "tokens", "loss"))
     theta = fit_parametric(log_n, log_d, log_loss, starts)
     rng = np.random.default_rng(seed)
@@ -319,6 +345,8 @@ def holdout(table: Table, n_column: str = "params", **kwargs) -> dict:
     final = final_rows(table)
     c = budgets(final)
     top = c.max()
+    if len(np.unique(c)) < 3:
+        return {"skipped": f"{len(np.unique(c))} budgets; predicting one needs at least 3"}
     train = select(final, c < top)
     test = select(final, c == top)
     fit2, fit3 = approach2(train, n_column), approach3(train, n_column, **kwargs)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from llm.model.config import ModelConfig
-from llm.model.decode import generate, top_k_filter, top_p_filter
+from llm.model.decode import check_sampling, generate, top_k_filter, top_p_filter
 from llm.model.transformer import Transformer
 
 PROMPT, NEW = 5, 8
@@ -108,3 +108,23 @@ def test_top_k_filter():
 def test_too_long_is_an_error():
     with pytest.raises(ValueError, match="max_seq_len=32"):
         generate(tiny_model(), prompt(), max_new_tokens=40, rng=jax.random.key(0))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"max_new_tokens": -5}, "max_new_tokens must be >= 1, got -5"),
+        ({"temperature": float("nan")}, "temperature must be a finite number > 0, got nan"),
+        ({"temperature": -1.0}, "temperature must be a finite number > 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+    ],
+)
+def test_sampling_settings_that_would_give_nothing_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        generate(tiny_model(), prompt(), rng=jax.random.key(0), **{"max_new_tokens": 4, **settings})
+
+
+def test_greedy_ignores_the_sampling_settings():
+    check_sampling(4, temperature=float("nan"), top_k=-1, top_p=0.0, greedy=True)

@@ -195,3 +195,35 @@ def test_sweep_plans_resumes_and_collects(tmp_path):
         c.startswith("python -m llm.train --config=") for c in commands
     )
     assert f"--config.steps={runs[0].steps}" in commands[0]
+
+
+def _write(path, table):
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(table))
+        writer.writerows(zip(*table.values()))
+    return path
+
+
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("loss", float("nan"), "column 'loss' must be finite and > 0; line 4 has nan"),
+        ("params", -5.0, "column 'params' must be finite and > 0; line 4 has -5.0"),
+        ("tokens", 0.0, "column 'tokens' must be finite and > 0; line 4 has 0.0"),
+        ("flops", "many", "column 'flops' has a non-number on line 4"),
+    ],
+)
+def test_runs_that_cannot_be_fitted_are_refused(tmp_path, column, value, message):
+    table = {k: list(v) for k, v in isoflop_table(noise=0.0).items()}
+    table[column][2] = value
+    with pytest.raises(ValueError, match=message):
+        scaling.read_runs(_write(tmp_path / "runs.csv", table))
+
+
+def test_too_few_runs_skip_the_parametric_fit_and_the_holdout():
+    full = isoflop_table(noise=0.0)
+    table = scaling.select(full, np.arange(len(full["loss"])) < 3)  # one budget's first 3 runs
+    final = scaling.final_rows(table)
+    assert "at least 5 runs" in scaling.approach3(final)["skipped"]
+    assert "at least 3" in scaling.holdout(table)["skipped"]
