@@ -8,6 +8,7 @@ ones; `Experiment` checks them and the rules that span parts.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 
@@ -16,6 +17,7 @@ from llm.model import patterns
 from llm.model.config import ModelConfig
 from llm.parallel import context, partitioning
 from llm.parallel.partitioning import MeshConfig
+from llm.science import flops
 from llm.training import inputs
 from llm.training.checkpoint import CheckpointConfig
 from llm.training.guard import GuardConfig
@@ -152,9 +154,41 @@ class Experiment:
         rules = self.mesh.rules
         partitioning.check_sharding(self.sharded_dims(), mesh, rules)
         context.validate(self.model, self.seq_len, mesh, rules)
+        self.check_memory(mesh)
         processes = jax.process_count()
         check(
             self.batch_size % processes == 0,
             f"config.batch_size={self.batch_size} does not split over {processes} processes: "
             f"use a multiple of {processes}.",
+        )
+
+    def memory_estimate(self, mesh: jax.sharding.Mesh) -> int:
+        """A lower bound of a device's training memory in bytes: float32 parameters, gradients and
+        AdamW's two moments (16 bytes a parameter, split over fsdp x tensor) and the float32
+        logits with their gradient (split over the batch axes and tensor)."""
+        shape = dict(mesh.shape)
+        param_split = shape.get("fsdp", 1) * shape.get("tensor", 1)
+        batch_split = shape.get("data", 1) * shape.get("fsdp", 1) * shape.get("expert", 1)
+        tokens = self.tokens_per_step / self.grad_accum_steps / batch_split
+        logits = 2 * 4 * tokens * self.model.vocab_size / shape.get("tensor", 1)
+        return int(16 * flops.param_counts(self.model)["total"] / param_split + logits)
+
+    def check_memory(self, mesh: jax.sharding.Mesh) -> None:
+        """ConfigError when `memory_estimate` exceeds the memory there is: a device's own (GPU,
+        TPU), or this host's RAM shared by its CPU devices."""
+        need = self.memory_estimate(mesh)
+        device = jax.local_devices()[0]
+        if device.platform == "cpu":
+            need *= jax.local_device_count()
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            where = f"this host's {have / 2**30:.1f} GiB of RAM"
+        else:
+            have = (device.memory_stats() or {}).get("bytes_limit", 0)
+            where = f"a {device.device_kind}'s {have / 2**30:.1f} GiB"
+        check(
+            not have or need <= have,
+            f"this experiment needs at least {need / 2**30:.1f} GiB (parameters, gradients, AdamW "
+            f"state and logits: model.vocab_size={self.model.vocab_size}, "
+            f"{flops.param_counts(self.model)['total'] / 1e9:.2f}B parameters), more than "
+            f"{where}: shrink the model or batch, or shard it over more devices (mesh.fsdp).",
         )

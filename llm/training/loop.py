@@ -178,9 +178,11 @@ def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[st
     Holds the workdir's lock throughout. Raises `Preempted` once a signalled run has saved and
     committed.
     """
+    mesh = partitioning.make_mesh(dict(exp.mesh.sizes))
+    exp.check_fits(mesh)  # before the workdir is touched
     path = workdir_lib.create(workdir)
     with workdir_lib.lock(path):
-        return _run_locked(exp, path, preemption)
+        return _run_locked(exp, mesh, path, preemption)
 
 
 def _resumed(exp: Experiment, path: pathlib.Path) -> tuple[Experiment, list]:
@@ -203,11 +205,9 @@ def _resumed(exp: Experiment, path: pathlib.Path) -> tuple[Experiment, list]:
 
 
 def _run_locked(
-    exp: Experiment, path: pathlib.Path, preemption: PreemptionWatcher
+    exp: Experiment, mesh: jax.sharding.Mesh, path: pathlib.Path, preemption: PreemptionWatcher
 ) -> dict[str, float]:
     exp, changed = _resumed(exp, path)
-    mesh = partitioning.make_mesh(dict(exp.mesh.sizes))
-    exp.check_fits(mesh)
     tokenizer, train_data, eval_data = exp.load_data()
     with jax.set_mesh(mesh), partitioning.axis_rules(exp.mesh.rules):
         data_sharding = partitioning.batch_sharding(mesh, exp.mesh.rules)

@@ -136,6 +136,7 @@ def test_config_and_data_mistakes(tmp_path, tiny_config, fields, error, message)
         ({"model.dtype": "float16"}, "config.model.dtype=float16 needs loss scaling"),
         ({"model.param_dtype": "bfloat16"}, "training keeps float32 parameters"),
         ({"seed": -1}, "config.seed must be an integer >= 0, got -1"),
+        ({"model.vocab_size": 50_000_000}, "needs at least .* GiB .* more than this host's"),
         ({"resume_policy": "yolo"}, "config.resume_policy must be one of"),
         ({"resume_schedule": "rewind"}, "config.resume_schedule must be one of"),
         ({"model.param_dtype": "int8"}, "config.model.param_dtype='int8' is not one of"),
