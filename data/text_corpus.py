@@ -20,6 +20,11 @@ import tensorflow_datasets as tfds
 
 SHIPPED_CORPUS = pathlib.Path(__file__).resolve().parent / "corpus" / "pydoc"
 VALIDATION_FRACTION = 0.05
+MAX_UNDECODABLE = 0.01  # a corpus with more of its characters not UTF-8 is refused
+
+
+class CorpusNotTextError(ValueError):
+    """The corpus files are mostly not UTF-8 text (binary files, another encoding)."""
 
 
 class CorpusNotFoundError(FileNotFoundError):
@@ -63,6 +68,24 @@ def list_files(directory: str | os.PathLike, pattern: str = "**/*.txt") -> list[
     return files
 
 
+def check_text(files: list[pathlib.Path]) -> None:
+    """CorpusNotTextError if more than MAX_UNDECODABLE of the characters are not UTF-8."""
+    bad = total = 0
+    worst, worst_fraction = None, 0.0
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        count = text.count("\ufffd")
+        bad, total = bad + count, total + len(text)
+        if text and count / len(text) > worst_fraction:
+            worst, worst_fraction = path, count / len(text)
+    if total and bad / total > MAX_UNDECODABLE:
+        raise CorpusNotTextError(
+            f"{bad / total:.1%} of the corpus's characters are not UTF-8 text (worst: {worst}, "
+            f"{worst_fraction:.0%}): point data.text_dir at UTF-8 text files (binary files or "
+            "another encoding would train on noise)."
+        )
+
+
 def split_files(relpaths: list[str]) -> dict[str, list[str]]:
     """The files with the lowest path hashes (5%, at least 1) are validation, the rest train."""
     if len(relpaths) < 2:
@@ -101,6 +124,7 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # Local files only: nothing to download.
         root = pathlib.Path(self.builder_config.directory)
         files = list_files(root, self.builder_config.pattern)
+        check_text(files)
         splits = split_files([p.relative_to(root).as_posix() for p in files])
         return {name: self._generate_examples(root, paths) for name, paths in splits.items()}
 

@@ -30,6 +30,7 @@ from llm.training.preemption import Preempted, PreemptionWatcher
 USER_ERRORS = (
     ConfigError,
     text_corpus.CorpusNotFoundError,
+    text_corpus.CorpusNotTextError,
     tokenizer_lib.TokenizerNotFoundError,
     tokenizer_lib.TokenizerLoadError,
     pipeline.DataError,
@@ -71,6 +72,13 @@ def main(argv: list[str]) -> None:
     except Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(e.exit_status)
+    except KeyboardInterrupt:
+        print(
+            "interrupted twice: stopped without saving; rerun the same command to resume from "
+            "the last committed checkpoint.",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     if "eval_loss" in metrics:
         mfu = (
             f"{metrics['mfu']:.1%}" if "mfu" in metrics else "n/a (no peak FLOP/s for this device)"

@@ -1,7 +1,8 @@
 """Preemption: on SIGTERM or SIGINT, finish the current step, save, wait for the commit, exit.
 
 The handler only records the signal, so a signal during compilation, evaluation or a step is
-acted on at the next step boundary. With several processes, every host must stop at the same
+acted on at the next step boundary; a second SIGINT (Ctrl-C twice) stops at once without saving,
+as soon as Python runs again (a compilation in progress finishes first). With several processes, every host must stop at the same
 step: `jax.experimental.multihost_utils.reached_preemption_sync_point` (fed by JAX's preemption
 notifier) decides that instead of the local flag.
 """
@@ -25,6 +26,8 @@ class PreemptionWatcher:
         self._previous = {s: signal.signal(s, self._record) for s in SIGNALS}
 
     def _record(self, signum: int, frame: types.FrameType | None) -> None:
+        if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
         self.signal = signum
 
     def should_stop(self, step: int) -> bool:

@@ -69,3 +69,16 @@ def test_shipped_corpus_loads(shipped_tfds_dir):
     builder = tfds.builder("text_corpus", data_dir=str(shipped_tfds_dir))
     files = list(pathlib.Path(text_corpus.SHIPPED_CORPUS).glob("**/*.txt"))
     assert builder.info.splits.total_num_examples == len(files)
+
+
+def test_a_corpus_that_is_not_text_is_refused(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text("plain text\n" * 50)
+    (corpus / "random.txt").write_bytes(bytes(range(128, 256)) * 40)  # not UTF-8
+    config = text_corpus.config_for_directory(corpus)
+    with pytest.raises(text_corpus.CorpusNotTextError, match=r"not UTF-8 text \(worst: .*random"):
+        tfds.builder(
+            "text_corpus", config=config, data_dir=str(tmp_path / "tfds")
+        ).download_and_prepare()

@@ -6,7 +6,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from llm.training.metrics import read_metrics
+from llm.training.preemption import PreemptionWatcher
 
 
 def test_sigterm_saves_and_the_rerun_resumes(tmp_path, tiny_config):
@@ -64,3 +67,11 @@ def test_sigterm_saves_and_the_rerun_resumes(tmp_path, tiny_config):
     assert resumed.returncode == 0, resumed.stderr
     steps = [r["step"] for r in read_metrics(workdir)]
     assert steps[-2:] == [last_logged + 1, last_logged + 2]
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    with PreemptionWatcher() as watcher:
+        signal.raise_signal(signal.SIGINT)
+        assert watcher.signal == signal.SIGINT  # recorded, acted on at the next step boundary
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
