@@ -143,3 +143,17 @@ def test_layer_schedule_marks_sparse_and_moe_layers():
     )  # fmt: skip
     assert loop.layer_schedule(cfg) == "sliding, sliding+moe, dense+moe, sliding+moe x2, dense+moe"
     assert loop.layer_schedule(ModelConfig()) == "dense x4"
+
+
+def test_bfloat16_compute_trains_float32_parameters(tmp_path, tiny_config):
+    """The supported mixed precision: bfloat16 matmuls, float32 parameters and AdamW state."""
+    config = config_lib.with_overrides(
+        tiny_config, {"model.dtype": "bfloat16", "steps": 3, "eval_every": 0}
+    )
+    train.train_and_evaluate(config, str(tmp_path))
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    exp = config_lib.resolve(config)
+    model = nnx.eval_shape(lambda: Transformer(exp.model, rngs=nnx.Rngs(0)))
+    params = checkpoint.restore_params(tmp_path, nnx.state(model))
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
