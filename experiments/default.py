@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2  # the last N checkpoints kept
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.fallback_to_previous = False  # restore the previous step if the latest is corrupt
+    c.init_from = ""  # "" | workdir:DIR[@STEP] | hf:DIR: start from these weights, fresh optimizer
     c.resume_policy = "strict"  # strict | allow_changes: a resume changing what is trained
     c.resume_schedule = "original"  # original | stretch: learning rates when a resume adds steps
     c.nonfinite = "stop"  # stop | skip: a step with a non-finite loss, gradient or parameter

@@ -222,6 +222,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
         log_batch_hashes=c["debug"]["log_batch_hashes"],
         profile_start=c["profile"]["start_step"],
         profile_steps=c["profile"]["steps"],
+        init_from=c["init_from"],
         resume_policy=c["resume_policy"],
         resume_schedule=c["resume_schedule"],
         config_json=config.to_json_best_effort(indent=2),

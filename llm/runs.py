@@ -14,21 +14,9 @@ from llm.model.transformer import Transformer
 from llm.training import checkpoint
 
 
-def split_step(run: str) -> tuple[str, int | None]:
-    """ "DIR@STEP" -> (DIR, STEP); "DIR" -> (DIR, None)."""
-    directory, at, step = run.rpartition("@")
-    if not at:
-        return run, None
-    if not step.isdigit():
-        raise ValueError(
-            f"{run!r}: the step after '@' must be a checkpoint step number, e.g. DIR@300."
-        )
-    return directory, int(step)
-
-
 def load_run(run: str) -> tuple[Transformer, ml_collections.ConfigDict]:
     """The model of a run's checkpoint (`DIR` for the latest, `DIR@STEP`) and the run's config."""
-    workdir, step = split_step(run)
+    workdir, step = checkpoint.split_step(run)
     path = pathlib.Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(

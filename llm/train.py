@@ -35,6 +35,7 @@ USER_ERRORS = (
     tokenizer_lib.TokenizerLoadError,
     pipeline.DataError,
     checkpoint.CheckpointMismatchError,
+    checkpoint.CheckpointNotFoundError,
     checkpoint.CheckpointCorruptError,
     checkpoint.CheckpointSaveError,
     guard.NonFiniteError,

@@ -154,7 +154,7 @@ def restore_latest(
     return None
 
 
-def _leaves(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+def leaves(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     """ "a/b/c" path -> (shape, dtype) of each array of a state tree or of orbax's metadata."""
 
     def name(key) -> str:
@@ -170,7 +170,7 @@ def _leaves(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def state_differences(saved: dict, expected: dict) -> list[str]:
-    """What differs between two `_leaves` maps, one line each: missing, extra, reshaped arrays."""
+    """What differs between two `leaves` maps, one line each: missing, extra, reshaped arrays."""
     lines = [f"{p}: not in the checkpoint" for p in sorted(expected.keys() - saved.keys())]
     lines += [f"{p}: in the checkpoint only" for p in sorted(saved.keys() - expected.keys())]
     for p in sorted(expected.keys() & saved.keys()):
@@ -184,22 +184,33 @@ def check_restorable(manager: ocp.CheckpointManager, step: int, abstract_state: 
     """CheckpointMismatchError if step `step` holds a train state of another structure, shape or
     dtype than `abstract_state` (from its metadata, before any array is read). Metadata that
     cannot be read is left for the restore to report as damage."""
-    try:
-        metadata = manager.item_metadata(step)
-        params, rest = metadata["params"], metadata["opt_state"]
-    except Exception:  # noqa: BLE001  (damaged files: reported by the restore that follows)
+    saved = _saved_leaves(manager, step, ("params", "opt_state"))
+    if saved is None:
         return
-    if params is None or rest is None:
-        return
-    saved = {**_leaves(params), **_leaves(rest)}
-    expected = {**_leaves(abstract_state.params), **_leaves(_rest(abstract_state))}
+    expected = {**leaves(abstract_state.params), **leaves(_rest(abstract_state))}
     if not any(p.startswith("guard/") for p in saved):  # saved before llm.training.guard
         expected = {p: v for p, v in expected.items() if not p.startswith("guard/")}
+    _raise_if_different(manager, step, saved, expected, "train state")
+
+
+def _saved_leaves(manager: ocp.CheckpointManager, step: int, items: tuple[str, ...]):
+    """`leaves` of the saved items of step `step` (from metadata); None if it cannot be read."""
+    try:
+        metadata = manager.item_metadata(step)
+        trees = [metadata[item] for item in items]
+    except Exception:  # noqa: BLE001  (damaged files: reported by the restore that follows)
+        return None
+    if any(tree is None for tree in trees):
+        return None
+    return {path: leaf for tree in trees for path, leaf in leaves(tree).items()}
+
+
+def _raise_if_different(manager, step: int, saved: dict, expected: dict, what: str) -> None:
     differences = state_differences(saved, expected)
     if differences:
         shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
         raise CheckpointMismatchError(
-            f"checkpoint step {step} in {manager.directory} holds a different train state than "
+            f"checkpoint step {step} in {manager.directory} holds a different {what} than "
             f"this config builds ({len(differences)} arrays differ: {shown}); it is intact and "
             "was left in place"
         )
@@ -263,6 +274,18 @@ def describe_damage(step_dir: pathlib.Path, error: Exception) -> str:
     )
 
 
+def split_step(run: str) -> tuple[str, int | None]:
+    """ "DIR@STEP" -> (DIR, STEP); "DIR" -> (DIR, None)."""
+    directory, at, step = run.rpartition("@")
+    if not at:
+        return run, None
+    if not step.isdigit():
+        raise ValueError(
+            f"{run!r}: the step after '@' must be a checkpoint step number, e.g. DIR@300."
+        )
+    return directory, int(step)
+
+
 def restore_params(
     workdir: str | pathlib.Path, abstract_params: nnx.State, step: int | None = None
 ) -> nnx.State:
@@ -283,6 +306,9 @@ def restore_params(
             f"no checkpoint of step {step} in {directory}; its steps are {steps}: pass one of "
             f"them as {workdir}@STEP, or the directory alone for the latest."
         )
+    saved = _saved_leaves(manager, step, ("params",))
+    if saved is not None:
+        _raise_if_different(manager, step, saved, leaves(abstract_params), "model")
     try:
         restored = manager.restore(
             step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))

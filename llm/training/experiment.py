@@ -18,7 +18,7 @@ from llm.model.config import ModelConfig
 from llm.parallel import context, partitioning
 from llm.parallel.partitioning import MeshConfig
 from llm.science import flops
-from llm.training import inputs
+from llm.training import init_from, inputs
 from llm.training.checkpoint import CheckpointConfig
 from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
@@ -52,6 +52,7 @@ class Experiment:
     log_batch_hashes: bool = False  # config.debug.log_batch_hashes
     profile_start: int = -1  # config.profile.start_step: first step traced; -1 = none
     profile_steps: int = 3  # config.profile.steps
+    init_from: str = ""  # "" | workdir:DIR[@STEP] | hf:DIR: a fresh start's weights (init_from.py)
     resume_policy: str = "strict"  # strict | allow_changes (llm.training.workdir)
     resume_schedule: str = "original"  # original | stretch: the schedule when a resume adds steps
     schedule_steps: int | None = None  # learning-rate schedule length; None: steps
@@ -78,6 +79,8 @@ class Experiment:
         )
         patterns.validate_fits(self.model, self.seq_len)
         self.optimizer.check_schedule(self.schedule_length)
+        if self.init_from:
+            init_from.parse(self.init_from)
         check(
             is_int(self.seed) and self.seed >= 0,
             f"config.seed must be an integer >= 0, got {self.seed!r}.",

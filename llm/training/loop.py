@@ -25,7 +25,7 @@ from llm.model.decode import generate
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
 from llm.science import flops
-from llm.training import checkpoint, debug, guard
+from llm.training import checkpoint, debug, guard, init_from
 from llm.training import workdir as workdir_lib
 from llm.training.console import Console
 from llm.training.experiment import Experiment
@@ -81,6 +81,9 @@ def setup_state(
         state = state.replace(guard=jax.device_put(guard.init_guard(exp.guard), shardings.guard))
     if state is None:
         state = jax.jit(init_state, out_shardings=shardings)()
+        if exp.init_from:  # a fresh start from other weights; the optimizer state stays fresh
+            abstract_params = partitioning.with_shardings(abstract.params, shardings.params)
+            state = state.replace(params=init_from.load_params(exp.init_from, abstract_params))
     return Setup(state, shardings, graphdef, tx, schedule)
 
 
@@ -208,6 +211,8 @@ def _run_locked(
     exp: Experiment, mesh: jax.sharding.Mesh, path: pathlib.Path, preemption: PreemptionWatcher
 ) -> dict[str, float]:
     exp, changed = _resumed(exp, path)
+    if exp.init_from and not any((path / "checkpoints").glob("[0-9]*")):  # a fresh start
+        init_from.check_source(exp.init_from)
     tokenizer, train_data, eval_data = exp.load_data()
     with jax.set_mesh(mesh), partitioning.axis_rules(exp.mesh.rules):
         data_sharding = partitioning.batch_sharding(mesh, exp.mesh.rules)
