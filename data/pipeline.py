@@ -127,6 +127,9 @@ def _save_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
         np.savez(f, **arrays)
+    umask = os.umask(0)  # a cache others may share: the umask's permissions, not 0600
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)
     os.replace(f.name, path)
 
 
