@@ -53,8 +53,8 @@ def linear_cross_entropy(
     *,
     z_loss: float = 0.0,
     implementation: str = "chunked",
-    vocab_chunk: int = 8192,
-    seq_block: int = 512,
+    vocab_chunk: int = 4096,
+    seq_block: int = 256,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed weighted loss (cross-entropy + z_loss·lse²) and summed weighted cross-entropy of
     logits = hidden [B, L, D] @ unembed [D, V] (float32 accumulation); targets int[B, L],

@@ -111,7 +111,9 @@ def _bwd(vocab_chunk, seq_block, residuals, cotangents):
     def block(grads, s, t):
         d_hidden, d_unembed = grads
         h, y = _slice(hidden, s, t, 1), _slice(targets, s, t, 1)  # [B, T, D], [B, T]
-        block_lse, block_d_lse, block_d_target = (_slice(x, s, t, 1) for x in (lse, d_lse, d_target))
+        block_lse, block_d_lse, block_d_target = (
+            _slice(x, s, t, 1) for x in (lse, d_lse, d_target)
+        )
         h2 = h.reshape(batch * t, dim)
 
         def chunk(acc, c, n):

@@ -21,6 +21,7 @@ from llm.training.checkpoint import CheckpointConfig
 from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
 from llm.training.optimizer import OptimizerConfig
+from llm.training.step import LossConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Experiment:
     mesh: MeshConfig
     checkpoint: CheckpointConfig
     guard: GuardConfig
+    loss: LossConfig = LossConfig()
     seed: int = 0
     steps: int = 300
     batch_size: int = 16  # global batch, in sequences
