@@ -34,7 +34,7 @@ class Block(nnx.Module):
     def __init__(
         self, cfg: ModelConfig, layer: int | None = None, *, rngs: nnx.Rngs, moe: bool = False
     ):
-        kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
+        kw = {"param_dtype": cfg.param_dtype, "rngs": rngs}
         self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
         nsa = cfg.layer_patterns[layer or 0] == "nsa"  # scanned layers share one pattern
         self.attn = (NativeSparseAttention if nsa else Attention)(cfg, layer, rngs=rngs)

@@ -32,7 +32,7 @@ class Experiment:
     mesh: MeshConfig
     checkpoint: CheckpointConfig
     guard: GuardConfig
-    loss: LossConfig = LossConfig()
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     seed: int = 0
     steps: int = 300
     batch_size: int = 16  # global batch, in sequences
