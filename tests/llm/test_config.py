@@ -129,7 +129,7 @@ def test_config_and_data_mistakes(tmp_path, tiny_config, fields, error, message)
         ({"z_loss": -1e-4}, "config.z_loss must be >= 0"),
         ({"loss.impl": "fused"}, "config.loss.impl must be one of"),
         ({"loss.vocab_chunk": 0}, "config.loss.vocab_chunk must be a positive integer"),
-        ({"loss.seq_block": 1.5}, "config.loss.seq_block must be a positive integer"),
+        ({"loss.seq_block": -4}, "config.loss.seq_block must be a positive integer"),
         ({"nonfinite": "ignore"}, "config.nonfinite='ignore' is not one of"),
         ({"profile.start_step": -2}, "config.profile.start_step must be a step >= 0, or -1"),
         ({"profile.steps": 0}, "config.profile.steps must be a positive integer"),
