@@ -60,7 +60,7 @@ def linear_cross_entropy(
     logits = hidden [B, L, D] @ unembed [D, V] (float32 accumulation); targets int[B, L],
     weights f32[B, L] (0 masks a token).
 
-    "chunked" tiles the logits into seq_block x vocab_chunk pieces per batch row; a chunk (block)
+    "chunked" visits the logits in [B, seq_block, vocab_chunk] tiles; a chunk (block)
     that does not divide V (L) leaves a shorter last one; one larger than V (L) is one chunk
     (block), which is logged.
     """
