@@ -38,6 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.debug = ml_collections.ConfigDict()
     c.debug.log_batch_hashes = False  # WORKDIR/batch_hashes.jsonl: a SHA-256 per global batch
     c.z_loss = 1e-4  # weight of log(Z)^2 in the loss (PaLM); 0 disables
+    # Output projection + cross-entropy: "plain" materializes the [batch, seq, vocab] logits;
+    # "chunked" (kernels/cross_entropy) never does, tiling them seq_block x vocab_chunk (README).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.impl = "plain"  # plain | chunked (above); plain is faster on CPU at vocab 4096
+    c.loss.vocab_chunk = 4096  # chunked: vocabulary columns per tile (ragged last chunk allowed)
+    c.loss.seq_block = 256  # chunked: sequence positions per tile (> seq_len: one block)
     c.sample_prompt = "The list type"  # decoded at the end of training; "" to skip
     c.sample_tokens = 48  # tokens sampled after training
 

@@ -2,6 +2,7 @@
 
     python -m llm.benchmark --configs=default,large --steps=10 --warmup=3 --out=/tmp/bench.json
     python -m llm.benchmark --configs=dense_active,moe_8x2,moe_8x2_capacity,dense_total --torch=false
+    python -m llm.benchmark --configs=default,default_chunked_loss --torch=false --loss_vocabs=
 
 For each config it times one full training step (forward, backward, clipped AdamW update), built
 exactly as `llm.train` builds it (`make_optimizer`, `make_train_step`, jit with the state
@@ -10,6 +11,10 @@ donated), on a fixed random batch; then (dense configs) the same model as `trans
 (FLOP/s of a large matmul in JAX) so the step can be read as a fraction of it. Every figure is
 the best of `--steps` timed steps (other processes share the machine); medians are kept in the
 JSON. On a GPU both sides run in bfloat16 and torch is compiled with `torch.compile`.
+
+Loss memory: for each of `--loss_vocabs` (default 4k, 32k, 128k) the default config's train step
+is compiled (not run) with `config.loss.impl` plain and chunked (kernels.cross_entropy), and the
+run prints XLA's temporary memory per device of each (its memory analysis) and their ratio.
 
 Layouts: each `--mesh=data=2,sequence=4[,context_parallel=ring]` (repeatable) places the step on
 a device mesh as `llm.train` does (the rules table of experiments/default.py); the run prints each
@@ -43,6 +48,7 @@ from llm.parallel import partitioning
 from llm.science import flops
 from llm.training import loop
 from llm.training.experiment import Experiment
+from llm.training.step import LOSS_IMPLS
 
 # Dotted overrides of experiments/default.py: batch size, sequence length and model fields.
 CONFIGS: dict[str, dict] = {
@@ -67,6 +73,7 @@ CONFIGS: dict[str, dict] = {
     },
     "dense_active": {"model.mlp_dim": 2 * 384},
     "dense_total": {"model.mlp_dim": 8 * 384},
+    "default_chunked_loss": {"loss.impl": "chunked"},
 }
 MATMUL_SIZE = 2048
 
@@ -114,9 +121,11 @@ def parse_layout(text: str) -> dict[str, str]:
     return fields
 
 
-def experiment(name: str, layout: dict[str, str] | None = None) -> Experiment:
-    """experiments/default.py with the overrides of CONFIGS[name], on `layout` if given."""
-    overrides = dict(CONFIGS[name])
+def experiment(
+    name: str, layout: dict[str, str] | None = None, extra: dict | None = None
+) -> Experiment:
+    """experiments/default.py with the overrides of CONFIGS[name] (then `extra`), on `layout`."""
+    overrides = {**CONFIGS[name], **(extra or {})}
     if on_gpu():
         overrides["model.dtype"] = "bfloat16"
     if layout:
@@ -138,18 +147,23 @@ def random_batch(exp: Experiment) -> dict[str, np.ndarray]:
     }
 
 
-def time_ours(
-    exp: Experiment, batch: dict, steps: int, warmup: int
-) -> tuple[Timing, dict[str, int]]:
-    """Our jitted, donated training step on the experiment's mesh, as `llm.train` compiles it;
-    and the per-device memory report."""
+def compile_ours(exp: Experiment, batch: dict) -> tuple[loop.Setup, jax.stages.Compiled, dict]:
+    """The state on the experiment's mesh, our train step compiled as `llm.train` compiles it, and
+    the batch placed for it."""
     mesh = partitioning.make_mesh(dict(exp.mesh.sizes))
     exp.check_fits(mesh)
     rules = exp.mesh.rules
     with jax.set_mesh(mesh), partitioning.axis_rules(rules):
         setup = loop.setup_state(exp, mesh)
         batch = jax.device_put(batch, partitioning.batch_sharding(mesh, rules))
-        train_step = loop.compile_train_step(exp, setup, batch)
+        return setup, loop.compile_train_step(exp, setup, batch), batch
+
+
+def time_ours(
+    exp: Experiment, batch: dict, steps: int, warmup: int
+) -> tuple[Timing, dict[str, int]]:
+    """Our jitted, donated training step timed; and the per-device memory report."""
+    setup, train_step, batch = compile_ours(exp, batch)
     memory = partitioning.memory_report(setup.state, train_step)
     state = setup.state
 
@@ -254,6 +268,39 @@ def benchmark(
     return row
 
 
+def loss_memory(vocab_sizes: list[int]) -> list[dict]:
+    """Per vocabulary size: the default config's compiled train step's temporary bytes per device
+    (XLA memory analysis) with each `config.loss.impl`."""
+    rows = []
+    for vocab in vocab_sizes:
+        row = {"vocab_size": vocab}
+        for impl in LOSS_IMPLS:
+            exp = experiment("default", extra={"model.vocab_size": vocab, "loss.impl": impl})
+            setup, train_step, _ = compile_ours(exp, random_batch(exp))
+            row[impl] = partitioning.memory_report(setup.state, train_step).get("temp")
+            del setup, train_step
+        rows.append(row)
+    return rows
+
+
+def print_loss_memory(rows: list[dict]) -> None:
+    exp = experiment("default")
+    print(
+        f"\ntrain step temporary memory per device (XLA memory analysis), default config "
+        f"({exp.batch_size}x{exp.seq_len} tokens, loss chunks of {exp.loss.vocab_chunk} vocab x "
+        f"{exp.loss.seq_block} positions):"
+    )
+    print(f"{'vocab':>7} {'plain MiB':>10} {'chunked MiB':>12} {'plain/chunked':>14}")
+    for row in rows:
+        if row["plain"] is None:  # a backend without memory analysis
+            print(f"{row['vocab_size']:>7} (no memory analysis on this backend)")
+            continue
+        print(
+            f"{row['vocab_size']:>7} {row['plain'] / 2**20:>10.1f} {row['chunked'] / 2**20:>12.1f} "
+            f"{row['plain'] / row['chunked']:>13.2f}x"
+        )
+
+
 def print_table(rows: list[dict], ceiling: float) -> None:
     print(f"\nmatmul ceiling ({MATMUL_SIZE}^3 in JAX): {ceiling / 1e12:.3f} TFLOP/s")
     header = (
@@ -310,6 +357,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("steps", 10, "Timed steps per measurement.")
     flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation, allocator).")
     flags.DEFINE_bool("torch", True, "Also time the Hugging Face / torch baseline.")
+    flags.DEFINE_list(
+        "loss_vocabs",
+        ["4096", "32768", "131072"],
+        "Vocabulary sizes of the loss memory table (plain vs chunked loss); empty to skip.",
+    )
     flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
     flags.DEFINE_multi_string(
         "mesh",
@@ -341,8 +393,16 @@ def main(argv: list[str]) -> None:
             )
             rows.append(row)
     print_table(rows, ceiling)
+    memory_rows = loss_memory([int(v) for v in f.loss_vocabs])
+    if memory_rows:
+        print_loss_memory(memory_rows)
     if f.out:
-        results = {"environment": env, "matmul_flops_per_second": ceiling, "results": rows}
+        results = {
+            "environment": env,
+            "matmul_flops_per_second": ceiling,
+            "results": rows,
+            "loss_memory": memory_rows,
+        }
         with open(f.out, "w") as out:
             json.dump(results, out, indent=2)
 

@@ -31,6 +31,7 @@ from llm.training.experiment import Experiment
 from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
 from llm.training.optimizer import OptimizerConfig
+from llm.training.step import LossConfig
 
 # experiments/default.py, found from this file, so a command works from any directory.
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "default.py")
@@ -208,6 +209,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
             spike_window=c["loss_spike"]["window"],
             spike_sigmas=c["loss_spike"]["sigmas"],
         ),
+        loss=_build(LossConfig, c["loss"], ".loss"),
         seed=c["seed"],
         steps=c["steps"],
         batch_size=c["batch_size"],

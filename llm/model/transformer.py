@@ -34,7 +34,7 @@ class Block(nnx.Module):
     def __init__(
         self, cfg: ModelConfig, layer: int | None = None, *, rngs: nnx.Rngs, moe: bool = False
     ):
-        kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
+        kw = {"param_dtype": cfg.param_dtype, "rngs": rngs}
         self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
         nsa = cfg.layer_patterns[layer or 0] == "nsa"  # scanned layers share one pattern
         self.attn = (NativeSparseAttention if nsa else Attention)(cfg, layer, rngs=rngs)
@@ -103,20 +103,36 @@ class Transformer(nnx.Module):
         index onward when decoding); segment_ids: [B, L] document ids of packed sequences.
         return_aux: also return the MoE layers' auxiliary values {layer: {name: value}} (training).
         """
-        cfg = self.cfg
-        if positions is None:
-            start = 0 if cache is None else cache["index"]
-            positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.embed[...].astype(cfg.dtype)[tokens]  # [B, L, D]
-        x = shard(x, ("batch", "seq", "embed"))
-        x, cache, aux = self._run_blocks(x, positions, segment_ids, cache)
-        x = self.final_norm(x)
-        unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]  # [D, V]
-        logits = dense(x, unembed.astype(cfg.dtype)).astype(jnp.float32)  # [B, L, V]
+        x, cache, aux = self.hidden_states(tokens, positions, segment_ids, cache)
+        logits = dense(x, self.unembedding()).astype(jnp.float32)  # [B, L, V]
         logits = shard(logits, ("batch", "seq", "vocab"))
         if return_aux:
             return logits, aux
         return logits if cache is None else (logits, cache)
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: dict[str, Any] | None = None,
+    ) -> tuple[jax.Array, dict[str, Any] | None, dict]:
+        """Everything before the output projection: x: [B, L, D] after the final norm, the new
+        cache (None without one) and the MoE auxiliary values. A fused loss
+        (kernels.cross_entropy) takes x and `unembedding()` instead of the logits."""
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed[...].astype(self.cfg.dtype)[tokens]  # [B, L, D]
+        x = shard(x, ("batch", "seq", "embed"))
+        x, cache, aux = self._run_blocks(x, positions, segment_ids, cache)
+        return self.final_norm(x), cache, aux
+
+    def unembedding(self) -> jax.Array:
+        """The output projection [D, V] in the compute dtype (the embedding transposed if tied)."""
+        cfg = self.cfg
+        unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
+        return unembed.astype(cfg.dtype)
 
     def _run_blocks(self, x, positions, segment_ids, cache):
         """Applies the blocks (a Python loop, or a scan over stacked parameters), with remat."""

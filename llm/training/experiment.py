@@ -23,6 +23,7 @@ from llm.training.checkpoint import CheckpointConfig
 from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
 from llm.training.optimizer import OptimizerConfig
+from llm.training.step import LossConfig
 from llm.training.workdir import RESUME_POLICIES
 
 # A resume that raises `steps`: continue the schedule the run started with (held at its final
@@ -38,6 +39,7 @@ class Experiment:
     mesh: MeshConfig
     checkpoint: CheckpointConfig
     guard: GuardConfig
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     seed: int = 0
     steps: int = 300
     batch_size: int = 16  # global batch, in sequences

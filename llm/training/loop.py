@@ -95,6 +95,7 @@ def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
         setup.schedule,
         grad_accum_steps=exp.grad_accum_steps,
         z_loss=exp.z_loss,
+        loss=exp.loss,
     )
     step_fn = guard.guarded(step_fn, exp.guard)
     jitted = jax.jit(step_fn, out_shardings=(setup.shardings, None), donate_argnums=0)
@@ -262,7 +263,7 @@ def _run_locked(
         debug.pause("compile")
         t = time.perf_counter()
         train_step = compile_train_step(exp, setup, put(local_batch(start)))
-        eval_step = jax.jit(make_eval_step(setup.graphdef))
+        eval_step = jax.jit(make_eval_step(setup.graphdef, exp.loss))
         flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
         _print_banner(exp, flops_per_token, mesh, time.perf_counter() - t, state, train_step)
         writer = MetricsWriter(path) if jax.process_index() == 0 else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -9,21 +10,53 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kernels.cross_entropy import api as cross_entropy_api
+from kernels.cross_entropy.reference import cross_entropy
+from llm.errors import check, check_positive
 from llm.model import moe
+from llm.model.transformer import Transformer
 from llm.training.state import Batch, TrainState
 
+LOSS_IMPLS = ("plain", "chunked")
 
-def cross_entropy(
-    logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float
-) -> tuple[jax.Array, jax.Array]:
-    """Summed weighted next-token loss (+ z_loss·log(Z)²) and summed cross-entropy alone.
 
-    logits: f32[B, L, V]; targets: int32[B, L]; weights: f32[B, L].
-    """
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    ce = (log_z - target_logit) * weights
-    return jnp.sum(ce + z_loss * jnp.square(log_z) * weights), jnp.sum(ce)
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """config.loss: how the output projection and cross-entropy are computed."""
+
+    impl: str = "plain"  # plain: the model's logits | chunked: kernels.cross_entropy, no logits
+    vocab_chunk: int = 4096  # chunked: vocabulary columns per tile (a shorter last one if ragged)
+    seq_block: int = 256  # chunked: sequence positions per tile (one block if > seq_len)
+
+    def __post_init__(self):
+        check(
+            self.impl in LOSS_IMPLS,
+            f"config.loss.impl must be one of {LOSS_IMPLS}, got {self.impl!r}.",
+        )
+        check_positive(self.vocab_chunk, "loss.vocab_chunk")
+        check_positive(self.seq_block, "loss.seq_block")
+
+
+def token_losses(
+    model: Transformer, batch: Batch, z_loss: float, loss: LossConfig
+) -> tuple[jax.Array, jax.Array, dict]:
+    """Summed weighted loss (with z_loss), summed cross-entropy and the MoE auxiliary values."""
+    inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    targets, weights = batch["targets"], batch["weights"]
+    if loss.impl == "plain":
+        logits, moe_aux = model(*inputs, return_aux=True)
+        return *cross_entropy(logits, targets, weights, z_loss), moe_aux
+    hidden, _, moe_aux = model.hidden_states(*inputs)
+    loss_sum, ce_sum = cross_entropy_api.linear_cross_entropy(
+        hidden,
+        model.unembedding(),
+        targets,
+        weights,
+        z_loss=z_loss,
+        vocab_chunk=loss.vocab_chunk,
+        seq_block=loss.seq_block,
+    )
+    return loss_sum, ce_sum, moe_aux
 
 
 def make_train_step(
@@ -33,6 +66,7 @@ def make_train_step(
     *,
     grad_accum_steps: int,
     z_loss: float,
+    loss: LossConfig = LossConfig(),
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step over a batch split into `grad_accum_steps` micro-batches.
 
@@ -42,10 +76,7 @@ def make_train_step(
 
     def loss_fn(params, rest, batch: Batch):
         model = nnx.merge(graphdef, params, rest)
-        logits, moe_aux = model(
-            batch["inputs"], batch["positions"], batch["segment_ids"], return_aux=True
-        )
-        loss_sum, ce_sum = cross_entropy(logits, batch["targets"], batch["weights"], z_loss)
+        loss_sum, ce_sum, moe_aux = token_losses(model, batch, z_loss, loss)
         if moe_aux:  # per-token losses, weighted like the summed cross-entropy
             loss_sum += jnp.sum(batch["weights"]) * moe.weighted_aux_loss(moe_aux, model.cfg.moe)
         return loss_sum, (ce_sum, moe_aux)
@@ -93,15 +124,12 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef,
+    graphdef: nnx.GraphDef, loss: LossConfig = LossConfig()
 ) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
     """Summed cross-entropy and number of target tokens of a batch."""
 
     def eval_step(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        logits = nnx.merge(graphdef, params)(
-            batch["inputs"], batch["positions"], batch["segment_ids"]
-        )
-        _, ce_sum = cross_entropy(logits, batch["targets"], batch["weights"], 0.0)
+        _, ce_sum, _ = token_losses(nnx.merge(graphdef, params), batch, 0.0, loss)
         return ce_sum, jnp.sum(batch["weights"])
 
     return eval_step

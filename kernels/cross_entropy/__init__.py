@@ -1,0 +1,1 @@
+"""Output projection + softmax cross-entropy: public API (api.py), reference, chunked kernel."""
