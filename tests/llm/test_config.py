@@ -136,6 +136,15 @@ def test_config_and_data_mistakes(tmp_path, tiny_config, fields, error, message)
         ({"model.param_dtype": "int8"}, "config.model.param_dtype='int8' is not one of"),
         ({"model.attention_impl": "flash"}, "config.model.attention_impl='flash' is not one of"),
         ({"model.rope_theta": 0.0}, "config.model.rope_theta must be > 0"),
+        ({"model.rope_scaling.type": "ntk"}, "config.model.rope_scaling.type='ntk' is not one"),
+        (
+            {"model.rope_scaling.type": "linear", "model.rope_scaling.factor": 0.5},
+            "config.model.rope_scaling.factor must be >= 1",
+        ),
+        (
+            {"model.rope_scaling.type": "yarn", "model.rope_scaling.beta_slow": 64.0},
+            "needs beta_fast > beta_slow > 0 for yarn",
+        ),
         ({"model.embed_dim": 60}, "head_dim=15 must be even"),
         ({"model.num_layers": 0}, "config.model.num_layers must be a positive integer"),
         ({"mesh.data": 0}, "config.mesh.data must be a positive integer or -1"),
