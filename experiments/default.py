@@ -73,6 +73,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.rope_scaling.truncate = True  # yarn: round the ramp's ends to whole dimensions
     c.model.qkv_bias = False  # biases on the q, k, v projections (Qwen2)
     c.model.qk_norm = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    # Gemma 3's features (each off by default; llm.hf loads them all together).
+    c.model.rope_local_theta = placeholder(float)  # RoPE base of "sliding" layers; None = shared
+    c.model.embed_scale = False  # embeddings times sqrt(embed_dim)
+    c.model.norm_plus_one = False  # RMSNorms scale by (1 + w), w initialized at 0
+    c.model.post_norms = False  # RMSNorm of the attention and MLP outputs before each residual add
+    c.model.mlp_activation = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU)
+    c.model.query_pre_attn_scalar = placeholder(float)  # scores / sqrt(this); None = head_dim
+    c.model.final_logit_softcap = placeholder(float)  # cap * tanh(logits / cap); None = off
     c.model.norm_eps = 1e-6  # RMSNorm epsilon
     c.model.tie_embeddings = True  # output projection = embedding table transposed
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU

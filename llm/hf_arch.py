@@ -9,6 +9,8 @@ tensor name of each of our parameters. llm.hf does the files.
     mixtral     MixtralForCausalLM    MoE in every layer (renormalized top-k); optional window
     qwen2_moe   Qwen2MoeForCausalLM   MoE + gated shared experts; qkv_bias; norm_topk_prob
     qwen3_moe   Qwen3MoeForCausalLM   MoE, qk_norm; norm_topk_prob; mlp_only_layers
+    gemma3_text Gemma3ForCausalLM     embed_scale, norm_plus_one, post_norms, gelu_tanh, qk_norm,
+                                      query_pre_attn_scalar, rope_local_theta, final_logit_softcap
 
 HF stores every linear layer as weight[out, in] with heads flattened into one axis
 (q_proj: [H*Dh, D]); ours are [in, out] with heads split out (wq: [D, H, Dh]). Both use
@@ -18,11 +20,11 @@ HF tensor each (experts.{e}.gate_proj.weight: [F, D]); ours are stacked (w_gate:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from llm.errors import ConfigError, check
-from llm.model.config import ModelConfig, MoEConfig, RopeScaling
+from llm.hf_rope import rope_from_hf, rope_to_hf
+from llm.model.config import ModelConfig, MoEConfig
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -32,8 +34,10 @@ ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 _MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+GELU_TANH = "gelu_pytorch_tanh"  # Gemma's hidden_activation
 
 # Our parameter path -> (HF tensor name, number of leading "in" axes of our array; None = copied
 # as is, 0 = a bias: our [heads, Dh] is HF's [heads * Dh]).
@@ -57,6 +61,12 @@ BLOCK = {  # inside one decoder layer, HF names relative to model.layers.{i}
     ("mlp", "w_gate"): ("mlp.gate_proj.weight", 1),
     ("mlp", "w_up"): ("mlp.up_proj.weight", 1),
     ("mlp", "w_down"): ("mlp.down_proj.weight", 1),
+}
+# Gemma's four norms per layer: its post_attention_layernorm is the attention branch's output.
+POST_NORM_BLOCK = {
+    ("mlp_norm", "scale"): ("pre_feedforward_layernorm.weight", None),
+    ("attn_post_norm", "scale"): ("post_attention_layernorm.weight", None),
+    ("mlp_post_norm", "scale"): ("post_feedforward_layernorm.weight", None),
 }
 # An MoE layer's tensors (llm.model.moe.MoE), per model_type; all [out, in] (n_in = 1), {e}: expert.
 _QWEN_MOE = {
@@ -84,6 +94,9 @@ MOE_BLOCK = {
 def model_type(cfg: ModelConfig) -> str:
     """The HF architecture `cfg` is saved as (module docstring)."""
     m = cfg.moe
+    gemma = (cfg.embed_scale, cfg.norm_plus_one, cfg.post_norms, cfg.mlp_activation != "silu")
+    if any(gemma) or cfg.final_logit_softcap or cfg.query_pre_attn_scalar or cfg.rope_local_theta:
+        return "gemma3_text"
     if m.num_experts:
         if m.num_shared_experts or m.shared_expert_gate:
             return "qwen2_moe"
@@ -100,8 +113,9 @@ def hf_names(path: tuple, cfg: ModelConfig) -> tuple[str | list[str], int | None
     (layers under scan_layers, or experts), and its in-axes."""
     if path[0] != "blocks":
         return TOP[path]
+    block = BLOCK | POST_NORM_BLOCK if cfg.post_norms else BLOCK
     if cfg.scan_layers:  # ("blocks", "attn", "wq"): [num_layers, ...]
-        name, n_in = BLOCK[path[1:]]
+        name, n_in = block[path[1:]]
         return [f"model.layers.{i}.{name}" for i in range(cfg.num_layers)], n_in
     i, rest = path[1], path[2:]  # ("blocks", i, "attn", "wq")
     moe_names = MOE_BLOCK[model_type(cfg)] if cfg.moe.is_moe_layer(i) else {}
@@ -110,65 +124,8 @@ def hf_names(path: tuple, cfg: ModelConfig) -> tuple[str | list[str], int | None
         if "{e}" in name:
             return [name.format(e=e) for e in range(cfg.moe.num_experts)], 1
         return name, 1
-    name, n_in = BLOCK[rest]
+    name, n_in = block[rest]
     return f"model.layers.{i}.{name}", n_in
-
-
-def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling, int | None]:
-    """rope_theta, our RopeScaling and, for dynamic NTK, the max_seq_len to allow, from a
-    config.json (transformers >= 5: rope_parameters; before: rope_theta and rope_scaling)."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
-    kind = rope.get("rope_type") or rope.get("type") or "default"
-    max_pos = hf.get("max_position_embeddings", 2048)
-    if kind == "default":
-        return theta, RopeScaling(), None
-    if kind not in ("linear", "dynamic", "llama3", "yarn"):
-        raise ConfigError(
-            f"rope_scaling type {kind!r} (config.json rope_parameters.rope_type) is not "
-            "implemented: llm.model.layers supports default, linear, dynamic, yarn and llama3."
-        )
-    fields = {"type": kind, "factor": rope.get("factor")}
-    if kind == "dynamic":  # transformers scales beyond max_position_embeddings
-        fields["original_max_position"] = max_pos
-    else:
-        fields["original_max_position"] = rope.get("original_max_position_embeddings", max_pos)
-    if kind == "llama3":
-        fields |= {k: rope[k] for k in ("low_freq_factor", "high_freq_factor") if k in rope}
-    if kind == "yarn":
-        if fields["factor"] is None:
-            fields["factor"] = max_pos / fields["original_max_position"]
-        fields |= {k: rope[k] for k in ("beta_fast", "beta_slow") if rope.get(k)}
-        fields["truncate"] = rope.get("truncate", True)
-        mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
-        factor = rope.get("attention_factor")
-        if factor is None and mscale and mscale_all:  # DeepSeek's ratio of two mscales
-
-            def get_mscale(m: float) -> float:
-                return 0.1 * m * math.log(fields["factor"]) + 1.0 if fields["factor"] > 1 else 1.0
-
-            factor = get_mscale(mscale) / get_mscale(mscale_all)
-        fields["attention_factor"] = factor
-    if fields["factor"] is None:
-        raise ConfigError(f"config.json rope_parameters of type {kind!r} lacks its 'factor'.")
-    scaling = RopeScaling(**fields)
-    return theta, scaling, int(max_pos * scaling.factor) if kind == "dynamic" else None
-
-
-def _rope_to_hf(cfg: ModelConfig) -> dict:
-    s, theta = cfg.rope_scaling, cfg.rope_theta
-    if s.type == "none":
-        return {"rope_type": "default", "rope_theta": theta}
-    rope = {"rope_type": s.type, "rope_theta": theta, "factor": s.factor}
-    if s.type != "dynamic":  # dynamic's original length is max_position_embeddings
-        rope["original_max_position_embeddings"] = s.original_max_position
-    if s.type == "llama3":
-        rope |= {"low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor}
-    if s.type == "yarn":
-        rope |= {"beta_fast": s.beta_fast, "beta_slow": s.beta_slow, "truncate": s.truncate}
-        if s.attention_factor is not None:
-            rope["attention_factor"] = float(s.attention_factor)
-    return rope
 
 
 def _layer_patterns(hf: dict, kind: str, num_layers: int) -> tuple[str, int | None]:
@@ -184,6 +141,7 @@ def _layer_patterns(hf: dict, kind: str, num_layers: int) -> tuple[str, int | No
                 "qwen2": i >= last,
                 "qwen3": i >= last,
                 "qwen2_moe": bool((i + 1) % 2) and i < last,
+                "gemma3_text": bool((i + 1) % hf.get("sliding_window_pattern", 6)),
             }.get(kind, True)
             for i in range(num_layers)
         ]
@@ -242,14 +200,18 @@ def config_from_hf(hf: dict, *, dtype: str, scan_layers: bool) -> ModelConfig:
     """Our ModelConfig from a HF config.json; ConfigError naming the field we do not implement."""
     kind = hf.get("model_type")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    act = GELU_TANH if kind == "gemma3_text" else "silu"
     unsupported = {
         "model_type": kind not in ARCHITECTURES,
-        "hidden_act": hf.get("hidden_act", "silu") != "silu",
+        "hidden_act": hf.get("hidden_act", act) != act,
         "attention_bias": bool(hf.get("attention_bias")),
         "mlp_bias": bool(hf.get("mlp_bias")),
         "partial_rotary_factor": rope.get("partial_rotary_factor", 1.0) != 1.0,
         "qkv_bias": kind not in ("qwen2_moe", None) and bool(hf.get("qkv_bias")),
         "norm_topk_prob": kind == "mixtral" and hf.get("norm_topk_prob") is False,
+        "hidden_activation": hf.get("hidden_activation", GELU_TANH) != GELU_TANH,
+        "attn_logit_softcapping": hf.get("attn_logit_softcapping") is not None,
+        "use_bidirectional_attention": bool(hf.get("use_bidirectional_attention")),
     }
     bad = [f"{key}={hf.get(key)!r}" for key, is_bad in unsupported.items() if is_bad]
     if bad:
@@ -258,7 +220,8 @@ def config_from_hf(hf: dict, *, dtype: str, scan_layers: bool) -> ModelConfig:
             f"model_type in {tuple(ARCHITECTURES)} with silu MLPs, no o_proj or MLP biases and "
             "full RoPE."
         )
-    theta, scaling, dynamic_len = _rope_from_hf(hf)
+    theta, scaling, dynamic_len, local_theta = rope_from_hf(hf, kind)
+    gemma = kind == "gemma3_text"
     num_layers = hf["num_hidden_layers"]
     pattern, window = _layer_patterns(hf, kind, num_layers)
     heads = hf["num_attention_heads"]
@@ -275,9 +238,16 @@ def config_from_hf(hf: dict, *, dtype: str, scan_layers: bool) -> ModelConfig:
         rope_theta=theta,
         rope_scaling=scaling,
         qkv_bias=kind == "qwen2" or (kind == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
-        qk_norm=kind in ("qwen3", "qwen3_moe"),
+        qk_norm=kind in ("qwen3", "qwen3_moe", "gemma3_text"),
+        rope_local_theta=local_theta,
+        embed_scale=gemma,
+        norm_plus_one=gemma,
+        post_norms=gemma,
+        mlp_activation="gelu_tanh" if gemma else "silu",
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if gemma else None,
+        final_logit_softcap=hf.get("final_logit_softcapping"),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
+        tie_embeddings=hf.get("tie_word_embeddings", gemma),
         dtype=dtype,
         param_dtype=dtype,
         scan_layers=scan_layers,
@@ -304,12 +274,23 @@ def check_saveable(cfg: ModelConfig) -> None:
         (kind == "qwen2_moe" and cfg.qk_norm, "qk_norm (Qwen2-MoE has none)"),
         (kind in ("qwen3", "qwen3_moe") and cfg.qkv_bias, "qkv_bias with qk_norm"),
     ]
+    if kind == "gemma3_text":  # all of Gemma 3's features, or none
+        gemma = ("embed_scale", "norm_plus_one", "post_norms", "qk_norm")
+        problems += [(not getattr(cfg, f), f"{f}=False (Gemma 3 has it)") for f in gemma]
+        problems += [
+            (cfg.mlp_activation != "gelu_tanh", f"mlp_activation={cfg.mlp_activation!r}"),
+            (cfg.qkv_bias or m.num_experts, "qkv_bias or MoE layers"),
+            (
+                cfg.rope_local_theta is None and cfg.rope_scaling.type != "none",
+                "rope_scaling without rope_local_theta (Gemma's local layers are unscaled)",
+            ),
+        ]
     bad = [problem for is_bad, problem in problems if is_bad]
     check(
         not bad,
         f"Cannot save as {ARCHITECTURES[kind]}: {'; '.join(bad)}. Saveable: dense or sliding "
         "attention layers; softmax_topk MoE in every layer (Mixtral), with gated shared experts "
-        "(Qwen2-MoE) or with qk_norm (Qwen3-MoE).",
+        "(Qwen2-MoE) or with qk_norm (Qwen3-MoE); Gemma 3's features all together.",
     )
 
 
@@ -347,11 +328,27 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if kind == "qwen2_moe":
         extra["shared_expert_intermediate_size"] = m.num_shared_experts * m.expert_mlp_dim
         extra["qkv_bias"] = cfg.qkv_bias
-    rope = _rope_to_hf(cfg)
+    rope = rope_to_hf(cfg)
     max_pos = cfg.max_seq_len
     if rope["rope_type"] == "dynamic":  # transformers' original length
         max_pos = cfg.rope_scaling.original_max_position
-    return {
+    legacy_rope = {"rope_theta": cfg.rope_theta, "rope_scaling": None}
+    if rope["rope_type"] != "default":
+        legacy_rope["rope_scaling"] = rope
+    if kind == "gemma3_text":
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        rope, legacy_rope = {"full_attention": rope, "sliding_attention": local}, {}
+        extra = {
+            "hidden_activation": GELU_TANH,
+            "query_pre_attn_scalar": cfg.query_pre_attn_scalar or cfg.head_dim,
+            "final_logit_softcapping": cfg.final_logit_softcap,
+            "attn_logit_softcapping": None,
+            "sliding_window": window,
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "attention_bias": False,
+            "use_bidirectional_attention": False,
+        }
+    config = {
         "architectures": [ARCHITECTURES[kind]],
         "model_type": kind,
         "vocab_size": cfg.vocab_size,
@@ -361,13 +358,14 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
         "max_position_embeddings": max_pos,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": rope if rope["rope_type"] != "default" else None,
+        **legacy_rope,
         "rope_parameters": rope,
         "tie_word_embeddings": cfg.tie_embeddings,
         "dtype": cfg.param_dtype,
         **extra,
     }
+    if kind != "gemma3_text":
+        config["hidden_act"] = "silu"
+    return config

@@ -14,8 +14,8 @@ from flax import nnx
 from kernels.attention.masks import Mask
 from kernels.attention.reference import attention_reference
 from llm.model import patterns
-from llm.model.config import ModelConfig
-from llm.model.layers import RMSNorm, apply_rope, dense, param
+from llm.model.config import ModelConfig, RopeScaling
+from llm.model.layers import apply_rope, dense, norm, param
 from llm.parallel import context
 from llm.parallel.partitioning import shard
 
@@ -59,10 +59,14 @@ class Attention(nnx.Module):
             self.bq = param(rngs, zeros, (h, dh), ("heads", "head_dim"), pdt)
             self.bk = param(rngs, zeros, (kv, dh), ("kv_heads", "head_dim"), pdt)
             self.bv = param(rngs, zeros, (kv, dh), ("kv_heads", "head_dim"), pdt)
-        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's Dh, before RoPE
-            kw = {"param_dtype": pdt, "rngs": rngs, "axis": "head_dim"}
-            self.q_norm = RMSNorm(dh, cfg.norm_eps, **kw)
-            self.k_norm = RMSNorm(dh, cfg.norm_eps, **kw)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head's Dh, before RoPE
+            self.q_norm = norm(cfg, dh, rngs=rngs, axis="head_dim")
+            self.k_norm = norm(cfg, dh, rngs=rngs, axis="head_dim")
+        # Gemma 3: "sliding" layers rotate with their own base frequency, unscaled.
+        local = cfg.rope_local_theta is not None and cfg.layer_patterns[layer or 0] == "sliding"
+        self.rope = (
+            (cfg.rope_local_theta, RopeScaling()) if local else (cfg.rope_theta, cfg.rope_scaling)
+        )
 
     def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [B, L, D] -> q [B, L, H, Dh], k and v [B, L, K, Dh], RoPE applied to q and k."""
@@ -74,7 +78,9 @@ class Attention(nnx.Module):
             q, k, v = (y + b[...].astype(dt) for y, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = (apply_rope(y, positions, cfg.rope_theta, cfg.rope_scaling) for y in (q, k))
+        q, k = (apply_rope(y, positions, *self.rope) for y in (q, k))
+        if cfg.query_pre_attn_scalar is not None:  # the kernels divide by sqrt(Dh)
+            q = q * jnp.asarray(math.sqrt(cfg.head_dim / cfg.query_pre_attn_scalar), q.dtype)
         return (
             shard(q, ("batch", "seq", "heads", "head_dim")),
             shard(k, ("batch", "seq", "kv_heads", "head_dim")),

@@ -19,6 +19,7 @@ from llm.model import patterns
 
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")  # llm.model.layers.rope_frequencies
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama) | GeGLU with tanh GELU (Gemma)
 ROUTERS = ("softmax_topk", "sigmoid_topk")
 DISPATCHES = ("dropless", "capacity")
 CONTEXT_PARALLEL = ("ring", "all_gather")  # llm.parallel.context
@@ -168,6 +169,14 @@ class ModelConfig:
     rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
     qkv_bias: bool = dataclasses.field(default=False, metadata=SHAPE)  # Qwen2: q, k, v biases
     qk_norm: bool = dataclasses.field(default=False, metadata=SHAPE)  # Qwen3: RMSNorm per q/k head
+    # Gemma 3's features, each off by default:
+    rope_local_theta: float | None = None  # RoPE base of "sliding" layers, unscaled; None = shared
+    embed_scale: bool = False  # embeddings times sqrt(embed_dim)
+    norm_plus_one: bool = False  # every RMSNorm scales by (1 + w), w starting at 0
+    post_norms: bool = dataclasses.field(default=False, metadata=SHAPE)  # + RMSNorm of each branch
+    mlp_activation: str = "silu"  # one of MLP_ACTIVATIONS (dense MLPs)
+    query_pre_attn_scalar: float | None = None  # scores / sqrt(this); None = head_dim
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None = off
     norm_eps: float = 1e-6
     tie_embeddings: bool = dataclasses.field(default=True, metadata=SHAPE)
     dtype: str = "float32"  # compute
@@ -243,6 +252,21 @@ class ModelConfig:
             f"{CONTEXT_PARALLEL}.",
         )
         check(self.rope_theta > 0, f"config.model.rope_theta must be > 0, got {self.rope_theta}.")
+        for field in ("rope_local_theta", "query_pre_attn_scalar", "final_logit_softcap"):
+            value = getattr(self, field)
+            check(
+                value is None or value > 0,
+                f"config.model.{field} must be > 0 or None (off), got {value!r}.",
+            )
+        check(
+            self.mlp_activation in MLP_ACTIVATIONS,
+            f"config.model.mlp_activation={self.mlp_activation!r} is not one of {MLP_ACTIVATIONS}.",
+        )
+        check(
+            self.mlp_activation == "silu" or not self.moe.num_experts,
+            f"config.model.mlp_activation={self.mlp_activation!r}: MoE experts are SwiGLU; use "
+            "silu with config.model.moe.num_experts > 0.",
+        )
         check(
             not (self.scan_layers and self.moe.num_experts),
             "config.model.scan_layers=True is not supported with MoE layers "

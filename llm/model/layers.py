@@ -24,14 +24,35 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...], 
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs, axis: str = "embed"):
-        self.eps = eps
-        self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis,), param_dtype)
+    """x / rms(x) * w, or * (1 + w) with `plus_one` (Gemma; w then starts at 0)."""
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        *,
+        param_dtype,
+        rngs: nnx.Rngs,
+        axis: str = "embed",
+        plus_one: bool = False,
+    ):
+        self.eps, self.plus_one = eps, plus_one
+        init = nnx.initializers.zeros if plus_one else nnx.initializers.ones
+        self.scale = param(rngs, init, (dim,), (axis,), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        return (x32 * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, dim: int, *, rngs: nnx.Rngs, axis: str = "embed") -> RMSNorm:
+    """The model's RMSNorm over `dim` (its eps, dtype and (1 + w) choice)."""
+    return RMSNorm(
+        dim, cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs, axis=axis,
+        plus_one=cfg.norm_plus_one,
+    )  # fmt: skip
 
 
 def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
@@ -113,7 +134,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeSc
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+    """SwiGLU: down(silu(x @ gate) * (x @ up)); GeGLU with mlp_activation="gelu_tanh"."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -131,8 +152,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.cfg.dtype
-        h = jax.nn.silu(dense(x, self.w_gate[...].astype(dt))) * dense(
-            x, self.w_up[...].astype(dt)
-        )  # [B, L, F]
+        gate = dense(x, self.w_gate[...].astype(dt))  # [B, L, F]
+        if self.cfg.mlp_activation == "gelu_tanh":  # GeGLU
+            gate = jax.nn.gelu(gate, approximate=True)
+        else:
+            gate = jax.nn.silu(gate)
+        h = gate * dense(x, self.w_up[...].astype(dt))  # [B, L, F]
         h = shard(h, ("batch", "seq", "mlp"))
         return dense(h, self.w_down[...].astype(dt))  # [B, L, D]

@@ -1,5 +1,5 @@
-"""llm.hf_arch against transformers: Llama 3 (every rope_scaling type), Qwen2/2.5, Qwen3, Mistral
-and the Qwen MoE variants load with the same logits, save back to the same architecture, and
+"""llm.hf_arch against transformers: Llama 3 (every rope_scaling type), Qwen2/2.5, Qwen3, Mistral,
+the Qwen MoE variants and Gemma 3 load with the same logits, save back to the same architecture, and
 decode with the KV cache as transformers generates; gradients of the new parameters match."""
 
 import jax
@@ -80,6 +80,17 @@ CASES = {
         {**MOE, "mlp_only_layers": [0], "norm_topk_prob": False, "head_dim": 8},
         {"moe.norm_topk_prob": False, "moe.first_dense_layers": 1, "qk_norm": True},
     ),
+    "gemma3": (
+        transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+        {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8,
+         "layer_types": ["sliding_attention", "full_attention"], "final_logit_softcapping": 30.0,
+         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                "rope_theta": 500.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}},
+        {"layer_patterns": ("sliding", "dense"), "rope_local_theta": 50.0, "post_norms": True,
+         "embed_scale": True, "norm_plus_one": True, "mlp_activation": "gelu_tanh",
+         "final_logit_softcap": 30.0, "query_pre_attn_scalar": 24, "tie_embeddings": True},
+    ),
 }  # fmt: skip
 
 
@@ -132,7 +143,7 @@ def test_load_and_save_match_transformers(tmp_path, tokens, case):
     assert hf.load(str(tmp_path / "ours")).cfg == model.cfg  # the round trip keeps the config
 
 
-@pytest.mark.parametrize("case", ["llama3", "dynamic", "yarn", "mistral"])
+@pytest.mark.parametrize("case", ["llama3", "dynamic", "yarn", "mistral", "gemma3"])
 def test_kv_cache_decode_matches_transformers_generate(tmp_path, case):
     """Greedy decoding past the original context: the cached keys are rotated as transformers
     rotates them (for dynamic NTK, each step with the frequencies of its own length)."""
@@ -149,8 +160,8 @@ def test_kv_cache_decode_matches_transformers_generate(tmp_path, case):
     np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
 
 
-@pytest.mark.parametrize("case", ["qwen2", "qwen3"])
-def test_bias_and_qk_norm_gradients_match_transformers(tmp_path, tokens, case):
+@pytest.mark.parametrize("case", ["qwen2", "qwen3", "gemma3"])
+def test_bias_and_norm_gradients_match_transformers(tmp_path, tokens, case):
     reference = hf_model(case)
     reference.save_pretrained(tmp_path)
     model = hf.load(str(tmp_path))
@@ -165,5 +176,10 @@ def test_bias_and_qk_norm_gradients_match_transformers(tmp_path, tokens, case):
     else:
         pairs += [(attn.q_norm.scale[...], theirs.q_norm.weight.grad)]
         pairs += [(attn.k_norm.scale[...], theirs.k_norm.weight.grad)]
+    if case == "gemma3":  # (1 + w) norms of both branches' outputs
+        block, layer = grads.blocks[1], reference.model.layers[1]
+        pairs += [(block.attn_post_norm.scale[...], layer.post_attention_layernorm.weight.grad)]
+        pairs += [(block.mlp_post_norm.scale[...], layer.post_feedforward_layernorm.weight.grad)]
+        pairs += [(block.mlp_norm.scale[...], layer.pre_feedforward_layernorm.weight.grad)]
     for ours, expected in pairs:
         np.testing.assert_allclose(ours, expected.numpy(), atol=1e-4, rtol=1e-4)
