@@ -68,6 +68,28 @@ def get_config() -> ml_collections.ConfigDict:
         2048  # longest sequence the model accepts (RoPE has no table, this is a guard)
     )
     c.model.rope_theta = 10_000.0  # RoPE base frequency
+    # RoPE scaling (llm.model.config.RopeScaling), as transformers' rope_type: train, evaluate and
+    # sample beyond original_max_position. none = plain RoPE (the other fields are then unused).
+    c.model.rope_scaling = ml_collections.ConfigDict()
+    c.model.rope_scaling.type = "none"  # none | linear | dynamic (NTK) | yarn | llama3
+    c.model.rope_scaling.factor = 1.0  # context extension factor (>= 1)
+    c.model.rope_scaling.original_max_position = 2048  # the pretraining context length
+    c.model.rope_scaling.low_freq_factor = 1.0  # llama3: wavelengths > original / this are scaled
+    c.model.rope_scaling.high_freq_factor = 4.0  # llama3: wavelengths < original / this are kept
+    c.model.rope_scaling.beta_fast = 32.0  # yarn: rotations where interpolation stops
+    c.model.rope_scaling.beta_slow = 1.0  # yarn: rotations where interpolation is full
+    c.model.rope_scaling.attention_factor = placeholder(float)  # yarn: None = 0.1 ln(factor) + 1
+    c.model.rope_scaling.truncate = True  # yarn: round the ramp's ends to whole dimensions
+    c.model.qkv_bias = False  # biases on the q, k, v projections (Qwen2)
+    c.model.qk_norm = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    # Gemma 3's features (each off by default; llm.hf loads them all together).
+    c.model.rope_local_theta = placeholder(float)  # RoPE base of "sliding" layers; None = shared
+    c.model.embed_scale = False  # embeddings times sqrt(embed_dim)
+    c.model.norm_plus_one = False  # RMSNorms scale by (1 + w), w initialized at 0
+    c.model.post_norms = False  # RMSNorm of the attention and MLP outputs before each residual add
+    c.model.mlp_activation = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU)
+    c.model.query_pre_attn_scalar = placeholder(float)  # scores / sqrt(this); None = head_dim
+    c.model.final_logit_softcap = placeholder(float)  # cap * tanh(logits / cap); None = off
     c.model.norm_eps = 1e-6  # RMSNorm epsilon
     c.model.tie_embeddings = True  # output projection = embedding table transposed
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU

@@ -14,8 +14,8 @@ from flax import nnx
 from kernels.attention.masks import Mask
 from kernels.attention.reference import attention_reference
 from llm.model import patterns
-from llm.model.config import ModelConfig
-from llm.model.layers import apply_rope, dense, param
+from llm.model.config import ModelConfig, RopeScaling
+from llm.model.layers import apply_rope, dense, norm, param
 from llm.parallel import context
 from llm.parallel.partitioning import shard
 
@@ -54,6 +54,19 @@ class Attention(nnx.Module):
         self.wk = param(rngs, init, (d, kv, dh), ("embed", "kv_heads", "head_dim"), pdt)
         self.wv = param(rngs, init, (d, kv, dh), ("embed", "kv_heads", "head_dim"), pdt)
         self.wo = param(rngs, out_init, (h, dh, d), ("heads", "head_dim", "embed"), pdt)
+        if cfg.qkv_bias:  # Qwen2: bq [H, Dh], bk and bv [K, Dh]
+            zeros = nnx.initializers.zeros
+            self.bq = param(rngs, zeros, (h, dh), ("heads", "head_dim"), pdt)
+            self.bk = param(rngs, zeros, (kv, dh), ("kv_heads", "head_dim"), pdt)
+            self.bv = param(rngs, zeros, (kv, dh), ("kv_heads", "head_dim"), pdt)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head's Dh, before RoPE
+            self.q_norm = norm(cfg, dh, rngs=rngs, axis="head_dim")
+            self.k_norm = norm(cfg, dh, rngs=rngs, axis="head_dim")
+        # Gemma 3: "sliding" layers rotate with their own base frequency, unscaled.
+        local = cfg.rope_local_theta is not None and cfg.layer_patterns[layer or 0] == "sliding"
+        self.rope = (
+            (cfg.rope_local_theta, RopeScaling()) if local else (cfg.rope_theta, cfg.rope_scaling)
+        )
 
     def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [B, L, D] -> q [B, L, H, Dh], k and v [B, L, K, Dh], RoPE applied to q and k."""
@@ -61,11 +74,18 @@ class Attention(nnx.Module):
         q = dense(x, self.wq[...].astype(dt))  # [B, L, H, Dh]
         k = dense(x, self.wk[...].astype(dt))  # [B, L, K, Dh]
         v = dense(x, self.wv[...].astype(dt))  # [B, L, K, Dh]
-        q = shard(apply_rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
-        k = shard(
-            apply_rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim")
+        if cfg.qkv_bias:
+            q, k, v = (y + b[...].astype(dt) for y, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = (apply_rope(y, positions, *self.rope) for y in (q, k))
+        if cfg.query_pre_attn_scalar is not None:  # the kernels divide by sqrt(Dh)
+            q = q * jnp.asarray(math.sqrt(cfg.head_dim / cfg.query_pre_attn_scalar), q.dtype)
+        return (
+            shard(q, ("batch", "seq", "heads", "head_dim")),
+            shard(k, ("batch", "seq", "kv_heads", "head_dim")),
+            shard(v, ("batch", "seq", "kv_heads", "head_dim")),
         )
-        return q, k, shard(v, ("batch", "seq", "kv_heads", "head_dim"))
 
     def __call__(self, x, positions, segment_ids, cache: dict[str, jax.Array] | None):
         """x: [B, L, D] -> ([B, L, D], updated cache or None)."""

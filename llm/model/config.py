@@ -18,6 +18,8 @@ from llm.errors import check, check_positive, is_int
 from llm.model import patterns
 
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")  # llm.model.layers.rope_frequencies
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama) | GeGLU with tanh GELU (Gemma)
 ROUTERS = ("softmax_topk", "sigmoid_topk")
 DISPATCHES = ("dropless", "capacity")
 CONTEXT_PARALLEL = ("ring", "all_gather")  # llm.parallel.context
@@ -54,6 +56,7 @@ class MoEConfig:
     num_shared_experts: int = dataclasses.field(default=0, metadata=SHAPE)  # dense SwiGLU experts
     # Qwen2-MoE: shared output * sigmoid(x @ w), w: [D, 1]
     shared_expert_gate: bool = dataclasses.field(default=False, metadata=SHAPE)
+    norm_topk_prob: bool = True  # gate weights = the top-k scores renormalized to sum to 1
 
     def __post_init__(self):
         check(
@@ -100,6 +103,59 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling for contexts beyond the pretraining length (transformers' rope_type).
+
+    none: plain RoPE. linear: positions / factor (position interpolation). dynamic: NTK-aware base
+    theta * (factor * L / original - factor + 1)^(Dh / (Dh - 2)), L the largest position + 1 in the
+    call, once L > original. yarn: per-frequency blend of interpolated and original frequencies
+    (ramp between beta_fast and beta_slow rotations over the original context), cos and sin times
+    attention_factor. llama3: long wavelengths / factor, short kept, smoothed between.
+    """
+
+    type: str = "none"  # one of ROPE_SCALINGS
+    factor: float = 1.0
+    original_max_position: int = 2048  # the pretraining context length
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn; None = 0.1 * ln(factor) + 1
+    truncate: bool = True  # yarn: round the ramp's ends to whole dimensions
+
+    def __post_init__(self):
+        check(
+            self.type in ROPE_SCALINGS,
+            f"config.model.rope_scaling.type={self.type!r} is not one of {ROPE_SCALINGS}.",
+        )
+        if self.type == "none":
+            return
+        check(
+            isinstance(self.factor, (int, float)) and self.factor >= 1,
+            f"config.model.rope_scaling.factor must be >= 1 for type={self.type!r}, got "
+            f"{self.factor!r}: set --config.model.rope_scaling.factor (e.g. 8.0).",
+        )
+        check_positive(self.original_max_position, "model.rope_scaling.original_max_position")
+        if self.type == "llama3":
+            check(
+                self.high_freq_factor > self.low_freq_factor > 0,
+                "config.model.rope_scaling needs high_freq_factor > low_freq_factor > 0 for "
+                f"llama3, got {self.high_freq_factor} and {self.low_freq_factor}.",
+            )
+        if self.type == "yarn":
+            check(
+                self.beta_fast > self.beta_slow > 0,
+                "config.model.rope_scaling needs beta_fast > beta_slow > 0 for yarn, got "
+                f"{self.beta_fast} and {self.beta_slow}.",
+            )
+            check(
+                self.attention_factor is None or self.attention_factor > 0,
+                "config.model.rope_scaling.attention_factor must be > 0 (or None), got "
+                f"{self.attention_factor}.",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = dataclasses.field(default=4096, metadata=SHAPE)
     num_layers: int = dataclasses.field(default=4, metadata=SHAPE)
@@ -110,6 +166,17 @@ class ModelConfig:
     mlp_dim: int = dataclasses.field(default=768, metadata=SHAPE)
     max_seq_len: int = 2048
     rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
+    qkv_bias: bool = dataclasses.field(default=False, metadata=SHAPE)  # Qwen2: q, k, v biases
+    qk_norm: bool = dataclasses.field(default=False, metadata=SHAPE)  # Qwen3: RMSNorm per q/k head
+    # Gemma 3's features, each off by default:
+    rope_local_theta: float | None = None  # RoPE base of "sliding" layers, unscaled; None = shared
+    embed_scale: bool = False  # embeddings times sqrt(embed_dim)
+    norm_plus_one: bool = False  # every RMSNorm scales by (1 + w), w starting at 0
+    post_norms: bool = dataclasses.field(default=False, metadata=SHAPE)  # + RMSNorm of each branch
+    mlp_activation: str = "silu"  # one of MLP_ACTIVATIONS (dense MLPs)
+    query_pre_attn_scalar: float | None = None  # scores / sqrt(this); None = head_dim
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None = off
     norm_eps: float = 1e-6
     tie_embeddings: bool = dataclasses.field(default=True, metadata=SHAPE)
     dtype: str = "float32"  # compute
@@ -130,8 +197,17 @@ class ModelConfig:
     layer_patterns: tuple[str, ...] = dataclasses.field(init=False, default=())
 
     def __post_init__(self):
-        if isinstance(self.moe, dict):  # from a config file's nested section
-            object.__setattr__(self, "moe", MoEConfig(**self.moe))
+        for name, cls in (("moe", MoEConfig), ("rope_scaling", RopeScaling)):
+            value = getattr(self, name)
+            if isinstance(value, dict):  # from a config file's nested section
+                known = {f.name for f in dataclasses.fields(cls)}
+                unknown = sorted(set(value) - known)
+                check(
+                    not unknown,
+                    f"config.model.{name} has unknown fields {unknown}; the fields are "
+                    f"{sorted(known)}.",
+                )
+                object.__setattr__(self, name, cls(**value))
         schedule = self._validate()
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
@@ -176,6 +252,21 @@ class ModelConfig:
             f"{CONTEXT_PARALLEL}.",
         )
         check(self.rope_theta > 0, f"config.model.rope_theta must be > 0, got {self.rope_theta}.")
+        for field in ("rope_local_theta", "query_pre_attn_scalar", "final_logit_softcap"):
+            value = getattr(self, field)
+            check(
+                value is None or value > 0,
+                f"config.model.{field} must be > 0 or None (off), got {value!r}.",
+            )
+        check(
+            self.mlp_activation in MLP_ACTIVATIONS,
+            f"config.model.mlp_activation={self.mlp_activation!r} is not one of {MLP_ACTIVATIONS}.",
+        )
+        check(
+            self.mlp_activation == "silu" or not self.moe.num_experts,
+            f"config.model.mlp_activation={self.mlp_activation!r}: MoE experts are SwiGLU; use "
+            "silu with config.model.moe.num_experts > 0.",
+        )
         check(
             not (self.scan_layers and self.moe.num_experts),
             "config.model.scan_layers=True is not supported with MoE layers "

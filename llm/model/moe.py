@@ -2,7 +2,7 @@
 
     route:    logits = x @ router [T, E]; scores = softmax (Mixtral) or sigmoid (DeepSeek-V3);
               the top_k scores (+ the loss-free balancing bias, for selection only) pick the
-              experts, and their scores renormalized to sum to 1 are the gate weights.
+              experts, and their scores renormalized to sum to 1 (norm_topk_prob) are the gate weights.
     dispatch: "dropless" sorts the T*k (token, expert) assignments by expert and runs all experts
               as grouped matmuls (`jax.lax.ragged_dot`); "capacity" copies them into fixed
               buffers [E, C, D], C = ceil(capacity_factor * T * k / E), and drops the overflow.
@@ -51,7 +51,8 @@ class ExpertBias(nnx.Variable):
 
 
 def route(x: jax.Array, router: jax.Array, bias: jax.Array, cfg: MoEConfig):
-    """x: [T, D] -> expert int32[T, k], gate f32[T, k] (rows sum to 1), this device's statistics."""
+    """x: [T, D] -> expert int32[T, k], gate f32[T, k] (rows sum to 1 under norm_topk_prob),
+    this device's statistics."""
     logits = x.astype(jnp.float32) @ router.astype(jnp.float32)  # [T, E]
     if cfg.router == "softmax_topk":
         scores = probs = jax.nn.softmax(logits, axis=-1)
@@ -61,7 +62,8 @@ def route(x: jax.Array, router: jax.Array, bias: jax.Array, cfg: MoEConfig):
     selection = jax.lax.stop_gradient(scores + bias)  # the bias picks experts, never weighs them
     _, expert = jax.lax.top_k(selection, cfg.top_k)  # [T, k]
     gate = jnp.take_along_axis(scores, expert, axis=-1)
-    gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+    if cfg.norm_topk_prob:
+        gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
     counts = jnp.zeros(cfg.num_experts, jnp.float32).at[expert.reshape(-1)].add(1.0)
     stats = {
         "load": counts / expert.size,  # fraction of assignments per expert [E]

@@ -4,6 +4,10 @@ token embedding -> num_layers x [RMSNorm -> grouped-query attention with RoPE (l
 or native sparse attention, llm.model.nsa) -> residual, RMSNorm -> SwiGLU MLP (or a mixture of
 experts, llm.model.moe) -> residual] -> RMSNorm -> output projection (tied or untied).
 
+Gemma 3's options (ModelConfig): embeddings times sqrt(D), RMSNorms of (1 + w), a second
+RMSNorm on each branch's output (post_norms), GeGLU, its own attention scale and local RoPE
+base, and logits soft-capped.
+
 Shape letters as in llm.model.layers. The config is llm.model.config.ModelConfig.
 """
 
@@ -17,7 +21,7 @@ from flax import nnx
 
 from llm.model.attention import Attention
 from llm.model.config import REMAT_POLICIES, ModelConfig
-from llm.model.layers import MLP, RMSNorm, dense, param
+from llm.model.layers import MLP, dense, norm, param
 from llm.model.moe import MoE
 from llm.model.nsa import NativeSparseAttention
 from llm.parallel.partitioning import shard
@@ -34,19 +38,26 @@ class Block(nnx.Module):
     def __init__(
         self, cfg: ModelConfig, layer: int | None = None, *, rngs: nnx.Rngs, moe: bool = False
     ):
-        kw = {"param_dtype": cfg.param_dtype, "rngs": rngs}
-        self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
+        x, cache, aux = self.hidden_states(tokens, positions, segment_ids, cache)
+        logits = dense(x, self.unembedding()).astype(jnp.float32)  # [B, L, V]
+        if self.cfg.final_logit_softcap is not None:  # Gemma
+            cap = self.cfg.final_logit_softcap
+            logits = cap * jnp.tanh(logits / cap)
         nsa = cfg.layer_patterns[layer or 0] == "nsa"  # scanned layers share one pattern
         self.attn = (NativeSparseAttention if nsa else Attention)(cfg, layer, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw)
+        self.mlp_norm = norm(cfg, cfg.embed_dim, rngs=rngs)
         self.is_moe = moe
         self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, rngs=rngs)
+        self.post_norms = cfg.post_norms
+        if cfg.post_norms:  # Gemma 2/3: each branch's output normalized before the residual add
+            self.attn_post_norm = norm(cfg, cfg.embed_dim, rngs=rngs)
+            self.mlp_post_norm = norm(cfg, cfg.embed_dim, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids, cache):
         h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
-        x = x + h
+        x = x + (self.attn_post_norm(h) if self.post_norms else h)
         h, aux = self.mlp(self.mlp_norm(x)) if self.is_moe else (self.mlp(self.mlp_norm(x)), {})
-        x = x + h
+        x = x + (self.mlp_post_norm(h) if self.post_norms else h)
         return shard(x, ("batch", "seq", "embed")), cache, aux
 
 
@@ -78,7 +89,7 @@ class Transformer(nnx.Module):
                     for i in range(cfg.num_layers)
                 ]
             )
-        self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.final_norm = norm(cfg, cfg.embed_dim, rngs=rngs)
         if not cfg.tie_embeddings:
             self.unembed = param(
                 rngs,
@@ -103,8 +114,25 @@ class Transformer(nnx.Module):
         index onward when decoding); segment_ids: [B, L] document ids of packed sequences.
         return_aux: also return the MoE layers' auxiliary values {layer: {name: value}} (training).
         """
+<<<<<<< HEAD
         x, cache, aux = self.hidden_states(tokens, positions, segment_ids, cache)
         logits = dense(x, self.unembedding()).astype(jnp.float32)  # [B, L, V]
+=======
+        cfg = self.cfg
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed[...].astype(cfg.dtype)[tokens]  # [B, L, D]
+        if cfg.embed_scale:  # Gemma: sqrt(D), rounded to the compute dtype as transformers does
+            x = x * jnp.asarray(cfg.embed_dim**0.5, cfg.dtype)
+        x = shard(x, ("batch", "seq", "embed"))
+        x, cache, aux = self._run_blocks(x, positions, segment_ids, cache)
+        x = self.final_norm(x)
+        unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]  # [D, V]
+        logits = dense(x, unembed.astype(cfg.dtype)).astype(jnp.float32)  # [B, L, V]
+        if cfg.final_logit_softcap is not None:
+            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+>>>>>>> hf-arch
         logits = shard(logits, ("batch", "seq", "vocab"))
         if return_aux:
             return logits, aux
@@ -123,7 +151,10 @@ class Transformer(nnx.Module):
         if positions is None:
             start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.embed[...].astype(self.cfg.dtype)[tokens]  # [B, L, D]
+        cfg = self.cfg
+        x = self.embed[...].astype(cfg.dtype)[tokens]  # [B, L, D]
+        if cfg.embed_scale:  # Gemma: sqrt(D), rounded to the compute dtype as transformers does
+            x = x * jnp.asarray(cfg.embed_dim**0.5, cfg.dtype)
         x = shard(x, ("batch", "seq", "embed"))
         x, cache, aux = self._run_blocks(x, positions, segment_ids, cache)
         return self.final_norm(x), cache, aux

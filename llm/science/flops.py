@@ -41,7 +41,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     d, dh, m = cfg.embed_dim, cfg.head_dim, cfg.moe
     attn = d * dh * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
     mlp = 3 * d * cfg.mlp_dim
-    norms = 2 * d
+    # Norm scales (pre, post, q/k) and qkv biases are parameters but not matmuls.
+    norms = (2 + 2 * cfg.post_norms) * d + cfg.qk_norm * 2 * dh
+    norms += cfg.qkv_bias * dh * (cfg.num_heads + 2 * cfg.num_kv_heads)
     expert = 3 * d * m.expert_mlp_dim
     moe_layers = sum(m.is_moe_layer(i) for i in range(cfg.num_layers))
     shared_gate = d if m.shared_expert_gate else 0  # [D, 1]

@@ -103,6 +103,11 @@ class Experiment:
             "bfloat16 compute with float32 parameters.",
         )
         check(
+            self.loss.impl == "plain" or self.model.final_logit_softcap is None,
+            "config.loss.impl=chunked does not apply model.final_logit_softcap (Gemma): use "
+            "loss.impl=plain for a soft-capped model.",
+        )
+        check(
             self.model.dtype != "float16",
             "config.model.dtype=float16 needs loss scaling, which this trainer does not have: "
             "use bfloat16 (same memory, float32's range).",

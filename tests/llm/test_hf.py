@@ -1,4 +1,5 @@
-"""llm.hf against transformers' LlamaForCausalLM: same logits both ways, clear errors."""
+"""llm.hf against transformers' Llama, Mixtral, Qwen2-MoE: same logits both ways; bad input is one
+ConfigError naming the file or field (the other architectures: test_hf_arch.py)."""
 
 import functools
 import json
@@ -12,6 +13,7 @@ from flax import nnx, traverse_util
 from safetensors.numpy import load_file, save_file
 
 from llm import hf
+from llm.errors import ConfigError
 from llm.model.config import ModelConfig, MoEConfig
 from llm.model.transformer import Transformer
 from llm.science import flops
@@ -117,20 +119,80 @@ def test_missing_tensor(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "change",
+    "change, field",
     [
-        {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}},
-        {"attention_bias": True},
-        {"hidden_act": "gelu"},
-        {"model_type": "mistral"},
+        ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling type"),
+        ({"rope_parameters": None, "rope_scaling": {"type": "su", "factor": 2.0}},
+         "rope_scaling type 'su'"),  # a config.json of transformers < 5
+        ({"attention_bias": True}, "Unsupported Hugging Face config.*attention_bias"),
+        ({"hidden_act": "gelu"}, "Unsupported Hugging Face config.*hidden_act"),
+        ({"model_type": "gemma3"}, "Unsupported Hugging Face config.*model_type"),
+        ({"num_attention_heads": None}, "lacks the field 'num_attention_heads'"),
+        ({"layer_types": ["chunked_attention"] * 2, "model_type": "qwen2",
+          "use_sliding_window": True, "sliding_window": 4}, "layer_types.*chunked_attention"),
     ],
-)
-def test_unsupported_config(tmp_path, change):
+)  # fmt: skip
+def test_unsupported_config(tmp_path, change, field):
+    """One ConfigError naming config.json and the field, before any weights are read."""
     hf.save(our_model(tie=True, scan=False), str(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text()) | change
+    config = {k: v for k, v in config.items() if v is not None}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"Unsupported Hugging Face config.*{next(iter(change))}"):
+    with pytest.raises(ConfigError, match=f"config.json.*{field}") as error:
+        hf.load(str(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def test_bad_json_and_dtype(tmp_path):
+    hf.save(our_model(tie=True, scan=False), str(tmp_path))
+    with pytest.raises(ConfigError, match="dtype='int8' is not one of"):
+        hf.load(str(tmp_path), dtype="int8")
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+        hf.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_safetensors_names_the_file(tmp_path, damage):
+    hf.save(our_model(tie=True, scan=False), str(tmp_path))
+    file = tmp_path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a tensor file")
+    with pytest.raises(ConfigError, match="model.safetensors"):
+        hf.load(str(tmp_path))
+
+
+def test_missing_shard(tmp_path):
+    hf_model(tie=False).save_pretrained(tmp_path, max_shard_size="100KB")
+    shard = max(tmp_path.glob("model-*.safetensors"))
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{shard.name} is listed in .*index.json"):
+        hf.load(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)},
+        {"model.layers.2.mlp.up_proj.weight": np.zeros((128, 64), np.float32)},
+    ],
+)
+def test_unused_tensors_are_refused(tmp_path, extra):
+    """Weights the config does not describe (biases of a Llama, a third layer of a 2-layer model)."""
+    hf.save(our_model(tie=True, scan=False), str(tmp_path))
+    tensors = load_file(tmp_path / "model.safetensors") | extra
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ConfigError, match=f"would not use.*{next(iter(extra))}"):
+        hf.load(str(tmp_path))
+
+
+def test_wrong_shape_names_tensor_and_file(tmp_path):
+    hf.save(our_model(tie=True, scan=False), str(tmp_path))
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((64, 64), np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    match = r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' has shape"
+    with pytest.raises(ConfigError, match=match):
         hf.load(str(tmp_path))
 
 
@@ -220,20 +282,12 @@ def test_moe_save_loads_in_transformers(tmp_path, tokens, kind):
     assert hf.load(str(tmp_path)).cfg.moe == model.cfg.moe  # the round trip keeps the layout
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"norm_topk_prob": False},
-        {"qkv_bias": True},
-        {"sliding_window": 16, "use_sliding_window": True},
-        {"shared_expert_intermediate_size": 30},
-    ],
-)
-def test_unsupported_qwen2_moe_config(tmp_path, change):
+def test_unsupported_qwen2_moe_config(tmp_path):
     hf.save(our_moe_model("qwen2_moe"), str(tmp_path))
-    config = json.loads((tmp_path / "config.json").read_text()) | change
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["shared_expert_intermediate_size"] = 30
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"Unsupported Hugging Face config.*{next(iter(change))}"):
+    with pytest.raises(ConfigError, match="shared_expert_intermediate_size=30"):
         hf.load(str(tmp_path))
 
 
@@ -252,10 +306,18 @@ def test_unsaveable_moe_model(tmp_path, moe_fields, message):
         hf.save(Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path))
 
 
-def test_hf_export_refuses_sparse_patterns(tmp_path):
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        ("sliding,dense", "LlamaForCausalLM: mixed dense/sliding layers"),
+        ("local_global", "attention_pattern='local_global'"),
+    ],
+)
+def test_hf_export_refuses_patterns_hf_lacks(tmp_path, pattern, message):
     cfg = ModelConfig(
         vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
-        attention_pattern="sliding,dense",
+        attention_pattern=pattern,
     )  # fmt: skip
-    with pytest.raises(ValueError, match="only dense models"):
-        hf.save(Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path))
+    with pytest.raises(ConfigError, match=message):
+        hf.save(Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # nothing half-written

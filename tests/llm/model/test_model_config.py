@@ -8,7 +8,13 @@ import jax
 import pytest
 from flax import nnx
 
-from llm.model.config import ModelConfig, MoEConfig, shape_differences, shape_fields
+from llm.model.config import (
+    ModelConfig,
+    MoEConfig,
+    RopeScaling,
+    shape_differences,
+    shape_fields,
+)
 from llm.model.transformer import Transformer
 
 BASE = ModelConfig(
@@ -23,12 +29,15 @@ VARIANTS = {
     "remat": "full", "attention_impl": "xla", "attention_pattern": "sliding",
     "attention_window": 8, "attention_global": 4, "attention_stride": 4, "attention_chunk": 8,
     "attention_nsa_block": 8, "attention_nsa_selected": 2, "context_parallel": "all_gather",
+    "rope_scaling": RopeScaling("yarn", 4.0, 512), "qkv_bias": True, "qk_norm": True,
+    "rope_local_theta": 50.0, "embed_scale": True, "norm_plus_one": True, "post_norms": True,
+    "mlp_activation": "gelu_tanh", "query_pre_attn_scalar": 24.0, "final_logit_softcap": 30.0,
 }  # fmt: skip
 MOE_VARIANTS = {
     "num_experts": 8, "top_k": 1, "expert_mlp_dim": 32, "every": 2, "first_dense_layers": 1,
     "router": "sigmoid_topk", "dispatch": "capacity", "capacity_factor": 2.0,
     "aux_loss_weight": 0.1, "z_loss_weight": 0.1, "bias_update_rate": 0.01,
-    "num_shared_experts": 2, "shared_expert_gate": True,
+    "num_shared_experts": 2, "shared_expert_gate": True, "norm_topk_prob": False,
 }  # fmt: skip
 
 
