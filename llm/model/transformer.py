@@ -114,25 +114,11 @@ class Transformer(nnx.Module):
         index onward when decoding); segment_ids: [B, L] document ids of packed sequences.
         return_aux: also return the MoE layers' auxiliary values {layer: {name: value}} (training).
         """
-<<<<<<< HEAD
         x, cache, aux = self.hidden_states(tokens, positions, segment_ids, cache)
         logits = dense(x, self.unembedding()).astype(jnp.float32)  # [B, L, V]
-=======
-        cfg = self.cfg
-        if positions is None:
-            start = 0 if cache is None else cache["index"]
-            positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.embed[...].astype(cfg.dtype)[tokens]  # [B, L, D]
-        if cfg.embed_scale:  # Gemma: sqrt(D), rounded to the compute dtype as transformers does
-            x = x * jnp.asarray(cfg.embed_dim**0.5, cfg.dtype)
-        x = shard(x, ("batch", "seq", "embed"))
-        x, cache, aux = self._run_blocks(x, positions, segment_ids, cache)
-        x = self.final_norm(x)
-        unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]  # [D, V]
-        logits = dense(x, unembed.astype(cfg.dtype)).astype(jnp.float32)  # [B, L, V]
-        if cfg.final_logit_softcap is not None:
-            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
->>>>>>> hf-arch
+        if self.cfg.final_logit_softcap is not None:  # Gemma
+            cap = self.cfg.final_logit_softcap
+            logits = cap * jnp.tanh(logits / cap)
         logits = shard(logits, ("batch", "seq", "vocab"))
         if return_aux:
             return logits, aux
