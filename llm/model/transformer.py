@@ -38,11 +38,7 @@ class Block(nnx.Module):
     def __init__(
         self, cfg: ModelConfig, layer: int | None = None, *, rngs: nnx.Rngs, moe: bool = False
     ):
-        x, cache, aux = self.hidden_states(tokens, positions, segment_ids, cache)
-        logits = dense(x, self.unembedding()).astype(jnp.float32)  # [B, L, V]
-        if self.cfg.final_logit_softcap is not None:  # Gemma
-            cap = self.cfg.final_logit_softcap
-            logits = cap * jnp.tanh(logits / cap)
+        self.attn_norm = norm(cfg, cfg.embed_dim, rngs=rngs)
         nsa = cfg.layer_patterns[layer or 0] == "nsa"  # scanned layers share one pattern
         self.attn = (NativeSparseAttention if nsa else Attention)(cfg, layer, rngs=rngs)
         self.mlp_norm = norm(cfg, cfg.embed_dim, rngs=rngs)
