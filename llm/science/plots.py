@@ -1,4 +1,5 @@
-"""Plots of the scaling-law fits of llm.scaling: IsoFLOP curves, frontier, predicted vs observed."""
+"""The one plotting style of every figure (`figure`, `save`), and the plots of the scaling-law fits
+of llm.scaling: IsoFLOP curves, frontier, predicted vs observed."""
 
 from __future__ import annotations
 
@@ -9,15 +10,55 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.backend_bases import FigureCanvasBase
 
 Table = dict[str, np.ndarray]  # llm.scaling's table of runs (columns)
+
+# Okabe-Ito: distinguishable with colour-blindness and in greyscale print.
+COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.prop_cycle": matplotlib.cycler(color=COLORS),
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.5,
+    "lines.linewidth": 1.5,
+    "lines.markersize": 5,
+    "legend.frameon": False,
+    "savefig.dpi": 150,
+}
+FORMATS = tuple(FigureCanvasBase.get_supported_filetypes())  # file suffixes `save` can write
+
+
+def figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = (6, 4)):
+    """A new figure with `nrows` x `ncols` axes in the house style: (fig, ax or array of axes).
+    Its layout makes room for titles, labels and a legend placed at loc="outside ..."."""
+    plt.rcParams.update(STYLE)
+    return plt.subplots(nrows, ncols, figsize=size, layout="constrained")
+
+
+def save(fig, path: str | pathlib.Path, *, note: str | None = None) -> pathlib.Path:
+    """Writes `fig` to `path` (its suffix picks the format) and closes it; `note` (e.g. "one seed
+    per point") goes along the bottom edge, in grey."""
+    if note:
+        fig.supxlabel(note, x=0.01, ha="left", fontsize=7, color="0.4")
+    fig.savefig(path)
+    plt.close(fig)
+    return pathlib.Path(path)
 
 
 def plot_isoflop(
     final: Table, c: np.ndarray, fit2: dict, n_column: str, path: pathlib.Path
 ) -> None:
     """Final loss vs N per budget `c`, with each budget's fitted parabola and its vertex."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure()
     fitted = {b["budget"]: b for b in fit2["budgets"]}
     for budget, color in zip(np.unique(c), plt.cm.viridis(np.linspace(0, 0.9, len(np.unique(c))))):
         rows = {k: v[c == budget] for k, v in final.items()}
@@ -30,14 +71,12 @@ def plot_isoflop(
                 ax.scatter([b["n_opt"]], [b["loss_opt"]], color=color, marker="*", s=150, zorder=3)
     ax.set(xscale="log", xlabel=f"N ({n_column})", ylabel="final loss", title="IsoFLOP profiles")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_frontier(result: dict, path: pathlib.Path) -> None:
     """N*(C) and D*(C) of the three approaches; approach 3 with its bootstrap 95% band."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = figure(1, 2, size=(10, 4))
     points = {
         "approach 1 (envelope)": result["approach1"].get("points", []),
         "approach 2 (IsoFLOP)": [
@@ -59,16 +98,14 @@ def plot_frontier(result: dict, path: pathlib.Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel=key.replace("_opt", "*"))
         ax.legend(fontsize=8)
     fig.suptitle("Compute-optimal allocation")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_predicted(
     observed: np.ndarray, predicted: np.ndarray, result: dict, path: pathlib.Path
 ) -> None:
     """Approach 3's predicted final loss against the observed one (held-out runs marked)."""
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = figure(size=(5, 5))
     ax.scatter(observed, predicted, s=15, label="fitted runs")
     if "holdout" in result:
         runs = result["holdout"]["runs"]
@@ -83,9 +120,7 @@ def plot_predicted(
     ax.plot(lims, lims, color="k", lw=0.8)
     ax.set(xlabel="observed loss", ylabel="predicted loss", title="L(N, D) fit")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_all(
