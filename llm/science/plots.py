@@ -6,9 +6,7 @@ from __future__ import annotations
 import pathlib
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # no backend forced: Agg without a display, notebooks keep theirs
 import numpy as np
 from matplotlib.backend_bases import FigureCanvasBase
 
@@ -54,28 +52,47 @@ def save(fig, path: str | pathlib.Path, *, note: str | None = None) -> pathlib.P
     return pathlib.Path(path)
 
 
+def power_of_ten(x: float) -> str:
+    """4e12 -> "4×10¹²" in mathtext (1e12 -> "10¹²"), for labels of FLOPs and token counts."""
+    exponent = int(np.floor(np.log10(x)))
+    mantissa = float(f"{x / 10**exponent:.2g}")
+    head = "" if mantissa == 1 else f"{mantissa:g}\\times"
+    return f"${head}10^{{{exponent}}}$"
+
+
 def plot_isoflop(
     final: Table, c: np.ndarray, fit2: dict, n_column: str, path: pathlib.Path
 ) -> None:
     """Final loss vs N per budget `c`, with each budget's fitted parabola and its vertex."""
-    fig, ax = figure()
+    fig, ax = figure(size=(9, 4))
     fitted = {b["budget"]: b for b in fit2["budgets"]}
     for budget, color in zip(np.unique(c), plt.cm.viridis(np.linspace(0, 0.9, len(np.unique(c))))):
         rows = {k: v[c == budget] for k, v in final.items()}
-        ax.scatter(rows[n_column], rows["loss"], color=color, label=f"C = {budget:.2g}")
-        if budget in fitted:
-            b = fitted[budget]
+        label = f"C = {power_of_ten(budget)} FLOPs"
+        b = fitted.get(budget)
+        if b is not None and b["extrapolated"]:  # a vertex outside the sizes trained: no optimum
+            label += " (minimum not bracketed: no star)"
+        ax.scatter(rows[n_column], rows["loss"], color=color, label=label)
+        if b is not None:
             x = np.linspace(np.log(rows[n_column]).min(), np.log(rows[n_column]).max(), 100)
             ax.plot(np.exp(x), np.polyval(b["parabola"], x), color=color)
-            if not b["extrapolated"]:  # a vertex outside the sizes trained is not an optimum
+            if not b["extrapolated"]:
                 ax.scatter([b["n_opt"]], [b["loss_opt"]], color=color, marker="*", s=150, zorder=3)
-    ax.set(xscale="log", xlabel=f"N ({n_column})", ylabel="final loss", title="IsoFLOP profiles")
-    ax.legend(fontsize=8)
-    save(fig, path)
+    if any(not b["extrapolated"] for b in fitted.values()):
+        ax.scatter([], [], color="0.3", marker="*", s=150, label="fitted parabola's minimum")
+    ax.set(
+        xscale="log",
+        xlabel=f"N ({n_column})",
+        ylabel="final eval loss (nats/token)",
+        title="IsoFLOP profiles",
+    )
+    fig.legend(loc="outside right upper")
+    save(fig, path, note="one seed per run")
 
 
 def plot_frontier(result: dict, path: pathlib.Path) -> None:
-    """N*(C) and D*(C) of the three approaches; approach 3 with its bootstrap 95% band."""
+    """N*(C) and D*(C) of the three approaches; approach 3 with its bootstrap 95% band, dashed
+    and lighter beyond the budgets trained (shaded), up to 10x past them."""
     fig, axes = figure(1, 2, size=(10, 4))
     points = {
         "approach 1 (envelope)": result["approach1"].get("points", []),
@@ -85,20 +102,30 @@ def plot_frontier(result: dict, path: pathlib.Path) -> None:
             if not b["extrapolated"]
         ],
     }
-    frontier = result["approach3"]["frontier"]
+    trained = [b["budget"] for b in result["approach2"]["budgets"]]  # every budget of the runs
+    low, high = min(trained), max(trained)
+    frontier = [f for f in result["approach3"]["frontier"] if f["flops"] <= 10 * high]
     flops = np.array([f["flops"] for f in frontier])
+    inside = flops <= high * 1.01
+    beyond = flops >= flops[inside].max()  # joins the solid part
     for ax, key in zip(axes, ("n_opt", "d_opt")):
+        ax.axvspan(low, high, color="#fbeec9", zorder=0, label="budgets trained")
         for label, pts in points.items():
             if pts:
                 ax.scatter([p["flops"] for p in pts], [p[key] for p in pts], s=12, label=label)
-        ax.plot(flops, [f[key]["value"] for f in frontier], color="k", label="approach 3 (L(N, D))")
+        values = np.array([f[key]["value"] for f in frontier])
+        ax.plot(flops[inside], values[inside], color="k", label="approach 3 (L(N, D))")
+        ax.plot(flops[beyond], values[beyond], "k--", label="approach 3, extrapolated")
         if "ci95" in frontier[0][key]:
             lo, hi = np.array([f[key]["ci95"] for f in frontier]).T
-            ax.fill_between(flops, lo, hi, color="k", alpha=0.15, label="approach 3, 95% bootstrap")
-        ax.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel=key.replace("_opt", "*"))
-        ax.legend(fontsize=8)
+            ax.fill_between(flops, lo, hi, where=inside, color="k", alpha=0.15,
+                            label="approach 3, 95% bootstrap")  # fmt: skip
+            ax.fill_between(flops, lo, hi, where=beyond, color="k", alpha=0.06)
+        ylabel = {"n_opt": "N* (parameters)", "d_opt": "D* (tokens)"}[key]
+        ax.set(xscale="log", yscale="log", xlabel="C (training FLOPs)", ylabel=ylabel)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3)
     fig.suptitle("Compute-optimal allocation")
-    save(fig, path)
+    save(fig, path, note="one seed per run")
 
 
 def plot_predicted(
@@ -113,14 +140,18 @@ def plot_predicted(
             [r["loss"] for r in runs],
             [r["predicted"] for r in runs],
             marker="x",
-            color="C3",
-            label=f"held out (fit without C = {result['holdout']['budget']:.2g})",
+            color=COLORS[1],
+            label=f"held out (fit without C = {power_of_ten(result['holdout']['budget'])})",
         )
     lims = [observed.min(), observed.max()]
-    ax.plot(lims, lims, color="k", lw=0.8)
-    ax.set(xlabel="observed loss", ylabel="predicted loss", title="L(N, D) fit")
-    ax.legend(fontsize=8)
-    save(fig, path)
+    ax.plot(lims, lims, color="k", lw=0.8, label="y = x (perfect prediction)")
+    ax.set(
+        xlabel="observed final loss (nats/token)",
+        ylabel="predicted final loss (nats/token)",
+        title="L(N, D) fit",
+    )
+    ax.legend()
+    save(fig, path, note="one seed per run")
 
 
 def plot_all(
