@@ -54,8 +54,8 @@ def save(fig, path: str | pathlib.Path, *, note: str | None = None) -> pathlib.P
 
 def power_of_ten(x: float) -> str:
     """4e12 -> "4×10¹²" in mathtext (1e12 -> "10¹²"), for labels of FLOPs and token counts."""
-    exponent = int(np.floor(np.log10(x)))
-    mantissa = float(f"{x / 10**exponent:.2g}")
+    mantissa, exponent = f"{x:.1e}".split("e")  # rounded first: 9.99e11 -> 1.0e+12
+    mantissa, exponent = float(mantissa), int(exponent)
     head = "" if mantissa == 1 else f"{mantissa:g}\\times"
     return f"${head}10^{{{exponent}}}$"
 
