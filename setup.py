@@ -29,6 +29,8 @@ EXTRAS_REQUIRE = {
         "nbformat>=5.10",
         "ipykernel>=6.29",
     ],
+    # --config.tracker=wandb: metrics to Weights & Biases too (WANDB_MODE=offline needs no network).
+    "wandb": ["wandb>=0.17"],
     # One NVIDIA GPU or a GPU cluster: CUDA 12 wheels of jaxlib (Pallas Triton / Mosaic GPU kernels).
     "gpu": ["jax[cuda12]>=0.10"],
     # TPU VMs and pod slices: libtpu (Pallas Mosaic TPU kernels).

@@ -222,5 +222,6 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
         log_batch_hashes=c["debug"]["log_batch_hashes"],
         profile_start=c["profile"]["start_step"],
         profile_steps=c["profile"]["steps"],
+        tracker=c["tracker"],
         config_json=config.to_json_best_effort(indent=2),
     )

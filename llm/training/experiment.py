@@ -8,6 +8,7 @@ ones; `Experiment` checks them and the rules that span parts.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import jax
 
@@ -21,6 +22,8 @@ from llm.training.checkpoint import CheckpointConfig
 from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
 from llm.training.optimizer import OptimizerConfig
+
+TRACKERS = ("", "wandb")  # config.tracker: where metrics go besides metrics.jsonl and TensorBoard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Experiment:
     log_batch_hashes: bool = False  # config.debug.log_batch_hashes
     profile_start: int = -1  # config.profile.start_step: first step traced; -1 = none
     profile_steps: int = 3  # config.profile.steps
+    tracker: str = ""  # config.tracker: "" or "wandb" (Weights & Biases, besides metrics.jsonl)
     config_json: str = "{}"  # the config as given, for WORKDIR/config.json
 
     def __post_init__(self):
@@ -75,6 +79,15 @@ class Experiment:
             f"{self.profile_start!r}.",
         )
         check_positive(self.profile_steps, "profile.steps")
+        check(
+            self.tracker in TRACKERS,
+            f"config.tracker must be one of {TRACKERS}, got {self.tracker!r}.",
+        )
+        check(
+            self.tracker != "wandb" or importlib.util.find_spec("wandb") is not None,
+            'config.tracker="wandb" needs the wandb package: pip install -e ".[wandb]", or '
+            'set --config.tracker="".',
+        )
         check(
             isinstance(self.log_batch_hashes, bool),
             f"config.debug.log_batch_hashes must be True or False, got {self.log_batch_hashes!r}.",
