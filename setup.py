@@ -20,7 +20,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # Tests compare against Hugging Face transformers on the CPU build of torch and execute notebooks.
+    # Tests compare against Hugging Face transformers on the CPU build of torch, execute notebooks
+    # and log an offline W&B run.
     "test": [
         "pytest>=8",
         "torch==2.13.0",
@@ -28,7 +29,10 @@ EXTRAS_REQUIRE = {
         "nbclient>=0.10",
         "nbformat>=5.10",
         "ipykernel>=6.29",
+        "wandb>=0.17",  # the offline run of --config.tracker=wandb (tests/llm/training/test_metrics.py)
     ],
+    # --config.tracker=wandb: metrics to Weights & Biases too (WANDB_MODE=offline needs no network).
+    "wandb": ["wandb>=0.17"],
     # One NVIDIA GPU or a GPU cluster: CUDA 12 wheels of jaxlib (Pallas Triton / Mosaic GPU kernels).
     "gpu": ["jax[cuda12]>=0.10"],
     # TPU VMs and pod slices: libtpu (Pallas Mosaic TPU kernels).

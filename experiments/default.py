@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.profile = ml_collections.ConfigDict()  # a jax.profiler trace: TensorBoard or Perfetto
     c.profile.start_step = -1  # first step traced into WORKDIR/profile/; -1 = no trace
     c.profile.steps = 3  # steps traced
+    c.tracker = ""  # "wandb": also log to Weights & Biases (extra: pip install -e ".[wandb]")
     c.debug = ml_collections.ConfigDict()
     c.debug.log_batch_hashes = False  # WORKDIR/batch_hashes.jsonl: a SHA-256 per global batch
     c.z_loss = 1e-4  # weight of log(Z)^2 in the loss (PaLM); 0 disables

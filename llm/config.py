@@ -227,5 +227,6 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
         init_from=c["init_from"],
         resume_policy=c["resume_policy"],
         resume_schedule=c["resume_schedule"],
+        tracker=c["tracker"],
         config_json=config.to_json_best_effort(indent=2),
     )

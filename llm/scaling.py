@@ -1,10 +1,12 @@
 """Fit scaling laws to a table of runs (llm.science.scaling):
 
 python -m llm.scaling --runs=runs.csv --out=/tmp/fits [--holdout]
+python -m llm.scaling --runs=runs.csv --out=/tmp/fits --replot   # redraw from /tmp/fits/fit.json
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
@@ -68,6 +70,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("holdout", False, "Also fit without the largest budget and predict it.")
     flags.DEFINE_integer("bootstrap", 200, "Bootstrap fits for approach 3's intervals.")
     flags.DEFINE_integer("seed", 0, "Seed of the bootstrap resampling.")
+    flags.DEFINE_bool("replot", False, "Redraw the plots of --out's fit.json without fitting.")
     flags.DEFINE_enum(
         "n_column", "params", ["params", "non_embedding_params", "active_params"], "N."
     )
@@ -84,11 +87,18 @@ def main(argv: list[str]) -> None:
     except (OSError, ValueError) as e:  # a missing, unreadable or malformed CSV
         print(f"error: --runs={f.runs}: {e}", file=sys.stderr)
         sys.exit(2)
-    kwargs = {"bootstrap": f.bootstrap, "seed": f.seed}
-    result = scaling.fit_all(table, f.n_column, **kwargs)
-    if f.holdout:
-        result["holdout"] = scaling.holdout(table, f.n_column, **kwargs)
     out = pathlib.Path(f.out) if f.out else pathlib.Path(f.runs).parent
+    if f.replot:
+        try:
+            result = json.loads((out / "fit.json").read_text())
+        except (OSError, ValueError) as e:
+            print(f"error: --replot reads --out's fit.json: {e}", file=sys.stderr)
+            sys.exit(2)
+    else:
+        kwargs = {"bootstrap": f.bootstrap, "seed": f.seed}
+        result = scaling.fit_all(table, f.n_column, **kwargs)
+        if f.holdout:
+            result["holdout"] = scaling.holdout(table, f.n_column, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
     final = scaling.final_rows(table)
     if f.out and "skipped" in result["approach3"]:
@@ -96,10 +106,12 @@ def main(argv: list[str]) -> None:
     elif f.out:
         from llm.science import plots  # matplotlib only when plotting
 
-        predicted = scaling.predict_loss(result["approach3"], final[f.n_column], final["tokens"])
+        n_column = result["n_column"]
+        predicted = scaling.predict_loss(result["approach3"], final[n_column], final["tokens"])
         paths = plots.plot_all(final, scaling.budgets(final), predicted, result, out)
         result["plots"] = [str(p) for p in paths]
-    (out / "fit.json").write_text(scaling.to_json(result))
+    if not f.replot:
+        (out / "fit.json").write_text(scaling.to_json(result))
     print(summary(result, float(final["flops"].max())))
     print(f"the whole result: {out / 'fit.json'}" + (" and plots" if f.out else ""))
 

@@ -6,7 +6,8 @@ At each compute budget a dense model and an MoE model of the same active paramet
 top-2, each expert half the dense MLP width, so a token's two experts cost one dense MLP) train
 for budget / (FLOPs per token x tokens per step) steps on the shipped corpus, through
 llm.train.train_and_evaluate; finished runs are not rerun. Writes results.csv, results.md and
-loss_vs_flops.png to --out. About 12 minutes on a busy 2-core CPU.
+loss_vs_flops.png to --out. About 12 minutes on a busy 2-core CPU. `--replot` redraws the figure
+from --out's results.csv.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ COMMON = {  # a 2-layer, 64-wide model: CPU-sized
     "model.num_kv_heads": 2,
     "model.mlp_dim": 192,
 }
+LABELS = {"dense": "dense", "moe_8x2": "MoE: 8 experts, top-2"}  # run name -> legend
 MODELS = {
     "dense": {},
     "moe_8x2": {
@@ -93,11 +95,6 @@ def result(run: sweep.Run, model: str, workdir: pathlib.Path) -> dict:
 
 def write(rows: list[dict], out: pathlib.Path, command: str, seconds: float) -> None:
     """results.csv, results.md (the table, the command and its wall time), loss_vs_flops.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -111,27 +108,45 @@ def write(rows: list[dict], out: pathlib.Path, command: str, seconds: float) -> 
         + f"\n\nCommand: `{command}`\n\nWall time: {seconds / 60:.1f} min "
         "(steps of runs already finished are not rerun or counted).\n"
     )
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for model in MODELS:
-        mine = [r for r in rows if r["model"] == model]
-        ax.plot(
-            [float(r["flops"]) for r in mine], [r["eval_loss"] for r in mine], "o-", label=model
+    plot(rows, out)
+
+
+def plot(rows: list[dict], out: pathlib.Path) -> None:
+    """loss_vs_flops.png from the table's rows (as written, or read back from results.csv)."""
+    from matplotlib.ticker import NullLocator  # matplotlib only when plotting
+
+    from llm.science import plots
+
+    fig, ax = plots.figure(size=(5, 3.5))
+    for model, label in LABELS.items():
+        mine = sorted(
+            (float(r["flops"]), float(r["eval_loss"])) for r in rows if r["model"] == model
         )
-    ax.set(xscale="log", xlabel="training FLOPs (active parameters)", ylabel="final eval loss")
+        ax.plot(*zip(*mine), "o-", label=label)
+    budgets = sorted({float(r["budget"]) for r in rows})
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [plots.power_of_ten(b) for b in budgets])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set(xlabel="training FLOPs (active parameters)", ylabel="final eval loss (nats/token)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_flops.png", dpi=120)
+    plots.save(fig, out / "loss_vs_flops.png", note="one seed per point")
 
 
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Directory of the study: one workdir per run.")
     flags.DEFINE_string("out", "experiments/results/moe_vs_dense", "Where the results go.")
     flags.DEFINE_list("budgets", ["5e11", "1e12", "2e12", "4e12"], "Training FLOPs per run.")
+    flags.DEFINE_bool("replot", False, "Redraw --out's figure from its results.csv; train nothing.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.replot:
+        out = pathlib.Path(flags.FLAGS.out)
+        with (out / "results.csv").open(newline="") as f:
+            plot(list(csv.DictReader(f)), out)
+        return
     if not flags.FLAGS.workdir:
         raise app.UsageError("--workdir=DIR is required.")
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO

@@ -7,7 +7,7 @@ FLOP budget buys it (llm.science.flops.train_flops_per_token counts each pattern
 sparse schedules take more steps than dense), then measures final eval loss, eval loss per
 position bucket, passkey retrieval accuracy by candidate ranking (llm/science/probes.py) at several
 context lengths and depths, and the measured train step time. Writes results.csv, results.md,
-position_loss.png and passkey.png to --out_dir.
+position_loss.png and passkey.png to --out_dir; `--replot` redraws the figures from results.json.
 
 On a CPU the XLA reference attention computes every score and masks afterwards, so step times
 show no sparse speed-up there; block-skipping kernels (pallas_gpu, pallas_tpu) realize it.
@@ -56,6 +56,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("trials", 16, "Passkey prompts per (context length, depth).")
     flags.DEFINE_integer("candidates", 5, "Keys ranked per prompt (chance = 1 / candidates).")
     flags.DEFINE_integer("position_buckets", 8, "Buckets of the per-position loss curve.")
+    flags.DEFINE_bool(
+        "replot",
+        False,
+        "Redraw --out_dir's figures from its results.json (with the run's --trials, --candidates "
+        "and --window); train nothing.",
+    )
 
 
 def base_config(
@@ -135,11 +141,7 @@ def run(schedule: str, budget: float, workdir: pathlib.Path) -> dict:
 
 
 def write_results(rows: list[dict], out: pathlib.Path, command: str, wall: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """results.json, results.csv, results.md and the figures."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     columns = [
@@ -194,33 +196,66 @@ def write_results(rows: list[dict], out: pathlib.Path, command: str, wall: float
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    width = FLAGS.seq_len / FLAGS.position_buckets
-    for r in rows:
-        ax.plot(np.array(r["position_starts"]) + width / 2, r["position_loss"], "o-",
-                label=r["schedule"])  # fmt: skip
-    ax.set(xlabel="position in document", ylabel="eval loss", title="Loss per position")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "position_loss.png", dpi=120)
+    plot_results(rows, out)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def wilson_interval(accuracy: np.ndarray, trials: int, z: float = 1.96) -> np.ndarray:
+    """The 95% Wilson score interval of a binomial proportion: [2, ...] (low, high); unlike the
+    normal approximation it is not empty at an accuracy of 0 or 1."""
+    centre = (accuracy + z**2 / (2 * trials)) / (1 + z**2 / trials)
+    half = (
+        z
+        / (1 + z**2 / trials)
+        * np.sqrt(accuracy * (1 - accuracy) / trials + z**2 / (4 * trials**2))
+    )
+    return np.stack([centre - half, centre + half])
+
+
+def plot_results(rows: list[dict], out: pathlib.Path) -> None:
+    """position_loss.png and passkey.png from the rows (as measured, or read from results.json)."""
+    from llm.science import plots  # matplotlib only when plotting
+
+    note = "one seed per schedule"
+    fig, ax = plots.figure(size=(7, 4))
     for r in rows:
-        distance = [p["needle_distance"] for p in r["passkey"]]
-        order = np.argsort(distance)
-        accuracy = np.array([p["accuracy"] for p in r["passkey"]])
-        ax.plot(np.array(distance)[order], accuracy[order], "o-", label=r["schedule"])
-    ax.axhline(1 / FLAGS.candidates, color="gray", ls="--", label="chance")
-    ax.axvline(FLAGS.window, color="gray", ls=":", label="window")
-    ax.set(xlabel="needle distance (tokens)", ylabel="passkey accuracy", title="Passkey ranking")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "passkey.png", dpi=120)
+        starts = np.array(r["position_starts"])
+        width = starts[1] - starts[0]
+        ax.plot(starts + width / 2, r["position_loss"], "o-", label=r["schedule"])
+    ax.set(
+        xlabel="position in document (tokens, bucket centre)",
+        ylabel="eval loss (nats/token)",
+        title="Loss per position",
+    )
+    fig.legend(loc="outside right upper")
+    plots.save(fig, out / "position_loss.png", note=note)
+
+    lengths = sorted({p["context_len"] for p in rows[0]["passkey"]})
+    fig, axes = plots.figure(1, len(lengths), size=(4.5 * len(lengths) + 2, 4))
+    for ax, length in zip(np.atleast_1d(axes), lengths):
+        for i, r in enumerate(rows):
+            cells = sorted((p["needle_distance"], p["accuracy"]) for p in r["passkey"]
+                           if p["context_len"] == length)  # fmt: skip
+            distance, accuracy = (np.array(c) for c in zip(*cells))
+            low, high = wilson_interval(accuracy, FLAGS.trials)
+            dodge = (i - (len(rows) - 1) / 2) * length / 80  # overlapping series stay visible
+            ax.errorbar(distance + dodge, accuracy, yerr=[accuracy - low, high - accuracy],
+                        fmt="o-", capsize=2, label=r["schedule"])  # fmt: skip
+        ax.axhline(1 / FLAGS.candidates, color="gray", ls="--", label="chance")
+        ax.axvline(FLAGS.window, color="gray", ls=":", label="attention window (sparse schedules)")
+        ax.set(xlabel="needle distance (tokens)", ylabel="passkey accuracy", ylim=(-0.02, 1.02),
+               title=f"context {length} tokens")  # fmt: skip
+    fig.legend(*np.atleast_1d(axes)[0].get_legend_handles_labels(), loc="outside right upper")
+    plots.save(fig, out / "passkey.png",
+               note=f"{note}; error bars: 95% Wilson interval of {FLAGS.trials} trials")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     del argv
+    if FLAGS.replot:
+        plot_results(json.loads((pathlib.Path(FLAGS.out_dir) / "results.json").read_text()),
+                     pathlib.Path(FLAGS.out_dir))  # fmt: skip
+        return
     command = " ".join(["python -m experiments.studies.sparse_vs_dense", *sys.argv[1:]])
     dense = config_lib.model_config(flags_config())
     budget = FLAGS.dense_steps * FLAGS.batch_size * FLAGS.seq_len

@@ -20,6 +20,8 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -28,6 +30,8 @@ from jax.experimental import multihost_utils
 from llm.errors import check, check_positive
 from llm.training import debug
 from llm.training.state import TrainState
+
+ITEMS = ("params", "opt_state")  # the items of a step directory, see the module docstring
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -82,8 +86,7 @@ def make_manager(
         pathlib.Path(workdir).resolve() / "checkpoints",
         options=options,
         item_handlers={  # so the metadata of a step can be read before anything is restored
-            "params": ocp.StandardCheckpointHandler(),
-            "opt_state": ocp.StandardCheckpointHandler(),
+            item: ocp.StandardCheckpointHandler() for item in ITEMS
         },
     )
 
@@ -316,3 +319,29 @@ def restore_params(
     except Exception as e:
         raise CheckpointCorruptError(describe_damage(directory / str(step), e)) from e
     return restored.params
+
+
+def verify_step(step_dir: pathlib.Path) -> str | None:
+    """Reads every array of a step directory (one item at a time, into host memory, on any
+    topology): None if all read back finite and its train-state step is the directory's, else
+    the problem in one line."""
+    step_dir = pathlib.Path(step_dir)
+    try:
+        handler, items = ocp.PyTreeCheckpointHandler(), {}
+        with ocp.Checkpointer(handler) as checkpointer:
+            for name in ITEMS:
+                tree = handler.metadata(step_dir / name).tree  # raises, unlike the checkpointer's
+                as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+                items[name] = checkpointer.restore(
+                    step_dir / name, args=ocp.args.PyTreeRestore(restore_args=as_numpy)
+                )
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types)
+        return describe_damage(step_dir, e)
+    for name, tree in items.items():
+        for path, x in jax.tree_util.tree_leaves_with_path(tree):
+            if jnp.issubdtype(x.dtype, jnp.inexact) and not np.isfinite(x).all():
+                where = f"{name}{jax.tree_util.keystr(path)}"
+                return f"non-finite values in {where}: the run had diverged by this step."
+    if int(items["opt_state"]["step"]) != int(step_dir.name):
+        return f"its train state says step {int(items['opt_state']['step'])}, not {step_dir.name}."
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import importlib.util
 
 import jax
 
@@ -29,6 +30,8 @@ from llm.training.workdir import RESUME_POLICIES
 # A resume that raises `steps`: continue the schedule the run started with (held at its final
 # learning rate after its end), or replan warmup and decay over the new steps.
 RESUME_SCHEDULES = ("original", "stretch")
+
+TRACKERS = ("", "wandb")  # config.tracker: where metrics go besides metrics.jsonl and TensorBoard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Experiment:
     resume_policy: str = "strict"  # strict | allow_changes (llm.training.workdir)
     resume_schedule: str = "original"  # original | stretch: the schedule when a resume adds steps
     schedule_steps: int | None = None  # learning-rate schedule length; None: steps
+    tracker: str = ""  # config.tracker: "" or "wandb" (Weights & Biases, besides metrics.jsonl)
     config_json: str = "{}"  # the config as given, for WORKDIR/config.json
 
     def __post_init__(self):
@@ -119,6 +123,15 @@ class Experiment:
             f"{self.profile_start!r}.",
         )
         check_positive(self.profile_steps, "profile.steps")
+        check(
+            self.tracker in TRACKERS,
+            f"config.tracker must be one of {TRACKERS}, got {self.tracker!r}.",
+        )
+        check(
+            self.tracker != "wandb" or importlib.util.find_spec("wandb") is not None,
+            'config.tracker="wandb" needs the wandb package: pip install -e ".[wandb]", or '
+            'set --config.tracker="".',
+        )
         check(
             isinstance(self.log_batch_hashes, bool),
             f"config.debug.log_batch_hashes must be True or False, got {self.log_batch_hashes!r}.",

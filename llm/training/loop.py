@@ -266,7 +266,9 @@ def _run_locked(
         eval_step = jax.jit(make_eval_step(setup.graphdef, exp.loss))
         flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
         _print_banner(exp, flops_per_token, mesh, time.perf_counter() - t, state, train_step)
-        writer = MetricsWriter(path) if jax.process_index() == 0 else None
+        writer = None
+        if jax.process_index() == 0:
+            writer = MetricsWriter(path, tracker=exp.tracker, config=json.loads(exp.config_json))
 
         def save(state, **kwargs):  # never a non-finite state (nonfinite="stop")
             if exp.guard.nonfinite == "stop":

@@ -1,7 +1,9 @@
-"""Where training metrics go: WORKDIR/metrics.jsonl (one JSON object per logged step), TensorBoard."""
+"""Where training metrics go: WORKDIR/metrics.jsonl (one JSON object per logged step), TensorBoard,
+and with config.tracker="wandb" Weights & Biases (WANDB_MODE=offline: no network needed)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -26,14 +28,23 @@ class MetricsWriter:
     several records; the last one is the run's (`last_per_step`).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        tensorboard: bool = True,
+        tracker: str = "",
+        config: dict | None = None,
+    ):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         drop_partial_line(self.path)
-        self._tb = None
+        self._tb = self._wandb = None
         if tensorboard:
             from flax.metrics import tensorboard as flax_tb  # imports TensorFlow: only when asked
 
             self._tb = flax_tb.SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+        if tracker == "wandb":
+            self._wandb = _start_wandb(pathlib.Path(workdir).resolve(), config or {})
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
@@ -43,10 +54,30 @@ class MetricsWriter:
             for name, value in metrics.items():
                 self._tb.scalar(name, float(value), int(step))
             self._tb.flush()
+        if self._wandb is not None:  # a step replayed after a resume is dropped by wandb
+            self._wandb.log({k: float(v) for k, v in metrics.items()}, step=int(step))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(workdir: pathlib.Path, config: dict):
+    """A W&B run named after the workdir, its id fixed by the workdir's path so that a resumed
+    run continues it; files under WORKDIR/wandb. WANDB_MODE, WANDB_PROJECT etc. apply."""
+    import wandb  # an optional dependency: pip install -e ".[wandb]"
+
+    run_id = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "llm-lab"),
+        name=workdir.name,
+        id=run_id,
+        resume="allow",
+        dir=str(workdir),
+        config=config,
+    )
 
 
 def read_metrics(workdir: str | os.PathLike, name: str = "metrics.jsonl") -> list[dict]:

@@ -23,6 +23,31 @@ def data_dir(tmp_path_factory) -> pathlib.Path:
     return tmp_path_factory.mktemp("tfds")
 
 
+TINY = {  # the tiny config's overrides of experiments/default.py
+    "steps": 6,
+    "batch_size": 8,  # one sequence per CPU device of the test mesh
+    "seq_len": 32,
+    "log_every": 1,
+    "eval_every": 3,
+    "eval_batches": 1,
+    "checkpoint_every": 3,
+    "sample_prompt": "",
+    "optimizer.warmup_steps": 2,
+    "model.num_layers": 2,
+    "model.embed_dim": 64,
+    "model.num_heads": 4,
+    "model.num_kv_heads": 2,
+    "model.mlp_dim": 128,
+}
+
+
+def _tiny_config(text_dir, data_dir):
+    return config_lib.with_overrides(
+        default.get_config(),
+        {**TINY, "data.text_dir": str(text_dir), "data.data_dir": str(data_dir)},
+    )
+
+
 @pytest.fixture
 def tiny_config(tiny_config_shared):
     """The default experiment shrunk to a 2-layer, 64-wide model on the tiny corpus (a copy each
@@ -33,24 +58,15 @@ def tiny_config(tiny_config_shared):
 @pytest.fixture(scope="session")
 def tiny_config_shared(text_dir, data_dir):
     """`tiny_config` for session- and module-scoped fixtures (do not modify it)."""
-    return config_lib.with_overrides(
-        default.get_config(),
-        {
-            "steps": 6,
-            "batch_size": 8,  # one sequence per CPU device of the test mesh
-            "seq_len": 32,
-            "log_every": 1,
-            "eval_every": 3,
-            "eval_batches": 1,
-            "checkpoint_every": 3,
-            "sample_prompt": "",
-            "optimizer.warmup_steps": 2,
-            "data.text_dir": str(text_dir),
-            "data.data_dir": str(data_dir),
-            "model.num_layers": 2,
-            "model.embed_dim": 64,
-            "model.num_heads": 4,
-            "model.num_kv_heads": 2,
-            "model.mlp_dim": 128,
-        },
-    )
+    return _tiny_config(text_dir, data_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_config_shared) -> pathlib.Path:
+    """A finished run of the tiny config (checkpoints at steps 3 and 6, evaluated at both), for
+    the tests that only read a run: do not write to it."""
+    from llm import train
+
+    directory = tmp_path_factory.mktemp("tiny_run")
+    train.train_and_evaluate(tiny_config_shared, str(directory))
+    return directory
