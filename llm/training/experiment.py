@@ -8,8 +8,8 @@ ones; `Experiment` checks them and the rules that span parts.
 from __future__ import annotations
 
 import dataclasses
-import os
 import importlib.util
+import os
 
 import jax
 
