@@ -32,8 +32,9 @@ from jax.experimental import multihost_utils
 from llm.errors import ConfigError
 
 # Dotted config fields (or sections, ending in ".") a resume may change: how often to log,
-# evaluate and save, how long to run, how the state is laid out over devices (restores reshard)
-# and what the backward pass recomputes. Anything else changes what is trained.
+# evaluate and save, where metrics go, how long to run, how the state is laid out over devices
+# (restores reshard), what the backward pass recomputes and which kernels compute the same
+# attention and loss. Anything else changes what is trained.
 SAFE_TO_CHANGE = (
     "steps",
     "log_every",
@@ -52,6 +53,8 @@ SAFE_TO_CHANGE = (
     "axis_rules",
     "model.remat",
     "model.attention_impl",
+    "loss.",
+    "tracker",
     "data.data_dir",
 )
 RESUME_POLICIES = ("strict", "allow_changes")
