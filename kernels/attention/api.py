@@ -25,6 +25,7 @@ from kernels.attention.block_sizes import BlockSizes
 # implementation name -> module under kernels.attention.
 _MODULES = {
     "xla": "reference",
+    "xla_blockwise": "blockwise",
     "cudnn": "cudnn",
     "pallas_gpu": "pallas_gpu",
     "pallas_tpu": "pallas_tpu",
