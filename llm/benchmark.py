@@ -114,9 +114,14 @@ def parse_layout(text: str) -> dict[str, str]:
     return fields
 
 
-def experiment(name: str, layout: dict[str, str] | None = None) -> Experiment:
-    """experiments/default.py with the overrides of CONFIGS[name], on `layout` if given."""
+def experiment(
+    name: str, layout: dict[str, str] | None = None, attention_impl: str | None = None
+) -> Experiment:
+    """experiments/default.py with the overrides of CONFIGS[name], on `layout` if given, with
+    `attention_impl` (a kernels.attention implementation) if given."""
     overrides = dict(CONFIGS[name])
+    if attention_impl:
+        overrides["model.attention_impl"] = attention_impl
     if on_gpu():
         overrides["model.dtype"] = "bfloat16"
     if layout:
@@ -215,10 +220,17 @@ def matmul_ceiling(steps: int) -> float:
 
 
 def benchmark(
-    name: str, layout: dict, ceiling: float, steps: int, warmup: int, with_torch: bool
+    name: str,
+    layout: dict,
+    ceiling: float,
+    steps: int,
+    warmup: int,
+    with_torch: bool,
+    attention_impl: str | None = None,
 ) -> dict:
-    """Times config `name` on `layout` (and torch's); returns its row of results."""
-    exp = experiment(name, layout)
+    """Times config `name` on `layout` (and torch's), our attention by `attention_impl` (None:
+    the config's); returns its row of results."""
+    exp = experiment(name, layout, attention_impl)
     cfg = exp.model
     batch = random_batch(exp)
     tokens = exp.tokens_per_step
@@ -238,6 +250,7 @@ def benchmark(
         "config": name,
         "mesh": {k: v for k, v in exp.mesh.sizes if v != 1} or {"data": 1},
         "context_parallel": cfg.context_parallel,
+        "attention_impl": cfg.attention_impl,
         "memory_per_device": memory,
         "params": flops.param_counts(cfg)["total"],
         "batch_size": exp.batch_size,
@@ -311,6 +324,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation, allocator).")
     flags.DEFINE_bool("torch", True, "Also time the Hugging Face / torch baseline.")
     flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
+    flags.DEFINE_string(
+        "attention_impl", None, "model.attention_impl for our step (default: the config's)."
+    )
     flags.DEFINE_multi_string(
         "mesh",
         [],
@@ -334,7 +350,15 @@ def main(argv: list[str]) -> None:
     for name in f.configs:
         first = None
         for layout in layouts:
-            row = benchmark(name, layout, ceiling, f.steps, f.warmup, f.torch and first is None)
+            row = benchmark(
+                name,
+                layout,
+                ceiling,
+                f.steps,
+                f.warmup,
+                f.torch and first is None,
+                f.attention_impl,
+            )
             first = first or row
             row["ours_over_first_layout"] = (
                 row["ours"]["tokens_per_second"] / first["ours"]["tokens_per_second"]
