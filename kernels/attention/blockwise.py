@@ -7,11 +7,14 @@ attention computes about half the scores and a sliding window a band of them; th
 predicate is applied only in query blocks that visit a PARTIAL block. A query block's visited
 keys are gathered into one key set and attended at once by the reference
 (`attention_reference_with_lse`: exact softmax in float32, GQA, segment ids, empty rows), so
-no online softmax is needed: on CPU one matmul per query block beats a loop of small ones, and
-the scores held at once are block_q x (visited keys), never q_seq x kv_seq.
+no online softmax is needed: one matmul per query block rather than one per key block (fewer,
+larger ops for XLA; not measured against an online-softmax loop), holding block_q x (visited
+keys) scores at once, never q_seq x kv_seq.
 
 The backward is autodiff of this forward: per query block it keeps that block's probabilities,
-so the residuals are the visited score area (less than the reference's full matrix).
+so the residuals are the visited score area (less than the reference's full matrix; compiled
+temp memory in kernels/BENCHMARKS.md). The per-block loop is unrolled at trace time, so compile
+time grows with the number of query blocks.
 Segment ids are dynamic and applied elementwise; only the mask's static structure is skipped.
 """
 
