@@ -11,14 +11,20 @@ warm-up, `block_until_ready`) and reports
   * speed-up against "xla" and "cudnn" measured in the same run.
 
 Backward FLOPs count 2.5x forward (forward+backward = 3.5x). Out-of-memory
-configurations print "OOM". On a CPU backend the kernels would run in Pallas
-interpret mode, whose timings say nothing about kernel performance: the
-benchmark then prints no timings, runs a small correctness check and exits 0.
+configurations print "OOM".
+
+On a CPU backend the Pallas kernels would run in interpret mode, whose timings
+say nothing about kernel performance: there the benchmark times only the
+compiled XLA paths ("xla", "xla_blockwise") on `specs.CPU_BENCHMARK_SPECS`
+(useful FLOPs counted at the xla_blockwise block sizes), after a small
+correctness check of pallas_gpu. CPU figures are CPU figures, never
+accelerator performance. --block_sizes=Q,KV sets the blocked backends' sizes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 
@@ -29,17 +35,22 @@ from absl import app, flags
 
 import kernels
 from kernels.attention import specs
-from kernels.attention.block_sizes import default_block_sizes
+from kernels.attention.block_sizes import BlockSizes, default_block_sizes
 from kernels.attention.mask_info import EMPTY, mask_info
 
-_KNOWN_IMPLS = ("pallas_gpu", "pallas_tpu", "xla", "cudnn", "tokamax")
+_KNOWN_IMPLS = ("pallas_gpu", "pallas_tpu", "xla", "xla_blockwise", "cudnn", "tokamax")
+_CPU_IMPLS = ("xla", "xla_blockwise")  # compiled on CPU; the others would be interpreted
 _BWD_FACTOR = 2.5  # Backward FLOPs / forward FLOPs.
 _BASELINES = ("xla", "cudnn")
 
 
-def forward_flops(spec: specs.AttentionSpec) -> tuple[float, float]:
-    """(useful FLOPs over non-empty mask blocks, dense-equivalent FLOPs) of one forward."""
-    bs = default_block_sizes("gpu", spec.head_dim, jnp.dtype(spec.dtype))
+def forward_flops(
+    spec: specs.AttentionSpec, block_sizes: BlockSizes | None = None
+) -> tuple[float, float]:
+    """(useful FLOPs over non-empty mask blocks, dense-equivalent FLOPs) of one forward.
+
+    Blocks: `block_sizes`, default the pallas_gpu forward's."""
+    bs = block_sizes or default_block_sizes("gpu", spec.head_dim, jnp.dtype(spec.dtype))
     info = mask_info(spec.full_mask(), spec.q_seq, spec.kv_seq, bs.block_q, bs.block_kv)
     rows = np.minimum(bs.block_q, spec.q_seq - bs.block_q * np.arange(info.num_q_blocks))
     cols = np.minimum(bs.block_kv, spec.kv_seq - bs.block_kv * np.arange(info.num_kv_blocks))
@@ -66,13 +77,21 @@ def _tokamax_fn(spec: specs.AttentionSpec) -> Callable:
     return fn
 
 
-def _attention_fn(spec: specs.AttentionSpec, impl: str, segment_ids) -> Callable:
+def _attention_fn(
+    spec: specs.AttentionSpec, impl: str, segment_ids, block_sizes: BlockSizes | None
+) -> Callable:
     if impl == "tokamax":
         if segment_ids is not None:
             raise kernels.UnsupportedError("tokamax: segment ids are not mapped here")
         return _tokamax_fn(spec)
     return lambda q, k, v: kernels.attention(
-        q, k, v, segment_ids=segment_ids, implementation=impl, **spec.kwargs()
+        q,
+        k,
+        v,
+        segment_ids=segment_ids,
+        implementation=impl,
+        block_sizes=None if impl == "xla" else block_sizes,
+        **spec.kwargs(),
     )
 
 
@@ -86,11 +105,13 @@ def _best_ms(fn: Callable, args: tuple, repeats: int) -> float:
     return best * 1e3
 
 
-def _measure(spec: specs.AttentionSpec, impl: str, repeats: int) -> dict[str, float | str]:
+def _measure(
+    spec: specs.AttentionSpec, impl: str, repeats: int, block_sizes: BlockSizes | None
+) -> dict[str, float | str]:
     """{"fwd": ms, "fwd_bwd": ms} or the reason it did not run ("OOM", "unsupported: ...")."""
     try:
         q, k, v, segment_ids = spec.inputs()
-        attention = _attention_fn(spec, impl, segment_ids)
+        attention = _attention_fn(spec, impl, segment_ids, block_sizes)
         do = jnp.ones(q.shape, q.dtype)
 
         def fwd_bwd(q, k, v):
@@ -112,16 +133,18 @@ def _measure(spec: specs.AttentionSpec, impl: str, repeats: int) -> dict[str, fl
         return {"fwd": f"error: {type(e).__name__}: {text[:300]}", "fwd_bwd": "error"}
 
 
-def _report(spec: specs.AttentionSpec, results: dict[str, dict]) -> list[dict]:
+def _report(
+    spec: specs.AttentionSpec, results: dict[str, dict], block_sizes: BlockSizes | None
+) -> list[dict]:
     """Prints one line per (implementation, pass); returns JSON records."""
-    sparse, dense = forward_flops(spec)
+    sparse, dense = forward_flops(spec, block_sizes)
     records = []
     for mode, factor in (("fwd", 1.0), ("fwd_bwd", 1.0 + _BWD_FACTOR)):
         for impl, res in results.items():
             ms = res[mode]
             record = {"spec": spec.name, "impl": impl, "mode": mode}
             if isinstance(ms, str):
-                print(f"  {mode:8s} {impl:11s} {ms}")
+                print(f"  {mode:8s} {impl:13s} {ms}")
                 records.append({**record, "status": ms})
                 continue
             record.update(
@@ -130,8 +153,8 @@ def _report(spec: specs.AttentionSpec, results: dict[str, dict]) -> list[dict]:
                 tflops_dense_equiv=factor * dense / ms / 1e9,
             )
             line = (
-                f"  {mode:8s} {impl:11s} {ms:9.3f} ms  {record['tflops']:7.1f} TFLOP/s "
-                f"({record['tflops_dense_equiv']:7.1f} dense-eq)"
+                f"  {mode:8s} {impl:13s} {ms:9.3f} ms  {record['tflops']:7.3f} TFLOP/s "
+                f"({record['tflops_dense_equiv']:7.3f} dense-eq)"
             )
             for base in _BASELINES:
                 base_ms = results.get(base, {}).get(mode)
@@ -159,38 +182,58 @@ def _cpu_smoke_check() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    if jax.default_backend() == "cpu":
+    f = flags.FLAGS
+    on_cpu = jax.default_backend() == "cpu"
+    block_sizes = BlockSizes.uniform(*map(int, f.block_sizes)) if f.block_sizes else None
+    if on_cpu:
         print(
             "CPU backend: the Pallas kernels would run in interpret mode, whose timings do "
-            "not measure kernel performance. No timings printed; run on a GPU."
+            f"not measure kernel performance; timing only the compiled {_CPU_IMPLS}."
         )
         _cpu_smoke_check()
-        return
-    by_name = {s.name: s for s in specs.BENCHMARK_SPECS}
-    if unknown := [n for n in flags.FLAGS.specs if n not in by_name]:
+        block_sizes = block_sizes or default_block_sizes("cpu", 0, jnp.float32)
+    pool = specs.CPU_BENCHMARK_SPECS if on_cpu else specs.BENCHMARK_SPECS
+    by_name = {s.name: s for s in pool}
+    if unknown := [n for n in f.specs if n not in by_name]:
         raise app.UsageError(f"unknown --specs {unknown}; choose from {sorted(by_name)}")
-    chosen = [by_name[n] for n in flags.FLAGS.specs] or specs.BENCHMARK_SPECS
-    if unknown := [i for i in flags.FLAGS.impls if i not in _KNOWN_IMPLS]:
+    chosen = [by_name[n] for n in f.specs] or pool
+    impls = f.impls or (_CPU_IMPLS if on_cpu else ("pallas_gpu", "xla", "cudnn", "tokamax"))
+    if unknown := [i for i in impls if i not in _KNOWN_IMPLS]:
         raise app.UsageError(f"unknown --impls {unknown}; choose from {_KNOWN_IMPLS}")
-    print(f"device: {jax.devices()[0].device_kind}, repeats: {flags.FLAGS.repeats}")
+    if on_cpu and (interpreted := [i for i in impls if i not in _CPU_IMPLS]):
+        raise app.UsageError(
+            f"--impls {interpreted} would run interpreted on CPU; use {_CPU_IMPLS}"
+        )
+    print(
+        f"device: {jax.devices()[0].device_kind}, repeats: {f.repeats}, block_sizes: "
+        f"{block_sizes}, load average: {os.getloadavg()}, {time.strftime('%Y-%m-%d %H:%M %Z')}"
+    )
     records = []
     for spec in chosen:
         print(
             f"{spec.name}: batch {spec.batch}, seq {spec.q_seq}/{spec.kv_seq}, heads "
             f"{spec.heads}/{spec.kv_heads}, head_dim {spec.head_dim}, {spec.dtype}"
         )
-        results = {impl: _measure(spec, impl, flags.FLAGS.repeats) for impl in flags.FLAGS.impls}
-        records += _report(spec, results)
-    if flags.FLAGS.out:
-        with open(flags.FLAGS.out, "w") as f:
-            json.dump(records, f, indent=1)
-        print(f"wrote {flags.FLAGS.out}")
+        results = {impl: _measure(spec, impl, f.repeats, block_sizes) for impl in impls}
+        records += _report(spec, results, block_sizes)
+    if f.out:
+        with open(f.out, "w") as out:
+            json.dump(records, out, indent=1)
+        print(f"wrote {f.out}")
 
 
 def define_flags() -> None:
-    flags.DEFINE_list("specs", [], "BENCHMARK_SPECS names to run (default: all).")
     flags.DEFINE_list(
-        "impls", ["pallas_gpu", "xla", "cudnn", "tokamax"], "Implementations to compare."
+        "specs", [], "Spec names to run (default: all BENCHMARK_SPECS, CPU_BENCHMARK_SPECS on CPU)."
+    )
+    flags.DEFINE_list(
+        "impls",
+        [],
+        "Implementations to compare (default: pallas_gpu,xla,cudnn,tokamax; xla,xla_blockwise "
+        "on CPU).",
+    )
+    flags.DEFINE_list(
+        "block_sizes", [], "Q,KV block sizes of the blocked implementations (default: theirs)."
     )
     flags.DEFINE_integer("repeats", 10, "Timed runs per measurement (best is kept).")
     flags.DEFINE_string("out", None, "Write the results as JSON to this file.")

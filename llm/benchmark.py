@@ -229,10 +229,18 @@ def matmul_ceiling(steps: int) -> float:
 
 
 def benchmark(
-    name: str, layout: dict, ceiling: float, steps: int, warmup: int, with_torch: bool
+    name: str,
+    layout: dict,
+    ceiling: float,
+    steps: int,
+    warmup: int,
+    with_torch: bool,
+    attention_impl: str | None = None,
 ) -> dict:
-    """Times config `name` on `layout` (and torch's); returns its row of results."""
-    exp = experiment(name, layout)
+    """Times config `name` on `layout` (and torch's), our attention by `attention_impl` (None:
+    the config's); returns its row of results."""
+    extra = {"model.attention_impl": attention_impl} if attention_impl else None
+    exp = experiment(name, layout, extra)
     cfg = exp.model
     batch = random_batch(exp)
     tokens = exp.tokens_per_step
@@ -252,6 +260,7 @@ def benchmark(
         "config": name,
         "mesh": {k: v for k, v in exp.mesh.sizes if v != 1} or {"data": 1},
         "context_parallel": cfg.context_parallel,
+        "attention_impl": cfg.attention_impl,
         "memory_per_device": memory,
         "params": flops.param_counts(cfg)["total"],
         "batch_size": exp.batch_size,
@@ -363,6 +372,9 @@ def define_flags() -> None:
         "Vocabulary sizes of the loss memory table (plain vs chunked loss); empty to skip.",
     )
     flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
+    flags.DEFINE_string(
+        "attention_impl", None, "model.attention_impl for our step (default: the config's)."
+    )
     flags.DEFINE_multi_string(
         "mesh",
         [],
@@ -386,7 +398,15 @@ def main(argv: list[str]) -> None:
     for name in f.configs:
         first = None
         for layout in layouts:
-            row = benchmark(name, layout, ceiling, f.steps, f.warmup, f.torch and first is None)
+            row = benchmark(
+                name,
+                layout,
+                ceiling,
+                f.steps,
+                f.warmup,
+                f.torch and first is None,
+                f.attention_impl,
+            )
             first = first or row
             row["ours_over_first_layout"] = (
                 row["ours"]["tokens_per_second"] / first["ours"]["tokens_per_second"]

@@ -25,13 +25,19 @@ from kernels.attention.block_sizes import BlockSizes
 # implementation name -> module under kernels.attention.
 _MODULES = {
     "xla": "reference",
+    "xla_blockwise": "blockwise",
     "cudnn": "cudnn",
     "pallas_gpu": "pallas_gpu",
     "pallas_tpu": "pallas_tpu",
 }
 IMPLEMENTATIONS = tuple(_MODULES)  # what `implementation=` accepts, besides None
-# Preference order for implementation=None, per jax.default_backend().
-_AUTO = {"gpu": ("pallas_gpu", "cudnn", "xla"), "tpu": ("pallas_tpu", "xla")}
+# Preference order for implementation=None, per jax.default_backend(). On CPU xla_blockwise is
+# measured faster than xla in the kernel benchmark and the default train step (kernels/BENCHMARKS.md).
+_AUTO = {
+    "gpu": ("pallas_gpu", "cudnn", "xla"),
+    "tpu": ("pallas_tpu", "xla"),
+    "cpu": ("xla_blockwise", "xla"),
+}
 
 
 # Optional arguments a backend supports only if its module lists them in FEATURES; they are passed
@@ -126,12 +132,14 @@ def attention(
     causal, sliding_window (query sees itself and the W-1 keys before) and
     mask intersect. With q_seq != kv_seq, query i sits at position
     i + kv_seq - q_seq (last query aligned with last key). Rows that see no
-    key give zeros. implementation: "xla", "cudnn", "pallas_gpu",
-    "pallas_tpu" or None (fastest supported one for jax.default_backend()).
+    key give zeros. implementation: "xla", "xla_blockwise", "cudnn",
+    "pallas_gpu", "pallas_tpu" or None (fastest supported one for
+    jax.default_backend()).
     Returns [batch, q_seq, heads, head_dim] in q.dtype.
 
     For attention between blocks of a longer sequence (context parallelism), three optional
-    features, supported by the "xla" implementation only (others raise UnsupportedError):
+    features, supported by the "xla" implementation (and "xla_blockwise", all but q_offset;
+    others raise UnsupportedError):
       segment_ids=(q_segment_ids [batch, q_seq], kv_segment_ids [batch, kv_seq]);
       q_offset: position of query row 0 relative to key column 0 (an int or a traced int32
         scalar; default kv_seq - q_seq) for causal / window masks;

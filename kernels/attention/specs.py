@@ -1,4 +1,5 @@
-"""Shared attention argument specs for tests (CPU_SPECS) and benchmarks (BENCHMARK_SPECS)."""
+"""Shared attention argument specs: tests (CPU_SPECS), accelerator benchmarks (BENCHMARK_SPECS)
+and CPU benchmarks of the compiled XLA paths (CPU_BENCHMARK_SPECS)."""
 
 from __future__ import annotations
 
@@ -175,5 +176,15 @@ BENCHMARK_SPECS: list[AttentionSpec] = [
         128,
         "bfloat16",
         mask=m.BlockSparseMask.from_array(_layout(32, 32, 3), 256, 256),
+    ),
+]
+
+# The default model's attention (experiments/default.py: 4 heads, 2 kv heads, head_dim 64,
+# float32) at 4096 tokens per call, causal and with a 128-token sliding window.
+CPU_BENCHMARK_SPECS: list[AttentionSpec] = [
+    *(S(f"cpu_causal_{n}", 4096 // n, n, n, 4, 2, 64, causal=True) for n in (256, 1024, 2048)),
+    *(
+        S(f"cpu_window128_{n}", 4096 // n, n, n, 4, 2, 64, sliding_window=128)
+        for n in (256, 1024, 2048)
     ),
 ]

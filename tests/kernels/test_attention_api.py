@@ -56,12 +56,21 @@ def test_backend_import_error_propagates(monkeypatch):
         kernels.attention(*_qkv(), implementation="pallas_gpu")
 
 
-def test_none_on_cpu_picks_xla(monkeypatch):
+def test_none_on_cpu_picks_xla_blockwise(monkeypatch):
     calls = []
     real = api._module
     monkeypatch.setattr(api, "_module", lambda name: calls.append(name) or real(name))
     out = kernels.attention(*_qkv(), causal=True)
-    assert calls == ["xla"] and out.shape == (B, S, H, D)
+    assert calls == ["xla_blockwise"] and out.shape == (B, S, H, D)
+
+
+def test_none_on_cpu_falls_back_to_xla_for_q_offset(monkeypatch):
+    """xla_blockwise lacks q_offset (its block lists are static), so None picks xla."""
+    calls = []
+    real = api._module
+    monkeypatch.setattr(api, "_module", lambda name: calls.append(name) or real(name))
+    kernels.attention(*_qkv(), causal=True, q_offset=0)
+    assert calls == ["xla_blockwise", "xla"]
 
 
 def test_causal_and_window_arguments_match_mask_objects():
