@@ -156,7 +156,7 @@ def test_the_lock_names_its_holder(tmp_path):
 def test_a_second_trainer_is_refused_while_the_first_saves(tmp_path, tiny_config):
     """The first trainer pauses inside its first asynchronous save (a temporary checkpoint
     directory on disk); a second one on the same workdir exits 2 at once naming it, and the
-    first finishes its run intact."""
+    first finishes its run intact: the same losses as a lone run."""
     flags = [
         f"--workdir={tmp_path / 'run'}",
         "--config.steps=4",
@@ -201,7 +201,11 @@ def test_a_second_trainer_is_refused_while_the_first_saves(tmp_path, tiny_config
         assert first.wait(timeout=300) == 0
     finally:
         first.kill()
-    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    lone = [a.replace(str(tmp_path / "run"), str(tmp_path / "lone")) for a in command]
+    subprocess.run(lone, check=True, env=env, cwd=ROOT, capture_output=True)
+    records, alone = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "lone")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records] == [r["loss"] for r in alone]  # bit-identical
     assert len(workdir.read_history(tmp_path / "run")) == 1
     steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert steps == ["2", "4"]
