@@ -1,5 +1,5 @@
-"""A training run's files, for the commands that read one (sample, export): its config and its
-model at a checkpoint. A run is named `DIR` (its latest checkpoint) or `DIR@STEP`."""
+"""A training run's files, for the commands that read one (sample, export, evaluate): its config
+and its model at a checkpoint. A run is named `DIR` (its latest checkpoint) or `DIR@STEP`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,19 @@ from flax import nnx
 
 from llm import config as config_lib
 from llm.model.transformer import Transformer
-from llm.training import checkpoint
+from llm.training import checkpoint, workdir
+from llm.training.experiment import Experiment
+
+
+def load_experiment(config: ml_collections.ConfigDict) -> Experiment:
+    """The typed experiment of a run's recorded config; fields added to the code since the run
+    was started take their defaults, fields removed since are ignored."""
+    default = config_lib.load_config(config_lib.DEFAULT_CONFIG)
+    known = workdir.flatten(default.to_dict())
+    recorded = workdir.flatten(config.to_dict())
+    return config_lib.resolve(
+        config_lib.with_overrides(default, {k: v for k, v in recorded.items() if k in known})
+    )
 
 
 def load_run(run: str) -> tuple[Transformer, ml_collections.ConfigDict]:

@@ -133,11 +133,12 @@ def read_config(path: pathlib.Path) -> dict | None:
         ) from None
 
 
-def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"num_layers": 2}} -> {"model.num_layers": 2}."""
     out = {}
     for key, value in node.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[prefix + key] = value
     return out
@@ -146,7 +147,7 @@ def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
 def changes(recorded: dict, given: dict) -> list[tuple[str, Any, Any]]:
     """(dotted field, recorded value, given value) for each field both configs have and that
     differs (a field one lacks was added or removed by a code change, not by the user)."""
-    old, new = _flatten(recorded), _flatten(given)
+    old, new = flatten(recorded), flatten(given)
     return [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
 
 

@@ -1,0 +1,53 @@
+"""`python -m llm.evaluate`: a checkpoint's eval loss equals the one the trainer logged at that
+step; mistakes are one line and exit status 2."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from llm import evaluate
+from llm.training.metrics import last_per_step, read_metrics
+
+ROOT = pathlib.Path(__file__).parents[2]
+
+
+@pytest.mark.parametrize("step", [3, 6])
+def test_the_eval_loss_of_a_step_equals_the_trainers(tiny_run, step):
+    result = evaluate.evaluate(f"{tiny_run}@{step}" if step == 3 else str(tiny_run))
+    logged = last_per_step(read_metrics(tiny_run))[step]
+    assert result["step"] == step
+    assert result["eval_loss"] == pytest.approx(logged["eval_loss"], rel=1e-5)
+
+
+def test_the_command_prints_and_writes_the_result(tiny_run, tmp_path):
+    out = tmp_path / "eval.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm.evaluate",
+            f"--workdir={tiny_run}@3",
+            "--batches=2",
+            f"--out={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert done.stdout.startswith(f"step 3: eval loss {result['eval_loss']:.4f}")
+    bad = subprocess.run(
+        [sys.executable, "-m", "llm.evaluate", f"--workdir={tiny_run}@4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert bad.returncode == 2 and "no checkpoint of step 4" in bad.stderr, bad.stderr[-2000:]
