@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "tensorflow-cpu>=2.20",  # tfds builders
     "tensorboard>=2.20",  # training curves (flax.metrics.tensorboard)
     "sentencepiece>=0.2",
+    "tokenizers>=0.20",  # Hugging Face tokenizer directories (data/hf_tokenizer.py)
     "absl-py>=2.1",
     "numpy>=2.0",
     "tqdm>=4.66",

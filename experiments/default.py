@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.text_key = "text"  # the feature holding the text
     c.data.text_dir = ""  # a local directory of .txt files to read instead (text_corpus builder)
     c.data.data_dir = ""  # "" = data.pipeline.default_data_dir()
-    c.data.tokenizer = ""  # "" = the shipped sentencepiece model (4096 pieces)
+    c.data.tokenizer = ""  # "": the shipped sentencepiece model; a .model file; an HF tokenizer dir
     c.data.train_split = "train"  # tfds split to train on
     c.data.eval_split = "validation"  # tfds split to evaluate on
 

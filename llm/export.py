@@ -11,7 +11,8 @@ import sys
 
 from absl import app, flags, logging
 
-from data.tokenizer import SHIPPED_MODEL, Tokenizer, TokenizerLoadError, TokenizerNotFoundError
+from data.hf_tokenizer import load_tokenizer
+from data.tokenizer import TokenizerLoadError, TokenizerNotFoundError
 from llm import config as config_lib
 from llm import hf
 from llm.runs import load_run
@@ -20,7 +21,7 @@ from llm.runs import load_run
 def export(run: str, out: str) -> None:
     """Writes the model of `run` (DIR or DIR@STEP) and its tokenizer to the HF directory `out`."""
     model, config = load_run(run)
-    tokenizer = Tokenizer(config.data.tokenizer or SHIPPED_MODEL)
+    tokenizer = load_tokenizer(config.data.tokenizer)
     hf.save(model, out, tokenizer=tokenizer)
 
 

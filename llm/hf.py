@@ -24,6 +24,7 @@ from flax import nnx, traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from data.hf_tokenizer import HFTokenizer
 from data.tokenizer import UNK_ID, Tokenizer
 from llm.errors import ConfigError, check
 from llm.hf_arch import ARCHITECTURES, check_saveable, config_from_hf, config_to_hf, hf_names
@@ -149,7 +150,9 @@ def load(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> Tra
     return nnx.merge(graphdef, state)
 
 
-def save(model: Transformer, path: str, *, tokenizer: Tokenizer | None = None) -> None:
+def save(
+    model: Transformer, path: str, *, tokenizer: Tokenizer | HFTokenizer | None = None
+) -> None:
     """Writes `model` as its HF architecture's directory (llm.hf_arch.model_type):
     config.json + model.safetensors; with `tokenizer`, also its special-token ids, the tokenizer
     (`save_tokenizer`) and generation_config.json."""
@@ -180,12 +183,18 @@ def save(model: Transformer, path: str, *, tokenizer: Tokenizer | None = None) -
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-def save_tokenizer(tokenizer: Tokenizer, path: str | pathlib.Path) -> None:
-    """Writes the sentencepiece model as transformers' LlamaTokenizer reads it (no prefix space,
-    no implicit bos/eos), so `AutoTokenizer.from_pretrained(path).encode(text,
-    add_special_tokens=False)` equals `tokenizer.encode(text)`."""
+def save_tokenizer(tokenizer: Tokenizer | HFTokenizer, path: str | pathlib.Path) -> None:
+    """Writes the tokenizer so that `AutoTokenizer.from_pretrained(path).encode(text,
+    add_special_tokens=False)` equals `tokenizer.encode(text)`: a Hugging Face tokenizer's own
+    files, or the sentencepiece model as transformers' LlamaTokenizer reads it (no prefix space,
+    no implicit bos/eos)."""
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, HFTokenizer):
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tokenizer.path / name).is_file():
+                shutil.copyfile(tokenizer.path / name, path / name)
+        return
     shutil.copyfile(tokenizer.path, path / "tokenizer.model")
     special = {
         "bos_token": tokenizer.piece(tokenizer.bos_id),

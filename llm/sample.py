@@ -2,6 +2,7 @@
 
     python -m llm.sample --workdir=/tmp/default --prompt="The list type"
     python -m llm.sample --workdir=/tmp/default@200 --prompt="The list type"  # step 200
+    python -m llm.sample --hf=/path/to/hf_model --prompt="The list type"  # with its tokenizer
 
 Decoding itself is llm.model.decode.generate.
 """
@@ -15,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from data.tokenizer import SHIPPED_MODEL, Tokenizer
+from data.hf_tokenizer import HFTokenizer, load_tokenizer
 from llm import config as config_lib
+from llm import hf
 from llm.model.decode import check_sampling, generate
 from llm.runs import load_run
 
@@ -26,16 +28,25 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS.workdir:
-        sys.exit("error: --workdir is required: the --workdir of a `python -m llm.train` run.")
+    if bool(FLAGS.workdir) == bool(FLAGS.hf):
+        print(
+            "error: pass --workdir=DIR[@STEP] (a `python -m llm.train` run) or --hf=DIR (a "
+            "Hugging Face model directory with its tokenizer), not both.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
     try:
         check_sampling(
             FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.greedy
         )
-        model, config = load_run(FLAGS.workdir)
-        tokenizer = Tokenizer(config.data.tokenizer or SHIPPED_MODEL)
-        prompt = [tokenizer.bos_id] + tokenizer.encode(FLAGS.prompt)
+        if FLAGS.hf:  # the released model's own tokenizer and prompt convention
+            model, tokenizer = hf.load(FLAGS.hf), HFTokenizer(FLAGS.hf)
+            prompt = tokenizer.encode_prompt(FLAGS.prompt)
+        else:  # as the run trained: bos, then the text
+            model, config = load_run(FLAGS.workdir)
+            tokenizer = load_tokenizer(config.data.tokenizer)
+            prompt = [tokenizer.bos_id] + tokenizer.encode(FLAGS.prompt)
         tokens = generate(
             model,
             jnp.array([prompt], jnp.int32),
@@ -61,7 +72,12 @@ if __name__ == "__main__":
     flags.DEFINE_string(
         "workdir", None, "Training run directory (config.json, checkpoints/); DIR@STEP for a step."
     )
-    flags.DEFINE_string("prompt", "", "Text to continue (a bos token is prepended).")
+    flags.DEFINE_string("hf", None, "A Hugging Face model directory (llm.hf.load + its tokenizer).")
+    flags.DEFINE_string(
+        "prompt",
+        "",
+        "Text to continue (--workdir: after a bos token; --hf: with its tokenizer's special tokens).",
+    )
     flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
     flags.DEFINE_float("temperature", 0.8, "Softmax temperature (> 0).")
     flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens; 0 = all.")

@@ -1,9 +1,40 @@
 """Test setup: eight CPU devices, set before jax is imported anywhere."""
 
 import os
+import pathlib
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
+    """A byte-level BPE (500 tokens, bos/eos/pad) trained with `tokenizers` on the shipped corpus
+    and saved by transformers' `save_pretrained`: an HF tokenizer directory made here, no hub."""
+    import tokenizers
+    import transformers
+
+    from data import text_corpus
+
+    files = text_corpus.list_files(text_corpus.SHIPPED_CORPUS, "**/*.rst.txt")[:30]
+    texts = [path.read_text()[:20000] for path in files]
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(texts, trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    directory = tmp_path_factory.mktemp("hf_tokenizer")
+    fast.save_pretrained(directory)
+    return directory
