@@ -18,6 +18,7 @@ import math
 import pathlib
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
@@ -31,6 +32,7 @@ from llm.hf_arch import ARCHITECTURES, check_saveable, config_from_hf, config_to
 from llm.hf_arch import model_type as _model_type
 from llm.model.config import DTYPES
 from llm.model.transformer import Transformer
+from llm.parallel import partitioning
 
 _BUFFERS = ("rotary_emb.inv_freq",)  # non-weights some checkpoints carry; never read
 
@@ -108,8 +110,19 @@ def _read_config(path: pathlib.Path, dtype: str, scan_layers: bool):
         raise ConfigError(f"{file}: {e}") from None
 
 
-def load(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> Transformer:
-    """A Transformer with the weights of the HF checkpoint directory `path`, cast to `dtype`."""
+def load(
+    path: str,
+    *,
+    dtype: str = "float32",
+    scan_layers: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: partitioning.AxisRules | None = None,
+) -> Transformer:
+    """A Transformer with the weights of the HF checkpoint directory `path`, cast to `dtype`.
+
+    Tensors are read one at a time (a sharded checkpoint file by file through its index) and each
+    is placed before the next is read: on `mesh`, straight into the sharding `rules` give it;
+    so the host holds the model's arrays plus about one tensor, never a second copy."""
     check(dtype in DTYPES, f"hf.load dtype={dtype!r} is not one of {DTYPES}.")
     path = pathlib.Path(path)
     cfg = _read_config(path, dtype, scan_layers)
@@ -117,10 +130,14 @@ def load(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> Tra
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    placement = {}
+    if mesh is not None:
+        shardings = partitioning.state_shardings(state, mesh, rules or ())
+        placement = traverse_util.flatten_dict(nnx.to_pure_dict(shardings))
     used = set()
     for key, like in flat.items():
         if key[-1] == "expert_bias":  # balancing state, not a weight: starts at 0
-            flat[key] = jnp.zeros(like.shape, like.dtype)
+            flat[key] = jax.device_put(np.zeros(like.shape, like.dtype), placement.get(key))
             continue
         names, n_in = hf_names(key, cfg)
         stacked = isinstance(names, list)
@@ -139,7 +156,9 @@ def load(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> Tra
             except (SafetensorError, OSError) as err:
                 raise ConfigError(f"{file}: tensor {name!r} cannot be read ({err}).") from None
             used.add(name)
-        flat[key] = jnp.asarray(np.stack(arrays) if stacked else arrays[0], dtype=cfg.param_dtype)
+        value = (np.stack(arrays) if stacked else arrays[0]).astype(jnp.dtype(cfg.param_dtype))
+        del arrays
+        flat[key] = jax.device_put(value, placement.get(key))
     unused = sorted(n for n in set(tensors) - used if not n.endswith(_BUFFERS))
     check(
         not unused,

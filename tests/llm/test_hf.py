@@ -12,10 +12,12 @@ import transformers
 from flax import nnx, traverse_util
 from safetensors.numpy import load_file, save_file
 
+from experiments import default
 from llm import hf
 from llm.errors import ConfigError
 from llm.model.config import ModelConfig, MoEConfig
 from llm.model.transformer import Transformer
+from llm.parallel import partitioning
 from llm.science import flops
 
 VOCAB, LENGTH = 128, 16
@@ -83,6 +85,26 @@ def test_load_sharded(tmp_path, tokens):
     assert (tmp_path / "model.safetensors.index.json").is_file()
     model = hf.load(str(tmp_path))
     np.testing.assert_allclose(model(tokens), hf_logits(reference, tokens), atol=1e-4, rtol=0)
+
+
+def test_load_places_each_tensor_on_the_mesh(tmp_path, tokens):
+    """A sharded checkpoint read into a data x fsdp x tensor mesh: each array arrives in the
+    sharding the rules table gives it, in bfloat16 when asked, with the same logits."""
+    reference = hf_model(tie=False)
+    reference.save_pretrained(tmp_path, max_shard_size="100KB")
+    mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 2})
+    rules = default.get_config().axis_rules
+    model = hf.load(str(tmp_path), dtype="bfloat16", mesh=mesh, rules=rules)
+    expected = partitioning.state_shardings(nnx.state(model), mesh, rules)
+    for array, sharding in zip(
+        jax.tree.leaves(nnx.state(model)), jax.tree.leaves(expected), strict=True
+    ):
+        assert array.sharding == sharding and array.dtype == jax.numpy.bfloat16
+    assert model.embed[...].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    batch = np.tile(tokens, (2, 1))  # 4 rows: one per data x fsdp shard
+    with jax.set_mesh(mesh), partitioning.axis_rules(rules):
+        logits = np.asarray(model(batch), np.float32)
+    np.testing.assert_allclose(logits, hf_logits(reference, batch), atol=0.15, rtol=0)
 
 
 @pytest.mark.parametrize("tie", [False, True])
