@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from data import pipeline, text_corpus
 from data import tokenizer as tokenizer_lib
 from llm.errors import check
 
@@ -34,20 +33,24 @@ def check_vocab(vocab_size: int, tokenizer_vocab_size: int) -> None:
 
 def load_data(data: DataConfig, *, vocab_size: int, seq_len: int, batch_size: int, seed: int):
     """Tokenizer and the packed train and eval splits; too little data is a DataError now."""
+    # Imported here: data.pipeline imports tensorflow_datasets, which only reading data needs
+    # (llm.accelerator_report builds experiments where it is not installed).
+    from data import pipeline, text_corpus
+
     tokenizer = tokenizer_lib.Tokenizer(data.tokenizer or tokenizer_lib.SHIPPED_MODEL)
     check_vocab(vocab_size, tokenizer.vocab_size)
     builder_kwargs = None
     if data.text_dir:
         builder_kwargs = {"config": text_corpus.config_for_directory(data.text_dir)}
-    kwargs = dict(
-        name=data.dataset,
-        builder_kwargs=builder_kwargs,
-        seq_len=seq_len,
-        tokenizer=tokenizer,
-        data_dir=data.data_dir or pipeline.default_data_dir(),
-        seed=seed,
-        text_key=data.text_key,
-    )
+    kwargs = {
+        "name": data.dataset,
+        "builder_kwargs": builder_kwargs,
+        "seq_len": seq_len,
+        "tokenizer": tokenizer,
+        "data_dir": data.data_dir or pipeline.default_data_dir(),
+        "seed": seed,
+        "text_key": data.text_key,
+    }
     train = pipeline.load_dataset(split=data.train_split, **kwargs)
     evaluation = pipeline.load_dataset(split=data.eval_split, **kwargs)
     for dataset in (train, evaluation):  # too little data is a DataError now, not mid-training
