@@ -86,7 +86,7 @@ def _best_ms(fn: Callable, args: tuple, repeats: int) -> float:
     return best * 1e3
 
 
-def _measure(spec: specs.AttentionSpec, impl: str, repeats: int) -> dict[str, float | str]:
+def measure(spec: specs.AttentionSpec, impl: str, repeats: int) -> dict[str, float | str]:
     """{"fwd": ms, "fwd_bwd": ms} or the reason it did not run ("OOM", "unsupported: ...")."""
     try:
         q, k, v, segment_ids = spec.inputs()
@@ -112,7 +112,7 @@ def _measure(spec: specs.AttentionSpec, impl: str, repeats: int) -> dict[str, fl
         return {"fwd": f"error: {type(e).__name__}: {text[:300]}", "fwd_bwd": "error"}
 
 
-def _report(spec: specs.AttentionSpec, results: dict[str, dict]) -> list[dict]:
+def report(spec: specs.AttentionSpec, results: dict[str, dict]) -> list[dict]:
     """Prints one line per (implementation, pass); returns JSON records."""
     sparse, dense = forward_flops(spec)
     records = []
@@ -179,8 +179,8 @@ def main(argv: list[str]) -> None:
             f"{spec.name}: batch {spec.batch}, seq {spec.q_seq}/{spec.kv_seq}, heads "
             f"{spec.heads}/{spec.kv_heads}, head_dim {spec.head_dim}, {spec.dtype}"
         )
-        results = {impl: _measure(spec, impl, flags.FLAGS.repeats) for impl in flags.FLAGS.impls}
-        records += _report(spec, results)
+        results = {impl: measure(spec, impl, flags.FLAGS.repeats) for impl in flags.FLAGS.impls}
+        records += report(spec, results)
     if flags.FLAGS.out:
         with open(flags.FLAGS.out, "w") as f:
             json.dump(records, f, indent=1)
