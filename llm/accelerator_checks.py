@@ -72,7 +72,9 @@ def environment() -> dict:
     """Devices, library versions, driver / runtime, commit, date and load."""
     device = jax.devices()[0]
     try:
-        platform_version = jax.extend.backend.get_backend().platform_version
+        from jax.extend import backend  # here: its place moved between jax versions
+
+        platform_version = backend.get_backend().platform_version
     except Exception as e:  # noqa: BLE001 (a missing field must not stop the report)
         platform_version = f"unknown ({type(e).__name__})"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
