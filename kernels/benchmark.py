@@ -29,7 +29,7 @@ from absl import app, flags
 
 import kernels
 from kernels.attention import specs
-from kernels.attention.block_sizes import default_block_sizes
+from kernels.attention.block_sizes import BlockSizes, default_block_sizes
 from kernels.attention.mask_info import EMPTY, mask_info
 
 _KNOWN_IMPLS = ("pallas_gpu", "pallas_tpu", "xla", "cudnn", "tokamax")
@@ -66,13 +66,21 @@ def _tokamax_fn(spec: specs.AttentionSpec) -> Callable:
     return fn
 
 
-def _attention_fn(spec: specs.AttentionSpec, impl: str, segment_ids) -> Callable:
+def _attention_fn(
+    spec: specs.AttentionSpec, impl: str, segment_ids, block_sizes: BlockSizes | None
+) -> Callable:
     if impl == "tokamax":
         if segment_ids is not None:
             raise kernels.UnsupportedError("tokamax: segment ids are not mapped here")
         return _tokamax_fn(spec)
     return lambda q, k, v: kernels.attention(
-        q, k, v, segment_ids=segment_ids, implementation=impl, **spec.kwargs()
+        q,
+        k,
+        v,
+        segment_ids=segment_ids,
+        implementation=impl,
+        block_sizes=block_sizes,
+        **spec.kwargs(),
     )
 
 
@@ -86,11 +94,14 @@ def _best_ms(fn: Callable, args: tuple, repeats: int) -> float:
     return best * 1e3
 
 
-def measure(spec: specs.AttentionSpec, impl: str, repeats: int) -> dict[str, float | str]:
-    """{"fwd": ms, "fwd_bwd": ms} or the reason it did not run ("OOM", "unsupported: ...")."""
+def measure(
+    spec: specs.AttentionSpec, impl: str, repeats: int, block_sizes: BlockSizes | None = None
+) -> dict[str, float | str]:
+    """{"fwd": ms, "fwd_bwd": ms} or the reason it did not run ("OOM", "unsupported: ...").
+    block_sizes: the kernel's tiles (None: its defaults)."""
     try:
         q, k, v, segment_ids = spec.inputs()
-        attention = _attention_fn(spec, impl, segment_ids)
+        attention = _attention_fn(spec, impl, segment_ids, block_sizes)
         do = jnp.ones(q.shape, q.dtype)
 
         def fwd_bwd(q, k, v):

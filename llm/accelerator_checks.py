@@ -18,6 +18,7 @@ import numpy as np
 
 import kernels
 from kernels import benchmark as kernel_benchmark
+from kernels.attention.block_sizes import BlockSizes
 from kernels.attention.reference import attention_reference
 from kernels.attention.specs import AttentionSpec
 from llm import step_timing
@@ -200,6 +201,37 @@ def throughput(
             records.append(record)
         last = time.monotonic() - start
     return {"peak_bf16_flops": peak, "results": records}
+
+
+def sweep(
+    specs: list[AttentionSpec],
+    impl: str,
+    candidates: list[BlockSizes],
+    repeats: int,
+    budget: Budget,
+) -> dict:
+    """fwd+bwd ms of `impl` per spec at each candidate BlockSizes (None: the defaults); the
+    fastest per spec, to become the device kind's defaults in kernels/attention/block_sizes.py."""
+    results, best, last = [], {}, 0.0
+    for spec in specs:
+        for block_sizes in [None, *candidates]:
+            record = {
+                "spec": spec.name,
+                "block_sizes": block_sizes and dataclasses.asdict(block_sizes),
+            }
+            if not budget.fits(last):
+                results.append({**record, "status": "skipped: budget"})
+                continue
+            start = time.monotonic()
+            ms = kernel_benchmark.measure(spec, impl, repeats, block_sizes)
+            last = time.monotonic() - start
+            results.append({**record, "fwd_ms": ms["fwd"], "fwd_bwd_ms": ms["fwd_bwd"]})
+            print(f"  {spec.name:16s} {block_sizes} {ms['fwd_bwd']}", flush=True)
+            if isinstance(ms["fwd_bwd"], float) and (
+                spec.name not in best or ms["fwd_bwd"] < best[spec.name]["fwd_bwd_ms"]
+            ):
+                best[spec.name] = results[-1]
+    return {"impl": impl, "results": results, "best": best}
 
 
 def experiment(model: ModelConfig, batch_size: int, seq_len: int) -> Experiment:

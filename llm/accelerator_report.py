@@ -13,6 +13,8 @@ that would overrun is recorded as "skipped: budget", never dropped):
                 dq/dk/dv, the worst error of each; every failure listed with its spec;
   throughput    kernels.benchmark's fwd and fwd+bwd TFLOP/s on BENCHMARK_SPECS (+ head_dim 64),
                 speed-ups against cuDNN and the XLA reference, fraction of the bf16 peak;
+  sweep         fwd+bwd time of a few Pallas block sizes on the two most important specs, the
+                fastest per spec (to become the device kind's defaults in block_sizes.py);
   training      train-step ms, tokens/s and MFU of the ~1B Llama and the default model; MoE 8x2
                 over its equal-active dense model; sliding window over dense at 32k against
                 their FLOP ratio.
@@ -22,6 +24,9 @@ report.json schema (version 1): {"schema": 1, "smoke": bool, "note": str, "envir
 "impl", "dtype", "status": "pass" | "FAIL" | "error: ..." | "unsupported: ..." | "skipped:
 budget", "worst": {"out"|"dq"|"dk"|"dv": {"max_abs", "over_tolerance"}}}], "failures": [str]},
 "throughput": {"peak_bf16_flops", "results": [kernels.benchmark records + "fraction_of_peak"]},
+"sweep": {"impl", "results": [{"spec", "block_sizes": BlockSizes fields | null (defaults),
+"fwd_ms", "fwd_bwd_ms" (float or a reason) | "status": "skipped: budget"}], "best": {spec:
+result}},
 "training": {"results": [{"model", "status", "ms_per_step", "tokens_per_second", "mfu", ...}],
 "ratios": {"moe_over_dense_active", "sliding_flop_saving", "sliding_time_saving",
 "sliding_realized_fraction"}}}. A part left out by --parts is absent. With --smoke, or on a CPU,
@@ -40,12 +45,17 @@ import time
 import jax
 
 from kernels.attention import specs as specs_lib
+from kernels.attention.block_sizes import BlockSizes
 from llm import accelerator_checks as checks
 
-PARTS = ("environment", "correctness", "throughput", "training")
+PARTS = ("environment", "correctness", "throughput", "sweep", "training")
 # Seconds per part on an accelerator (8 minutes in all, compilation included).
 # Time a part leaves unused goes to the parts after it; an overrun is taken from them.
-BUDGETS = {"environment": 10, "correctness": 150, "throughput": 150, "training": 170}
+BUDGETS = {"environment": 10, "correctness": 140, "throughput": 130, "sweep": 50, "training": 150}
+# The block sizes swept on the two most important specs (the defaults are timed too).
+SWEEP_SPECS = ("causal_8k", "causal_gqa8_8k")
+SWEEP_CANDIDATES = [BlockSizes(*b) for b in ((64, 64, 64, 64, 64, 64), (128, 64, 64, 128, 128, 64),
+                                             (128, 128, 64, 128, 128, 64), (64, 128, 128, 128, 64, 128))]  # fmt: skip
 # Throughput specs, most telling first (the budget may skip the tail).
 THROUGHPUT_ORDER = ("causal_8k", "causal_gqa8_8k", "block_sparse_8k", "window1k_32k",
                     "causal_8k_hd64", "causal_4k", "causal_1k", "causal_16k", "window1k_8k",
@@ -103,6 +113,14 @@ def run(out: pathlib.Path, smoke: bool, parts: tuple[str, ...], scale: float = 1
             report[part] = checks.throughput(
                 _throughput_specs(smoke), impls, 1 if interpret else 5, budget
             )
+        elif part == "sweep":
+            specs = _throughput_specs(smoke)
+            if not smoke:
+                specs = [s for s in specs if s.name in SWEEP_SPECS]
+            candidates = [BlockSizes.uniform(32, 32)] if smoke else SWEEP_CANDIDATES
+            report[part] = checks.sweep(
+                specs, _kernel_impls()[0], candidates, 1 if interpret else 3, budget
+            )
         elif part == "training":
             impl = None if interpret else _kernel_impls()[0]
             report[part] = checks.training(checks.models(smoke, impl), 1 if smoke else 5, budget)
@@ -158,6 +176,17 @@ def markdown(report: dict) -> str:
                 f"{r['tflops_dense_equiv']:.1f} | {_fmt(r.get('speedup_vs_cudnn'))} | "
                 f"{_fmt(r.get('speedup_vs_xla'))} | {_fmt(r.get('fraction_of_peak'))} |"
             )
+    if sweep := report.get("sweep"):
+        lines += ["", f"## Block-size sweep ({sweep['impl']}; none = the current defaults)", ""]
+        lines += ["| spec | block sizes | fwd ms | fwd+bwd ms |", "| --- " * 4 + "|"]
+        for r in sweep["results"]:
+            sizes = "none" if r["block_sizes"] is None else tuple(r["block_sizes"].values())
+            times = [_fmt(r.get(k), 3) for k in ("fwd_ms", "fwd_bwd_ms")]
+            lines.append(f"| {r['spec']} | {sizes} | {r.get('status', times[0])} | {times[1]} |")
+        lines += [""] + [
+            f"- best for {name}: {r['block_sizes'] or 'the defaults'}"
+            for name, r in sweep["best"].items()
+        ]
     if train := report.get("training"):
         lines += ["", "## Training step (random tokens)", ""]
         lines += [

@@ -74,6 +74,23 @@ def test_smoke_report_runs_without_ml_collections_and_tfds(tmp_path):
     assert {(r["impl"], r["mode"]) for r in timed} == {
         (i, m) for i in ("pallas_gpu", "xla") for m in ("fwd", "fwd_bwd")
     }
+    sweep = report["sweep"]
+    assert [r["block_sizes"] for r in sweep["results"]] == [
+        None,
+        {
+            f: 32
+            for f in (
+                "block_q",
+                "block_kv",
+                "block_q_dkv",
+                "block_kv_dkv",
+                "block_q_dq",
+                "block_kv_dq",
+            )
+        },
+    ]
+    assert all(isinstance(r["fwd_bwd_ms"], float) for r in sweep["results"])
+    assert set(sweep["best"]) == {"mha_causal"}
     training = {r["model"]: r for r in report["training"]["results"]}
     assert set(training) == {
         "llama_1b", "default", "moe_8x2", "moe_dense_active", "dense_32k", "sliding_32k"
@@ -86,7 +103,12 @@ def test_smoke_report_runs_without_ml_collections_and_tfds(tmp_path):
 
     markdown = (out / "report.md").read_text()
     assert "NOT performance figures" in markdown
-    for title in ("## Environment", "## Compiled correctness", "## Attention throughput"):
+    for title in (
+        "## Environment",
+        "## Compiled correctness",
+        "## Attention throughput",
+        "## Block",
+    ):
         assert title in markdown
     assert "## Training step" in markdown and "0 failure(s)" in markdown
 
