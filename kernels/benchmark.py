@@ -1,7 +1,8 @@
 """Attention benchmark: `python -m kernels.benchmark [--specs=a,b] [--impls=x,y] [--out=F.json]`.
 
 For each `specs.BENCHMARK_SPECS` configuration and each implementation that
-runs on this backend ("pallas_gpu", "xla", "cudnn", "tokamax" if importable),
+runs on this backend ("pallas_gpu", "xla", "cudnn", "tokamax" if importable; JAX's own
+Pallas GPU attention, "jax_pallas_triton" and on Hopper "jax_pallas_mosaic", on request),
 times the forward and forward+backward passes (best of --repeats after a
 warm-up, `block_until_ready`) and reports
 
@@ -18,6 +19,7 @@ benchmark then prints no timings, runs a small correctness check and exits 0.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -32,7 +34,15 @@ from kernels.attention import specs
 from kernels.attention.block_sizes import BlockSizes, default_block_sizes
 from kernels.attention.mask_info import EMPTY, mask_info
 
-_KNOWN_IMPLS = ("pallas_gpu", "pallas_tpu", "xla", "cudnn", "tokamax")
+_KNOWN_IMPLS = (
+    "pallas_gpu",
+    "pallas_tpu",
+    "xla",
+    "cudnn",
+    "tokamax",
+    "jax_pallas_triton",
+    "jax_pallas_mosaic",
+)
 _BWD_FACTOR = 2.5  # Backward FLOPs / forward FLOPs.
 _BASELINES = ("xla", "cudnn")
 
@@ -66,6 +76,38 @@ def _tokamax_fn(spec: specs.AttentionSpec) -> Callable:
     return fn
 
 
+def _jax_pallas_fn(spec: specs.AttentionSpec, impl: str) -> Callable:
+    """JAX's own Pallas GPU attention: "jax_pallas_triton" (`mha`; interpreted on CPU) or
+    "jax_pallas_mosaic" (Mosaic GPU, Hopper only); causal or unmasked self-attention."""
+    if spec.mask is not None or spec.sliding_window is not None or spec.q_seq != spec.kv_seq:
+        raise kernels.UnsupportedError(f"{impl}: only causal or unmasked self-attention")
+    if impl == "jax_pallas_triton":
+        from jax.experimental.pallas.ops.gpu import attention as triton_attention
+
+        if spec.heads != spec.kv_heads:
+            raise kernels.UnsupportedError(f"{impl}: no grouped-query attention")
+        return functools.partial(
+            triton_attention.mha,
+            segment_ids=None,
+            sm_scale=spec.head_dim**-0.5,
+            causal=spec.causal,
+            interpret=jax.default_backend() == "cpu",
+        )
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    config = attention_mgpu.TuningConfig(
+        block_q=128,
+        block_kv=128,
+        max_concurrent_steps=2,
+        causal=spec.causal,
+        block_q_dkv=64,
+        block_kv_dkv=64,
+        block_q_dq=64,
+        block_kv_dq=64,
+    )
+    return functools.partial(attention_mgpu.attention, config=config)
+
+
 def _attention_fn(
     spec: specs.AttentionSpec, impl: str, segment_ids, block_sizes: BlockSizes | None
 ) -> Callable:
@@ -73,6 +115,10 @@ def _attention_fn(
         if segment_ids is not None:
             raise kernels.UnsupportedError("tokamax: segment ids are not mapped here")
         return _tokamax_fn(spec)
+    if impl.startswith("jax_pallas"):
+        if segment_ids is not None:
+            raise kernels.UnsupportedError(f"{impl}: segment ids are not mapped here")
+        return _jax_pallas_fn(spec, impl)
     return lambda q, k, v: kernels.attention(
         q,
         k,

@@ -11,8 +11,10 @@ that would overrun is recorded as "skipped: budget", never dropped):
   correctness   the shared kernel specs (kernels/attention/specs.py CPU_SPECS, each in bfloat16
                 and float32) on the Pallas backend and cuDNN against the reference: forward and
                 dq/dk/dv, the worst error of each; every failure listed with its spec;
-  throughput    kernels.benchmark's fwd and fwd+bwd TFLOP/s on BENCHMARK_SPECS (+ head_dim 64),
-                speed-ups against cuDNN and the XLA reference, fraction of the bf16 peak;
+  throughput    kernels.benchmark's fwd and fwd+bwd TFLOP/s on BENCHMARK_SPECS (+ head_dim 64)
+                of our kernel, cuDNN, the XLA reference, tokamax (if importable) and JAX's own
+                Pallas GPU attention (Triton; Mosaic GPU on Hopper), speed-ups against cuDNN and
+                the XLA reference, fraction of the bf16 peak;
   sweep         fwd+bwd time of a few Pallas block sizes on the two most important specs, the
                 fastest per spec (to become the device kind's defaults in block_sizes.py);
   training      train-step ms, tokens/s and MFU of the ~1B Llama and the default model; MoE 8x2
@@ -109,7 +111,12 @@ def run(out: pathlib.Path, smoke: bool, parts: tuple[str, ...], scale: float = 1
             )
             report[part] = checks.correctness(checks.with_dtypes(specs), _kernel_impls(), budget)
         elif part == "throughput":
-            impls = ("pallas_gpu", "xla") if interpret else (*_kernel_impls(), "xla", "tokamax")
+            jax_own = ("jax_pallas_triton", "jax_pallas_mosaic")
+            impls = (
+                ("pallas_gpu", "xla", "jax_pallas_triton")
+                if interpret
+                else (*_kernel_impls(), "xla", "tokamax", *jax_own)
+            )
             report[part] = checks.throughput(
                 _throughput_specs(smoke), impls, 1 if interpret else 5, budget
             )

@@ -72,7 +72,7 @@ def test_smoke_report_runs_without_ml_collections_and_tfds(tmp_path):
 
     timed = [r for r in report["throughput"]["results"] if "ms" in r]
     assert {(r["impl"], r["mode"]) for r in timed} == {
-        (i, m) for i in ("pallas_gpu", "xla") for m in ("fwd", "fwd_bwd")
+        (i, m) for i in ("pallas_gpu", "xla", "jax_pallas_triton") for m in ("fwd", "fwd_bwd")
     }
     sweep = report["sweep"]
     assert [r["block_sizes"] for r in sweep["results"]] == [
