@@ -9,6 +9,7 @@ import sys
 
 import jax.numpy as jnp
 
+from kernels.attention.block_sizes import BlockSizes
 from kernels.attention.specs import CPU_SPECS
 from llm import accelerator_checks, accelerator_report
 
@@ -148,3 +149,15 @@ def test_items_over_budget_are_recorded_as_skipped():
         (s.name, i, "skipped: budget") for s in specs for i in ("pallas_gpu", "cudnn")
     ]
     assert result["failures"] == []
+
+
+def test_sweep_passes_block_sizes_to_the_kernel():
+    """A block size the kernel refuses shows up as that candidate's result, not the defaults'."""
+    spec = next(s for s in CPU_SPECS if s.name == "mha_causal")
+    result = accelerator_checks.sweep(
+        [spec], "pallas_gpu", [BlockSizes.uniform(24, 24)], 1, accelerator_checks.Budget(600.0)
+    )
+    default, refused = result["results"]
+    assert default["block_sizes"] is None and isinstance(default["fwd_bwd_ms"], float)
+    assert "powers of two" in refused["fwd_ms"]
+    assert result["best"] == {"mha_causal": default}
