@@ -47,9 +47,13 @@ _BWD_FACTOR = 2.5  # Backward FLOPs / forward FLOPs.
 _BASELINES = ("xla", "cudnn")
 
 
-def forward_flops(spec: specs.AttentionSpec) -> tuple[float, float]:
-    """(useful FLOPs over non-empty mask blocks, dense-equivalent FLOPs) of one forward."""
-    bs = default_block_sizes("gpu", spec.head_dim, jnp.dtype(spec.dtype))
+def forward_flops(
+    spec: specs.AttentionSpec, block_sizes: BlockSizes | None = None
+) -> tuple[float, float]:
+    """(useful FLOPs over non-empty mask blocks, dense-equivalent FLOPs) of one forward.
+
+    Blocks: `block_sizes`, default the pallas_gpu forward's."""
+    bs = block_sizes or default_block_sizes("gpu", spec.head_dim, jnp.dtype(spec.dtype))
     info = mask_info(spec.full_mask(), spec.q_seq, spec.kv_seq, bs.block_q, bs.block_kv)
     rows = np.minimum(bs.block_q, spec.q_seq - bs.block_q * np.arange(info.num_q_blocks))
     cols = np.minimum(bs.block_kv, spec.kv_seq - bs.block_kv * np.arange(info.num_kv_blocks))
@@ -141,7 +145,7 @@ def _best_ms(fn: Callable, args: tuple, repeats: int) -> float:
 
 
 def measure(
-    spec: specs.AttentionSpec, impl: str, repeats: int, block_sizes: BlockSizes | None = None
+    spec: specs.AttentionSpec, impl: str, repeats: int, block_sizes: BlockSizes | None
 ) -> dict[str, float | str]:
     """{"fwd": ms, "fwd_bwd": ms} or the reason it did not run ("OOM", "unsupported: ...").
     block_sizes: the kernel's tiles (None: its defaults)."""
@@ -169,9 +173,11 @@ def measure(
         return {"fwd": f"error: {type(e).__name__}: {text[:300]}", "fwd_bwd": "error"}
 
 
-def report(spec: specs.AttentionSpec, results: dict[str, dict]) -> list[dict]:
+def report(
+    spec: specs.AttentionSpec, results: dict[str, dict], block_sizes: BlockSizes | None
+) -> list[dict]:
     """Prints one line per (implementation, pass); returns JSON records."""
-    sparse, dense = forward_flops(spec)
+    sparse, dense = forward_flops(spec, block_sizes)
     records = []
     for mode, factor in (("fwd", 1.0), ("fwd_bwd", 1.0 + _BWD_FACTOR)):
         for impl, res in results.items():
@@ -236,8 +242,10 @@ def main(argv: list[str]) -> None:
             f"{spec.name}: batch {spec.batch}, seq {spec.q_seq}/{spec.kv_seq}, heads "
             f"{spec.heads}/{spec.kv_heads}, head_dim {spec.head_dim}, {spec.dtype}"
         )
-        results = {impl: measure(spec, impl, flags.FLAGS.repeats) for impl in flags.FLAGS.impls}
-        records += report(spec, results)
+        results = {
+            impl: measure(spec, impl, flags.FLAGS.repeats, None) for impl in flags.FLAGS.impls
+        }
+        records += report(spec, results, None)
     if flags.FLAGS.out:
         with open(flags.FLAGS.out, "w") as f:
             json.dump(records, f, indent=1)

@@ -194,8 +194,8 @@ def throughput(
             continue
         start = time.monotonic()
         print(f"  {spec.name}", flush=True)
-        results = {impl: kernel_benchmark.measure(spec, impl, repeats) for impl in impls}
-        for record in kernel_benchmark.report(spec, results):
+        results = {impl: kernel_benchmark.measure(spec, impl, repeats, None) for impl in impls}
+        for record in kernel_benchmark.report(spec, results, None):
             if peak and "tflops_dense_equiv" in record:
                 record["fraction_of_peak"] = record["tflops_dense_equiv"] * 1e12 / peak
             records.append(record)
