@@ -39,6 +39,10 @@ TOLERANCES = {
 }
 
 
+# Remat policies tried in turn when a model's step runs out of memory without remat.
+REMAT_FALLBACK = ("dots_no_batch", "full")
+
+
 @dataclasses.dataclass
 class Budget:
     """Wall-clock seconds for one part; `fits(estimate)` says whether an item may start."""
@@ -288,6 +292,12 @@ def training(models: dict[str, Experiment], steps: int, budget: Budget) -> dict:
             continue
         start = time.monotonic()
         results[name] = time_step(name, exp, steps)
+        for remat in REMAT_FALLBACK:  # out of memory: recompute more in the backward pass
+            if "RESOURCE_EXHAUSTED" not in results[name]["status"] or not budget.fits(last):
+                break
+            print(f"  {name}: out of memory, again with remat={remat}", flush=True)
+            model = dataclasses.replace(exp.model, remat=remat)
+            results[name] = time_step(name, dataclasses.replace(exp, model=model), steps)
         last = time.monotonic() - start
         shown = results[name].get("ms_per_step")
         print(f"  {name:16s} " + (f"{shown:.1f} ms" if shown else results[name]["status"][:200]))

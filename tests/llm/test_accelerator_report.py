@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from kernels.attention.block_sizes import BlockSizes
 from kernels.attention.specs import CPU_SPECS
 from llm import accelerator_checks, accelerator_report
+from llm.model.config import ModelConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Imported first by Python (sitecustomize on PYTHONPATH): any import of these packages fails.
@@ -161,3 +162,21 @@ def test_sweep_passes_block_sizes_to_the_kernel():
     assert default["block_sizes"] is None and isinstance(default["fwd_bwd_ms"], float)
     assert "powers of two" in refused["fwd_ms"]
     assert result["best"] == {"mha_causal": default}
+
+
+def test_training_retries_with_remat_when_out_of_memory(monkeypatch):
+    tried = []
+
+    def fake_time_step(name, exp, steps):
+        tried.append(exp.model.remat)
+        if exp.model.remat == "none":
+            return {"model": name, "status": "error: XlaRuntimeError: RESOURCE_EXHAUSTED: 9 GiB"}
+        return {"model": name, "status": "ok", "remat": exp.model.remat, "ms_per_step": 1.0}
+
+    monkeypatch.setattr(accelerator_checks, "time_step", fake_time_step)
+    exp = accelerator_checks.experiment(ModelConfig(max_seq_len=32), 8, 32)
+    result = accelerator_checks.training({"llama_1b": exp}, 1, accelerator_checks.Budget(60.0))
+    assert tried == ["none", "dots_no_batch"]
+    assert result["results"] == [
+        {"model": "llama_1b", "status": "ok", "remat": "dots_no_batch", "ms_per_step": 1.0}
+    ]
