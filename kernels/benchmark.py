@@ -1,7 +1,8 @@
 """Attention benchmark: `python -m kernels.benchmark [--specs=a,b] [--impls=x,y] [--out=F.json]`.
 
 For each `specs.BENCHMARK_SPECS` configuration and each implementation that
-runs on this backend ("pallas_gpu", "xla", "cudnn", "tokamax" if importable),
+runs on this backend ("pallas_gpu", "xla", "cudnn", "tokamax" if importable; JAX's own
+Pallas GPU attention, "jax_pallas_triton" and on Hopper "jax_pallas_mosaic", on request),
 times the forward and forward+backward passes (best of --repeats after a
 warm-up, `block_until_ready`) and reports
 
@@ -23,6 +24,7 @@ accelerator performance. --block_sizes=Q,KV sets the blocked backends' sizes.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -38,7 +40,16 @@ from kernels.attention import specs
 from kernels.attention.block_sizes import BlockSizes, default_block_sizes
 from kernels.attention.mask_info import EMPTY, mask_info
 
-_KNOWN_IMPLS = ("pallas_gpu", "pallas_tpu", "xla", "xla_blockwise", "cudnn", "tokamax")
+_KNOWN_IMPLS = (
+    "pallas_gpu",
+    "pallas_tpu",
+    "xla",
+    "xla_blockwise",
+    "cudnn",
+    "tokamax",
+    "jax_pallas_triton",
+    "jax_pallas_mosaic",
+)
 _CPU_IMPLS = ("xla", "xla_blockwise")  # compiled on CPU; the others would be interpreted
 _BWD_FACTOR = 2.5  # Backward FLOPs / forward FLOPs.
 _BASELINES = ("xla", "cudnn")
@@ -77,6 +88,38 @@ def _tokamax_fn(spec: specs.AttentionSpec) -> Callable:
     return fn
 
 
+def _jax_pallas_fn(spec: specs.AttentionSpec, impl: str) -> Callable:
+    """JAX's own Pallas GPU attention: "jax_pallas_triton" (`mha`; interpreted on CPU) or
+    "jax_pallas_mosaic" (Mosaic GPU, Hopper only); causal or unmasked self-attention."""
+    if spec.mask is not None or spec.sliding_window is not None or spec.q_seq != spec.kv_seq:
+        raise kernels.UnsupportedError(f"{impl}: only causal or unmasked self-attention")
+    if impl == "jax_pallas_triton":
+        from jax.experimental.pallas.ops.gpu import attention as triton_attention
+
+        if spec.heads != spec.kv_heads:
+            raise kernels.UnsupportedError(f"{impl}: no grouped-query attention")
+        return functools.partial(
+            triton_attention.mha,
+            segment_ids=None,
+            sm_scale=spec.head_dim**-0.5,
+            causal=spec.causal,
+            interpret=jax.default_backend() == "cpu",
+        )
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    config = attention_mgpu.TuningConfig(
+        block_q=128,
+        block_kv=128,
+        max_concurrent_steps=2,
+        causal=spec.causal,
+        block_q_dkv=64,
+        block_kv_dkv=64,
+        block_q_dq=64,
+        block_kv_dq=64,
+    )
+    return functools.partial(attention_mgpu.attention, config=config)
+
+
 def _attention_fn(
     spec: specs.AttentionSpec, impl: str, segment_ids, block_sizes: BlockSizes | None
 ) -> Callable:
@@ -84,6 +127,10 @@ def _attention_fn(
         if segment_ids is not None:
             raise kernels.UnsupportedError("tokamax: segment ids are not mapped here")
         return _tokamax_fn(spec)
+    if impl.startswith("jax_pallas"):
+        if segment_ids is not None:
+            raise kernels.UnsupportedError(f"{impl}: segment ids are not mapped here")
+        return _jax_pallas_fn(spec, impl)
     return lambda q, k, v: kernels.attention(
         q,
         k,
@@ -105,10 +152,11 @@ def _best_ms(fn: Callable, args: tuple, repeats: int) -> float:
     return best * 1e3
 
 
-def _measure(
+def measure(
     spec: specs.AttentionSpec, impl: str, repeats: int, block_sizes: BlockSizes | None
 ) -> dict[str, float | str]:
-    """{"fwd": ms, "fwd_bwd": ms} or the reason it did not run ("OOM", "unsupported: ...")."""
+    """{"fwd": ms, "fwd_bwd": ms} or the reason it did not run ("OOM", "unsupported: ...").
+    block_sizes: the kernel's tiles (None: its defaults)."""
     try:
         q, k, v, segment_ids = spec.inputs()
         attention = _attention_fn(spec, impl, segment_ids, block_sizes)
@@ -133,7 +181,7 @@ def _measure(
         return {"fwd": f"error: {type(e).__name__}: {text[:300]}", "fwd_bwd": "error"}
 
 
-def _report(
+def report(
     spec: specs.AttentionSpec, results: dict[str, dict], block_sizes: BlockSizes | None
 ) -> list[dict]:
     """Prints one line per (implementation, pass); returns JSON records."""
@@ -214,8 +262,8 @@ def main(argv: list[str]) -> None:
             f"{spec.name}: batch {spec.batch}, seq {spec.q_seq}/{spec.kv_seq}, heads "
             f"{spec.heads}/{spec.kv_heads}, head_dim {spec.head_dim}, {spec.dtype}"
         )
-        results = {impl: _measure(spec, impl, f.repeats, block_sizes) for impl in impls}
-        records += _report(spec, results, block_sizes)
+        results = {impl: measure(spec, impl, f.repeats, block_sizes) for impl in impls}
+        records += report(spec, results, block_sizes)
     if f.out:
         with open(f.out, "w") as out:
             json.dump(records, out, indent=1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from data import pipeline, text_corpus
 from data.hf_tokenizer import load_tokenizer
 from llm.errors import check
 
@@ -34,6 +33,10 @@ def check_vocab(vocab_size: int, tokenizer_vocab_size: int) -> None:
 
 def load_data(data: DataConfig, *, vocab_size: int, seq_len: int, batch_size: int, seed: int):
     """Tokenizer and the packed train and eval splits; too little data is a DataError now."""
+    # Imported here: data.pipeline imports tensorflow_datasets, which only reading data needs
+    # (llm.accelerator_report builds experiments where it is not installed).
+    from data import pipeline, text_corpus
+
     tokenizer = load_tokenizer(data.tokenizer)
     check_vocab(vocab_size, tokenizer.vocab_size)
     builder_kwargs = None
