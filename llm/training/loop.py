@@ -21,6 +21,7 @@ from absl import logging
 from flax import nnx
 
 from llm.errors import check
+from llm.model import mup
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
@@ -54,7 +55,9 @@ def setup_state(
 
     Call under `jax.set_mesh(mesh)` and `partitioning.axis_rules(exp.mesh.rules)`.
     """
-    tx, schedule = make_optimizer(exp.optimizer, exp.schedule_length)
+    tx, schedule = make_optimizer(
+        exp.optimizer, exp.schedule_length, mup.lr_multipliers(exp.model)
+    )
     graphdef = None
 
     def init_state() -> TrainState:
