@@ -101,4 +101,3 @@ def lr_multipliers(cfg: ModelConfig) -> Callable[[tuple], float] | None:
     if cfg.parametrization != "mup":
         return None
     return lambda path: lr_multiplier(cfg, param_name(path))
-

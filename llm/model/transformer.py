@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llm.model import mup
 from llm.model.attention import Attention
 from llm.model.config import REMAT_POLICIES, ModelConfig
-from llm.model import mup
 from llm.model.layers import MLP, dense, norm, param, rms
 from llm.model.moe import MoE
 from llm.model.nsa import NativeSparseAttention

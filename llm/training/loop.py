@@ -55,9 +55,7 @@ def setup_state(
 
     Call under `jax.set_mesh(mesh)` and `partitioning.axis_rules(exp.mesh.rules)`.
     """
-    tx, schedule = make_optimizer(
-        exp.optimizer, exp.schedule_length, mup.lr_multipliers(exp.model)
-    )
+    tx, schedule = make_optimizer(exp.optimizer, exp.schedule_length, mup.lr_multipliers(exp.model))
     graphdef = None
 
     def init_state() -> TrainState:
