@@ -75,17 +75,15 @@ def coordinate_check(
 ) -> dict[str, dict[int, History]]:
     """parametrization -> width -> History, for sp and mup (base width: the smallest)."""
     widths = sorted(widths)
-    results: dict[str, dict[int, History]] = {}
-    train_data = None
-    for parametrization in PARAMETRIZATIONS:
-        results[parametrization] = {}
-        for width in widths:
-            cfg = width_config(config, width, widths[0], parametrization, steps)
-            exp = config_lib.resolve(cfg)
-            if train_data is None:  # the same batches for every width
-                _, train_data, _ = exp.load_data()
-            results[parametrization][width] = measure(exp, train_data, steps)
-    return results
+    exps = {  # every config checked before anything trains
+        p: {w: config_lib.resolve(width_config(config, w, widths[0], p, steps)) for w in widths}
+        for p in PARAMETRIZATIONS
+    }
+    _, train_data, _ = exps["sp"][widths[0]].load_data()  # the same batches for every width
+    return {
+        p: {w: measure(exp, train_data, steps) for w, exp in by_width.items()}
+        for p, by_width in exps.items()
+    }
 
 
 def slopes(results: dict[str, dict[int, History]], step: int = -1) -> dict[str, dict[str, float]]:

@@ -273,6 +273,10 @@ class ModelConfig:
             f"{PARAMETRIZATIONS}: sp (standard) or mup (maximal update, with mup_base_width).",
         )
         check(
+            self.mup_readout in MUP_READOUTS,
+            f"config.model.mup_readout={self.mup_readout!r} is not one of {MUP_READOUTS}.",
+        )
+        check(
             self.mlp_activation in MLP_ACTIVATIONS,
             f"config.model.mlp_activation={self.mlp_activation!r} is not one of {MLP_ACTIVATIONS}.",
         )
@@ -307,10 +311,6 @@ class ModelConfig:
             )
         else:
             check_positive(self.mup_base_head_dim, "model.mup_base_head_dim")
-        check(
-            self.mup_readout in MUP_READOUTS,
-            f"config.model.mup_readout={self.mup_readout!r} is not one of {MUP_READOUTS}.",
-        )
         check(
             self.mup_readout != "zero" or not self.tie_embeddings,
             "config.model.mup_readout='zero' zero-initializes the output projection, which "
