@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tracker = ""  # "wandb": also log to Weights & Biases (extra: pip install -e ".[wandb]")
     c.debug = ml_collections.ConfigDict()
     c.debug.log_batch_hashes = False  # WORKDIR/batch_hashes.jsonl: a SHA-256 per global batch
+    c.debug.log_activation_rms = False  # metrics.jsonl: rms/{embedding,attention,mlp,...} (muP)
     c.z_loss = 1e-4  # weight of log(Z)^2 in the loss (PaLM); 0 disables
     # Output projection + cross-entropy: "plain" materializes the [batch, seq, vocab] logits;
     # "chunked" (kernels/cross_entropy) never does, tiling them seq_block x vocab_chunk (README).
@@ -129,6 +130,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Context parallelism (mesh.sequence > 1): "ring" passes K/V blocks around the devices
     # (zig-zag load balanced; seq_len a multiple of 2 x mesh.sequence), "all_gather" gathers them.
     c.model.context_parallel = "ring"  # ring | all_gather (above)
+    # muP (llm.model.mup, README): hyperparameters tuned at mup_base_width carry over to wider
+    # models; init, learning rates, logits and attention scale follow the width multiplier.
+    c.model.parametrization = "sp"  # sp (standard) | mup (maximal update)
+    c.model.mup_base_width = placeholder(int)  # mup: the embed_dim the hyperparameters suit
+    c.model.mup_base_head_dim = placeholder(int)  # mup: None = mup_base_width // num_heads
+    c.model.mup_readout = "multiplier"  # mup: logits x base/width | zero (untied unembed at 0)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3  # peak learning rate (after warmup)

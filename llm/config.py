@@ -222,6 +222,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
         sample_prompt=c["sample_prompt"],
         sample_tokens=c["sample_tokens"],
         log_batch_hashes=c["debug"]["log_batch_hashes"],
+        log_activation_rms=c["debug"]["log_activation_rms"],
         profile_start=c["profile"]["start_step"],
         profile_steps=c["profile"]["steps"],
         init_from=c["init_from"],

@@ -273,6 +273,7 @@ def check_saveable(cfg: ModelConfig) -> None:
         (kind == "qwen2_moe" and not m.shared_expert_gate, "moe.shared_expert_gate=False"),
         (kind == "qwen2_moe" and cfg.qk_norm, "qk_norm (Qwen2-MoE has none)"),
         (kind in ("qwen3", "qwen3_moe") and cfg.qkv_bias, "qkv_bias with qk_norm"),
+        (cfg.width_multiplier != 1, "parametrization='mup' off its base width (logit multiplier)"),
     ]
     if kind == "gemma3_text":  # all of Gemma 3's features, or none
         gemma = ("embed_scale", "norm_plus_one", "post_norms", "qk_norm")

@@ -13,7 +13,7 @@ from flax import nnx
 
 from kernels.attention.masks import Mask
 from kernels.attention.reference import attention_reference
-from llm.model import patterns
+from llm.model import mup, patterns
 from llm.model.config import ModelConfig, RopeScaling
 from llm.model.layers import apply_rope, dense, norm, param
 from llm.parallel import context
@@ -81,6 +81,8 @@ class Attention(nnx.Module):
         q, k = (apply_rope(y, positions, *self.rope) for y in (q, k))
         if cfg.query_pre_attn_scalar is not None:  # the kernels divide by sqrt(Dh)
             q = q * jnp.asarray(math.sqrt(cfg.head_dim / cfg.query_pre_attn_scalar), q.dtype)
+        if (factor := mup.query_multiplier(cfg)) != 1.0:  # muP: scores x sqrt(base Dh) / Dh
+            q = q * jnp.asarray(factor, q.dtype)
         return (
             shard(q, ("batch", "seq", "heads", "head_dim")),
             shard(k, ("batch", "seq", "kv_heads", "head_dim")),

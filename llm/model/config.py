@@ -23,6 +23,8 @@ MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama) | GeGLU with tanh GELU
 ROUTERS = ("softmax_topk", "sigmoid_topk")
 DISPATCHES = ("dropless", "capacity")
 CONTEXT_PARALLEL = ("ring", "all_gather")  # llm.parallel.context
+PARAMETRIZATIONS = ("sp", "mup")  # standard | maximal update (llm.model.mup)
+MUP_READOUTS = ("multiplier", "zero")  # logits x base_width / width | zero-initialized, lr / m
 REMAT_POLICIES = {  # what the backward pass recomputes: name -> jax.checkpoint policy
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -193,6 +195,11 @@ class ModelConfig:
     attention_nsa_block: int = 16  # tokens per compressed/selected block of "nsa"
     attention_nsa_selected: int = 4  # past blocks each "nsa" query selects (besides its own)
     context_parallel: str = "ring"  # one of CONTEXT_PARALLEL, used when mesh.sequence > 1
+    # muP (llm.model.mup): initializations, learning rates, logits and attention scale by width.
+    parametrization: str = "sp"  # one of PARAMETRIZATIONS
+    mup_base_width: int | None = None  # the embed_dim the hyperparameters were tuned at
+    mup_base_head_dim: int | None = None  # None: mup_base_width // num_heads
+    mup_readout: str = "multiplier"  # one of MUP_READOUTS
     # Derived: the pattern name of each layer (attention_pattern parsed and repeated).
     layer_patterns: tuple[str, ...] = dataclasses.field(init=False, default=())
 
@@ -211,6 +218,8 @@ class ModelConfig:
         schedule = self._validate()
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
+        if self.parametrization == "mup" and self.mup_base_head_dim is None:
+            object.__setattr__(self, "mup_base_head_dim", self.mup_base_width // self.num_heads)
         object.__setattr__(
             self, "layer_patterns", patterns.repeat_over_layers(schedule, self.num_layers)
         )
@@ -259,6 +268,15 @@ class ModelConfig:
                 f"config.model.{field} must be > 0 or None (off), got {value!r}.",
             )
         check(
+            self.parametrization in PARAMETRIZATIONS,
+            f"config.model.parametrization={self.parametrization!r} is not one of "
+            f"{PARAMETRIZATIONS}: sp (standard) or mup (maximal update, with mup_base_width).",
+        )
+        check(
+            self.mup_readout in MUP_READOUTS,
+            f"config.model.mup_readout={self.mup_readout!r} is not one of {MUP_READOUTS}.",
+        )
+        check(
             self.mlp_activation in MLP_ACTIVATIONS,
             f"config.model.mlp_activation={self.mlp_activation!r} is not one of {MLP_ACTIVATIONS}.",
         )
@@ -272,7 +290,49 @@ class ModelConfig:
             "config.model.scan_layers=True is not supported with MoE layers "
             "(config.model.moe.num_experts > 0): set --config.model.scan_layers=False.",
         )
-        return patterns.validate(self)
+        schedule = patterns.validate(self)
+        if self.parametrization == "mup":
+            self._validate_mup(schedule)
+        return schedule
+
+    def _validate_mup(self, schedule: tuple[str, ...]) -> None:
+        check(
+            is_int(self.mup_base_width) and self.mup_base_width > 0,
+            "config.model.mup_base_width must be a positive integer under parametrization='mup' "
+            f"(the embed_dim the learning rate was tuned at), got {self.mup_base_width!r}: set "
+            "--config.model.mup_base_width=N.",
+        )
+        if self.mup_base_head_dim is None:
+            check(
+                self.mup_base_width % self.num_heads == 0,
+                f"config.model.mup_base_width={self.mup_base_width} is not divisible by "
+                f"config.model.num_heads={self.num_heads}: the base head dim is their quotient; "
+                "set --config.model.mup_base_head_dim or a divisible mup_base_width.",
+            )
+        else:
+            check_positive(self.mup_base_head_dim, "model.mup_base_head_dim")
+        check(
+            self.mup_readout != "zero" or not self.tie_embeddings,
+            "config.model.mup_readout='zero' zero-initializes the output projection, which "
+            "tie_embeddings=True shares with the input: set --config.model.tie_embeddings=False.",
+        )
+        check(
+            "nsa" not in schedule,
+            "config.model.parametrization='mup' has no rules for native sparse attention's "
+            "parameters yet: use another config.model.attention_pattern, or parametrization='sp'.",
+        )
+        check(
+            self.query_pre_attn_scalar is None,
+            "config.model.query_pre_attn_scalar sets the attention scale, which "
+            "parametrization='mup' also sets (1/head_dim): unset one of them.",
+        )
+
+    @property
+    def width_multiplier(self) -> float:
+        """m = embed_dim / mup_base_width under muP (every width is taken to scale by m); 1 under sp."""
+        if self.parametrization != "mup":
+            return 1.0
+        return self.embed_dim / self.mup_base_width
 
 
 def shape_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:

@@ -55,6 +55,11 @@ def norm(cfg: ModelConfig, dim: int, *, rngs: nnx.Rngs, axis: str = "embed") -> 
     )  # fmt: skip
 
 
+def rms(x: jax.Array) -> jax.Array:
+    """Root mean square of all of x's coordinates, f32[] (the size of a typical coordinate)."""
+    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
+
+
 def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
     """x[..., *in] @ w[*in, *out], computed as one 2-D matmul over the flattened tokens.
 

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llm.model import mup
 from llm.model.attention import Attention
 from llm.model.config import REMAT_POLICIES, ModelConfig
-from llm.model.layers import MLP, dense, norm, param
+from llm.model.layers import MLP, dense, norm, param, rms
 from llm.model.moe import MoE
 from llm.model.nsa import NativeSparseAttention
 from llm.parallel.partitioning import shard
@@ -49,11 +50,18 @@ class Block(nnx.Module):
             self.attn_post_norm = norm(cfg, cfg.embed_dim, rngs=rngs)
             self.mlp_post_norm = norm(cfg, cfg.embed_dim, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, cache):
+    def __call__(self, x, positions, segment_ids, cache, record_rms: bool = False):
+        """record_rms: aux also holds the RMS of the attention and MLP outputs and of the
+        residual stream after the block (rms_attention, rms_mlp, rms_residual)."""
         h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
-        x = x + (self.attn_post_norm(h) if self.post_norms else h)
+        attn_out = self.attn_post_norm(h) if self.post_norms else h
+        x = x + attn_out
         h, aux = self.mlp(self.mlp_norm(x)) if self.is_moe else (self.mlp(self.mlp_norm(x)), {})
-        x = x + (self.mlp_post_norm(h) if self.post_norms else h)
+        mlp_out = self.mlp_post_norm(h) if self.post_norms else h
+        x = x + mlp_out
+        if record_rms:
+            aux = {**aux, "rms_attention": rms(attn_out), "rms_mlp": rms(mlp_out)}
+            aux["rms_residual"] = rms(x)
         return shard(x, ("batch", "seq", "embed")), cache, aux
 
 
@@ -94,6 +102,8 @@ class Transformer(nnx.Module):
                 ("embed", "vocab"),
                 pdt,
             )
+        if cfg.parametrization == "mup":  # llm.model.mup: initializations scaled by width
+            mup.rescale_init(cfg, self)
 
     def __call__(
         self,
@@ -103,14 +113,16 @@ class Transformer(nnx.Module):
         cache: dict[str, Any] | None = None,
         *,
         return_aux: bool = False,
+        record_rms: bool = False,
     ):
         """Returns logits, or (logits, cache) when decoding with a KV cache (see `init_cache`).
 
         positions: [B, L] position of each token in its document (default 0..L-1, or the cache
         index onward when decoding); segment_ids: [B, L] document ids of packed sequences.
         return_aux: also return the MoE layers' auxiliary values {layer: {name: value}} (training).
+        record_rms: the auxiliary values include each block's output sizes (`Block`).
         """
-        x, cache, aux = self.hidden_states(tokens, positions, segment_ids, cache)
+        x, cache, aux = self.hidden_states(tokens, positions, segment_ids, cache, record_rms)
         logits = dense(x, self.unembedding()).astype(jnp.float32)  # [B, L, V]
         if self.cfg.final_logit_softcap is not None:  # Gemma
             cap = self.cfg.final_logit_softcap
@@ -126,6 +138,7 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: dict[str, Any] | None = None,
+        record_rms: bool = False,
     ) -> tuple[jax.Array, dict[str, Any] | None, dict]:
         """Everything before the output projection: x: [B, L, D] after the final norm, the new
         cache (None without one) and the MoE auxiliary values. A fused loss
@@ -133,26 +146,34 @@ class Transformer(nnx.Module):
         if positions is None:
             start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed_tokens(tokens)
+        x, cache, aux = self._run_blocks(x, positions, segment_ids, cache, record_rms)
+        return self.final_norm(x), cache, aux
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """tokens: int32[B, L] -> the embeddings x: [B, L, D] in the compute dtype."""
         cfg = self.cfg
         x = self.embed[...].astype(cfg.dtype)[tokens]  # [B, L, D]
         if cfg.embed_scale:  # Gemma: sqrt(D), rounded to the compute dtype as transformers does
             x = x * jnp.asarray(cfg.embed_dim**0.5, cfg.dtype)
-        x = shard(x, ("batch", "seq", "embed"))
-        x, cache, aux = self._run_blocks(x, positions, segment_ids, cache)
-        return self.final_norm(x), cache, aux
+        return shard(x, ("batch", "seq", "embed"))
 
     def unembedding(self) -> jax.Array:
-        """The output projection [D, V] in the compute dtype (the embedding transposed if tied)."""
+        """The output projection [D, V] in the compute dtype (the embedding transposed if tied),
+        times muP's logit multiplier (llm.model.mup), so fused losses see it too."""
         cfg = self.cfg
-        unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
-        return unembed.astype(cfg.dtype)
+        unembed = (self.embed[...].T if cfg.tie_embeddings else self.unembed[...]).astype(cfg.dtype)
+        if (factor := mup.logit_multiplier(cfg)) != 1.0:
+            unembed = unembed * jnp.asarray(factor, cfg.dtype)
+        return unembed
 
-    def _run_blocks(self, x, positions, segment_ids, cache):
+    def _run_blocks(self, x, positions, segment_ids, cache, record_rms: bool = False):
         """Applies the blocks (a Python loop, or a scan over stacked parameters), with remat."""
         cfg = self.cfg
 
         def block_fn(graphdef, block_state, x, block_cache):
-            return nnx.merge(graphdef, block_state)(x, positions, segment_ids, block_cache)
+            block = nnx.merge(graphdef, block_state)
+            return block(x, positions, segment_ids, block_cache, record_rms)
 
         if cfg.remat != "none":
             block_fn = jax.checkpoint(
@@ -165,14 +186,14 @@ class Transformer(nnx.Module):
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
 
-            def body(x, layer):  # dense blocks only (config validation)
+            def body(x, layer):  # dense blocks only (config validation): aux is {} or RMS
                 layer_state, k, v = layer
-                x, new, _ = block_fn(graphdef, layer_state, x, layer_cache(k, v))
-                return x, (None, None) if new is None else (new["k"], new["v"])
+                x, new, layer_aux = block_fn(graphdef, layer_state, x, layer_cache(k, v))
+                return x, ((None, None) if new is None else (new["k"], new["v"]), layer_aux)
 
             kv = (None, None) if cache is None else (cache["k"], cache["v"])
-            x, (new_k, new_v) = jax.lax.scan(body, x, (state, *kv))
-            aux = {}
+            x, ((new_k, new_v), stacked) = jax.lax.scan(body, x, (state, *kv))
+            aux = {i: jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.num_layers)}
         else:
             new_k, new_v, aux = [], [], {}
             for i, block in enumerate(self.blocks):

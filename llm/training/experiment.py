@@ -55,6 +55,7 @@ class Experiment:
     sample_prompt: str = ""  # decoded at the end of training; "" to skip
     sample_tokens: int = 48
     log_batch_hashes: bool = False  # config.debug.log_batch_hashes
+    log_activation_rms: bool = False  # config.debug.log_activation_rms
     profile_start: int = -1  # config.profile.start_step: first step traced; -1 = none
     profile_steps: int = 3  # config.profile.steps
     init_from: str = ""  # "" | workdir:DIR[@STEP] | hf:DIR: a fresh start's weights (init_from.py)
@@ -135,6 +136,11 @@ class Experiment:
         check(
             isinstance(self.log_batch_hashes, bool),
             f"config.debug.log_batch_hashes must be True or False, got {self.log_batch_hashes!r}.",
+        )
+        check(
+            isinstance(self.log_activation_rms, bool),
+            "config.debug.log_activation_rms must be True or False, got "
+            f"{self.log_activation_rms!r}.",
         )
 
     @property

@@ -6,6 +6,7 @@ metrics, in named steps (`run` reads top to bottom; each "every N steps, or at t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import statistics
@@ -21,10 +22,11 @@ from absl import logging
 from flax import nnx
 
 from llm.errors import check
+from llm.model import mup
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
-from llm.science import flops
+from llm.science import coordinates, flops
 from llm.training import checkpoint, debug, guard, init_from
 from llm.training import workdir as workdir_lib
 from llm.training.console import Console
@@ -54,7 +56,7 @@ def setup_state(
 
     Call under `jax.set_mesh(mesh)` and `partitioning.axis_rules(exp.mesh.rules)`.
     """
-    tx, schedule = make_optimizer(exp.optimizer, exp.schedule_length)
+    tx, schedule = make_optimizer(exp.optimizer, exp.schedule_length, mup.lr_multipliers(exp.model))
     graphdef = None
 
     def init_state() -> TrainState:
@@ -264,6 +266,7 @@ def _run_locked(
         t = time.perf_counter()
         train_step = compile_train_step(exp, setup, put(local_batch(start)))
         eval_step = jax.jit(make_eval_step(setup.graphdef, exp.loss))
+        rms_step = jax.jit(functools.partial(coordinates.batch_rms, setup.graphdef))
         flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
         _print_banner(exp, flops_per_token, mesh, time.perf_counter() - t, state, train_step)
         writer = None
@@ -285,7 +288,8 @@ def _run_locked(
             profile.before(step)
             if exp.log_batch_hashes and writer is not None:
                 debug.log_batch_hash(path, step, train_data.batch(step, exp.batch_size))
-            state, step_metrics = train_step(state, put(local_batch(step)))
+            batch = put(local_batch(step))
+            state, step_metrics = train_step(state, batch)
             throughput.steps += 1
             console.step()
             done = step + 1
@@ -294,6 +298,9 @@ def _run_locked(
             if evaluate_now or _due(done, exp.log_every, exp.steps):
                 metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 metrics.update(throughput.measure())
+                if exp.log_activation_rms:  # the trained model on this step's batch
+                    rms = jax.device_get(rms_step(state.params, batch))
+                    metrics.update({f"rms/{k}": float(v) for k, v in rms.items()})
                 if evaluate_now:
                     metrics.update(evaluate(eval_step, state.params, eval_data, exp, put))
                 if writer:

@@ -1,8 +1,10 @@
-"""The optimizer: AdamW with linear warmup then cosine decay, global-norm clipping."""
+"""The optimizer: AdamW with linear warmup then cosine decay, global-norm clipping, and optional
+per-parameter learning-rate multipliers (muP, llm.model.mup)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import optax
@@ -48,11 +50,23 @@ class OptimizerConfig:
         )
 
 
+def scale_by_multipliers(multiplier: Callable[[tuple], float]) -> optax.GradientTransformation:
+    """Each update times `multiplier(its path)`: per-parameter learning rates (weight decay too)."""
+
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(lambda path, u: u * multiplier(path), updates)
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
-    opt: OptimizerConfig, steps: int
+    opt: OptimizerConfig, steps: int, lr_multiplier: Callable[[tuple], float] | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warmup then cosine decay over `steps`, global-norm clipping; norm scales
-    are not decayed."""
+    are not decayed. `lr_multiplier` (a parameter's state path -> factor, e.g.
+    llm.model.mup.lr_multipliers) scales each parameter's learning rate; None: all 1."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=opt.learning_rate,
@@ -78,5 +92,6 @@ def make_optimizer(
             weight_decay=opt.weight_decay,
             mask=decay_mask,
         ),
+        *([] if lr_multiplier is None else [scale_by_multipliers(lr_multiplier)]),
     )
     return tx, schedule

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments.studies import moe_vs_dense, sparse_vs_dense
+from experiments.studies import moe_vs_dense, mup_transfer, sparse_vs_dense
 from llm.science import plots
 
 RESULTS = pathlib.Path(__file__).resolve().parents[3] / "experiments" / "results"
@@ -76,3 +76,26 @@ def test_replot_from_committed_results(tmp_path, study, out_flag, figures):
     for name in figures:
         committed = matplotlib.image.imread(RESULTS / study / name)
         assert matplotlib.image.imread(out / name).shape == committed.shape
+
+
+def test_mup_transfer_figure_has_a_curve_per_width(monkeypatch):
+    kept = []
+    monkeypatch.setattr(plots, "save", lambda fig, path, note=None: kept.append((fig, note)))
+    with (RESULTS / "mup" / "transfer" / "results.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    mup_transfer.plot(rows, pathlib.Path("unused"))
+    ((fig, note),) = kept
+    assert [ax.get_title() for ax in fig.axes] == ["sp", "mup"]
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == ["width 64", "width 128", "width 256"]
+        assert ax.get_xlabel() == "log2 learning rate"
+        first = ax.lines[0].get_xydata()
+        expected = sorted(
+            (np.log2(float(r["learning_rate"])), float(r["eval_loss"]))
+            for r in rows
+            if r["parametrization"] == ax.get_title() and r["width"] == "64"
+        )
+        np.testing.assert_allclose(first, expected)
+    assert note == "one seed per point"
+    plt.close(fig)

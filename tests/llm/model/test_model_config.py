@@ -17,9 +17,10 @@ from llm.model.config import (
 )
 from llm.model.transformer import Transformer
 
-BASE = ModelConfig(
-    vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64
-)
+BASE = ModelConfig(  # mup_base_width: unused under sp, needed by the variant parametrization="mup"
+    vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
+    mup_base_width=32,
+)  # fmt: skip
 MOE = MoEConfig(num_experts=4, top_k=2, expert_mlp_dim=16, num_shared_experts=1)
 # A valid other value of each field (MoE fields on a model with BASE's sizes and MOE's experts).
 VARIANTS = {
@@ -32,6 +33,7 @@ VARIANTS = {
     "rope_scaling": RopeScaling("yarn", 4.0, 512), "qkv_bias": True, "qk_norm": True,
     "rope_local_theta": 50.0, "embed_scale": True, "norm_plus_one": True, "post_norms": True,
     "mlp_activation": "gelu_tanh", "query_pre_attn_scalar": 24.0, "final_logit_softcap": 30.0,
+    "parametrization": "mup", "mup_base_width": 16, "mup_base_head_dim": 4, "mup_readout": "zero",
 }  # fmt: skip
 MOE_VARIANTS = {
     "num_experts": 8, "top_k": 1, "expert_mlp_dim": 32, "every": 2, "first_dense_layers": 1,

@@ -66,9 +66,18 @@ class Interrupted(Exception):
     pass
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_config, monkeypatch):
+MUP = {  # muP off its base width, logging the activation sizes
+    "model.parametrization": "mup",
+    "model.mup_base_width": 32,
+    "debug.log_activation_rms": True,
+}
+
+
+@pytest.mark.parametrize("overrides", [{}, MUP], ids=["sp", "mup"])
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_config, monkeypatch, overrides):
+    tiny_config = config_lib.with_overrides(tiny_config, overrides)
     full = train.train_and_evaluate(tiny_config, str(tmp_path / "full"))
-    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
+    expected = {r["step"]: r for r in read_metrics(tmp_path / "full")}
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert "eval_loss" in full
 
@@ -88,7 +97,10 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_config, monkeyp
     records = read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # history kept across the restart
     for record in records:
-        assert record["loss"] == expected[record["step"]]  # bit-identical on CPU
+        assert record["loss"] == expected[record["step"]]["loss"]  # bit-identical on CPU
+        sizes = {k: v for k, v in record.items() if k.startswith("rms/")}
+        assert sizes == {k: expected[record["step"]][k] for k in sizes}
+        assert len(sizes) == (5 if overrides else 0)  # rms/embedding, ... rms/logits
 
 
 def test_console_lines_clock_fields_and_a_finished_rerun(tmp_path, tiny_config):
