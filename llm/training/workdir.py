@@ -144,6 +144,18 @@ def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def unflatten(flat: dict[str, Any]) -> dict:
+    """{"moe.num_experts": 4} -> {"moe": {"num_experts": 4}}."""
+    out: dict = {}
+    for dotted, value in flat.items():
+        *parents, name = dotted.split(".")
+        node = out
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = value
+    return out
+
+
 def changes(recorded: dict, given: dict) -> list[tuple[str, Any, Any]]:
     """(dotted field, recorded value, given value) for each field both configs have and that
     differs (a field one lacks was added or removed by a code change, not by the user)."""

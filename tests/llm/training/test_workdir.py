@@ -77,6 +77,10 @@ def test_a_resume_that_changes_what_is_trained_is_refused(run, tiny_config, fiel
     [
         ({"loss_spike.window": 8}, "guard/losses: saved float32[1], expected float32[8]"),
         ({"model.attention_pattern": "nsa", "model.attention_window": 16}, "not in the checkpoint"),
+        (
+            {"model.mlp_dim": 96},
+            "model fields that fix parameter shapes changed (model.mlp_dim: 128 -> 96)",
+        ),
     ],
 )
 def test_a_different_state_is_a_mismatch_never_corruption(run, tiny_config, fields, path):
