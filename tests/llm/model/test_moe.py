@@ -15,7 +15,7 @@ from llm.model.config import ModelConfig, MoEConfig
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
 from llm.science import flops
-from llm.training import checkpoint, loop
+from llm.training import checkpoint, loop, workdir
 from llm.training.metrics import read_metrics
 
 E, K, D, F = 4, 2, 16, 8
@@ -203,5 +203,5 @@ def test_a_tiny_moe_model_trains_and_logs_routing(tmp_path, tiny_config):
     restored = checkpoint.restore_params(tmp_path, nnx.state(model))
     assert np.abs(restored["blocks"][1]["mlp"]["expert_bias"][...]).max() > 0
     other = config_lib.with_overrides(config, {"model.moe.num_experts": 4, "steps": 8})
-    with pytest.raises(checkpoint.CheckpointMismatchError, match="model.moe.num_experts: 8 -> 4"):
+    with pytest.raises(workdir.ResumeChangeError, match="model.moe.num_experts: 8 -> 4"):
         train.train_and_evaluate(other, str(tmp_path))
