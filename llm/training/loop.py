@@ -23,7 +23,6 @@ from flax import nnx
 
 from llm.errors import check
 from llm.model import mup
-from llm.model.config import shape_differences
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
@@ -211,21 +210,6 @@ def _resumed(exp: Experiment, path: pathlib.Path) -> tuple[Experiment, list]:
     return exp, changed
 
 
-def _explain(changed: list) -> str:
-    """The config changes behind a state mismatch: first the model fields the dataclasses mark
-    as fixing parameter shapes (llm.model.config.SHAPE), then all of them."""
-    before = {k[len("model.") :]: a for k, a, _ in changed if k.startswith("model.")}
-    after = {k[len("model.") :]: b for k, _, b in changed if k.startswith("model.")}
-    fixing = shape_differences(workdir_lib.unflatten(before), workdir_lib.unflatten(after))
-    shapes = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, a, b in fixing)
-    everything = f"changed since the run's config.json: {workdir_lib.format_changes(changed)}"
-    return (
-        f"model fields that fix parameter shapes changed ({shapes}); {everything}"
-        if shapes
-        else everything
-    )
-
-
 def _run_locked(
     exp: Experiment, mesh: jax.sharding.Mesh, path: pathlib.Path, preemption: PreemptionWatcher
 ) -> dict[str, float]:
@@ -241,7 +225,7 @@ def _run_locked(
         except checkpoint.CheckpointMismatchError as e:
             if changed:
                 raise checkpoint.CheckpointMismatchError(
-                    f"{e}; {_explain(changed)}: resume with the recorded values, or pass a new "
+                    f"{e}; {workdir_lib.explain_changes(changed)}: resume with the recorded values, or pass a new "
                     "--workdir."
                 ) from None
             raise

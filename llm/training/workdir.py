@@ -30,6 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llm.errors import ConfigError
+from llm.model.config import shape_differences
 
 # Dotted config fields (or sections, ending in ".") a resume may change: how often to log,
 # evaluate and save, where metrics go, how long to run, how the state is laid out over devices
@@ -169,6 +170,21 @@ def is_safe(field: str) -> bool:
 
 def format_changes(changed: list[tuple[str, Any, Any]]) -> str:
     return ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+
+
+def explain_changes(changed: list) -> str:
+    """The config changes behind a state mismatch: first the model fields the dataclasses mark
+    as fixing parameter shapes (llm.model.config.SHAPE), then all of them."""
+    before = {k[len("model.") :]: a for k, a, _ in changed if k.startswith("model.")}
+    after = {k[len("model.") :]: b for k, _, b in changed if k.startswith("model.")}
+    fixing = shape_differences(unflatten(before), unflatten(after))
+    shapes = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, a, b in fixing)
+    everything = f"changed since the run's config.json: {format_changes(changed)}"
+    return (
+        f"model fields that fix parameter shapes changed ({shapes}); {everything}"
+        if shapes
+        else everything
+    )
 
 
 def check_resume(recorded: dict, given: dict, policy: str) -> list[tuple[str, Any, Any]]:
