@@ -165,4 +165,18 @@ def get_config() -> ml_collections.ConfigDict:
         ("mlp", "tensor"),
         ("vocab", "tensor"),
     )
+
+    # Compression (README): pruning (llm.training.prune) and distillation (llm.training.distill).
+    c.prune = ml_collections.ConfigDict()
+    c.prune.method = "none"  # none | magnitude (unstructured) | N:M semi-structured, e.g. 2:4
+    c.prune.sparsity = 0.5  # magnitude: final fraction of zeros in each target weight, in [0, 1)
+    c.prune.start = 0  # first step pruned (N:M: the step its pattern is chosen)
+    c.prune.end = 0  # magnitude: the step `sparsity` is reached (cubic ramp from start)
+    c.prune.targets = "attention,mlp,experts"  # of: attention, mlp, experts, embeddings
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher = ""  # "" (off) | workdir:DIR[@STEP] | hf:DIR: the frozen teacher
+    c.distill.alpha = 0.5  # loss = alpha * CE + (1 - alpha) * T^2 * KL
+    c.distill.temperature = 1.0  # T, softening teacher and student
+    c.distill.kl = "forward"  # forward: KL(teacher || student) | reverse: KL(student || teacher)
+    c.distill.cache = ""  # a directory by `python -m llm.distill_cache`: top-k teacher logits
     return c

@@ -27,10 +27,12 @@ from llm.errors import ConfigError, check
 from llm.model.config import ModelConfig
 from llm.parallel.partitioning import MeshConfig
 from llm.training.checkpoint import CheckpointConfig
+from llm.training.distill import DistillConfig
 from llm.training.experiment import Experiment
 from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
 from llm.training.optimizer import OptimizerConfig
+from llm.training.prune import PruneConfig
 from llm.training.step import LossConfig
 
 # experiments/default.py, found from this file, so a command works from any directory.
@@ -210,6 +212,8 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
             spike_sigmas=c["loss_spike"]["sigmas"],
         ),
         loss=_build(LossConfig, c["loss"], ".loss"),
+        prune=_build(PruneConfig, c["prune"], ".prune"),
+        distill=_build(DistillConfig, c["distill"], ".distill"),
         seed=c["seed"],
         steps=c["steps"],
         batch_size=c["batch_size"],

@@ -30,7 +30,7 @@ from data.tokenizer import UNK_ID, Tokenizer
 from llm.errors import ConfigError, check
 from llm.hf_arch import ARCHITECTURES, check_saveable, config_from_hf, config_to_hf, hf_names
 from llm.hf_arch import model_type as _model_type
-from llm.model.config import DTYPES
+from llm.model.config import DTYPES, ModelConfig
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
 
@@ -94,9 +94,9 @@ def _open_tensors(path: pathlib.Path) -> dict:
     return handles
 
 
-def _read_config(path: pathlib.Path, dtype: str, scan_layers: bool):
+def read_config(path: str | pathlib.Path, dtype: str, scan_layers: bool = False) -> ModelConfig:
     """Our ModelConfig of the config.json in `path`; ConfigError naming a missing field."""
-    file = path / "config.json"
+    file = pathlib.Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(
             f"{file} not found: expected a Hugging Face checkpoint directory "
@@ -125,7 +125,7 @@ def load(
     so the host holds the model's arrays plus about one tensor, never a second copy."""
     check(dtype in DTYPES, f"hf.load dtype={dtype!r} is not one of {DTYPES}.")
     path = pathlib.Path(path)
-    cfg = _read_config(path, dtype, scan_layers)
+    cfg = read_config(path, dtype, scan_layers)
     tensors = _open_tensors(path)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)

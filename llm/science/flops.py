@@ -99,6 +99,12 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * param_counts(cfg)["matmul"] + attention
 
 
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward-only FLOPs per token (a frozen teacher's, in distillation): 2·N plus 4·H·Dh per
+    attended pair, a third of `train_flops_per_token`."""
+    return train_flops_per_token(cfg, seq_len) / 3
+
+
 def steps_for_budget(cfg: ModelConfig, budget: float, batch_size: int, seq_len: int) -> int:
     """The whole training steps of batch_size x seq_len tokens that `budget` FLOPs buy."""
     return int(budget / (train_flops_per_token(cfg, seq_len) * batch_size * seq_len))

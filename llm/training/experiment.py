@@ -19,11 +19,13 @@ from llm.model.config import ModelConfig
 from llm.parallel import context, partitioning
 from llm.parallel.partitioning import MeshConfig
 from llm.science import flops
-from llm.training import init_from, inputs
+from llm.training import init_from, inputs, prune
 from llm.training.checkpoint import CheckpointConfig
+from llm.training.distill import DistillConfig
 from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
 from llm.training.optimizer import OptimizerConfig
+from llm.training.prune import PruneConfig
 from llm.training.step import LossConfig
 from llm.training.workdir import RESUME_POLICIES
 
@@ -43,6 +45,8 @@ class Experiment:
     checkpoint: CheckpointConfig
     guard: GuardConfig
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     seed: int = 0
     steps: int = 300
     batch_size: int = 16  # global batch, in sequences
@@ -117,6 +121,11 @@ class Experiment:
             "config.model.dtype=float16 needs loss scaling, which this trainer does not have: "
             "use bfloat16 (same memory, float32's range).",
         )
+        prune.check_model(self.prune, self.model)
+        check(
+            not self.distill.enabled or self.loss.impl == "plain",
+            "config.distill needs the student's logits: set loss.impl=plain.",
+        )
         check(self.z_loss >= 0, f"config.z_loss must be >= 0, got {self.z_loss}.")
         check(
             is_int(self.profile_start) and self.profile_start >= -1,
@@ -151,6 +160,12 @@ class Experiment:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
+
+    def batches_key(self) -> dict:
+        """What fixes the training batches and their vocabulary (llm.distill_cache's manifest)."""
+        data = dataclasses.asdict(self.data)
+        return {"seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "vocab_size": self.model.vocab_size, "data": data}  # fmt: skip
 
     def load_data(self):
         """The tokenizer and the packed train and eval splits of this experiment."""

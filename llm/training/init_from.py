@@ -22,46 +22,47 @@ from llm.training import checkpoint
 KINDS = ("workdir", "hf")
 
 
-def parse(spec: str) -> tuple[str, str, int | None]:
-    """ "workdir:DIR[@STEP]" | "hf:DIR" -> (kind, directory, step); ConfigError if malformed."""
+def parse(spec: str, field: str = "init_from") -> tuple[str, str, int | None]:
+    """ "workdir:DIR[@STEP]" | "hf:DIR" -> (kind, directory, step); ConfigError naming
+    config.`field` if malformed."""
     kind, colon, location = spec.partition(":")
     check(
         bool(colon) and kind in KINDS and bool(location),
-        f"config.init_from={spec!r} must be workdir:DIR, workdir:DIR@STEP or hf:DIR.",
+        f"config.{field}={spec!r} must be workdir:DIR, workdir:DIR@STEP or hf:DIR.",
     )
     try:
         directory, step = checkpoint.split_step(location) if kind == "workdir" else (location, None)
     except ValueError as e:
-        raise ConfigError(f"config.init_from: {e}") from None
+        raise ConfigError(f"config.{field}: {e}") from None
     return kind, directory, step
 
 
-def check_source(spec: str) -> None:
+def check_source(spec: str, field: str = "init_from") -> None:
     """ConfigError (before anything is compiled) if the source does not exist."""
-    kind, directory, _ = parse(spec)
+    kind, directory, _ = parse(spec, field)
     needed = pathlib.Path(directory) / ("checkpoints" if kind == "workdir" else "config.json")
     check(
         needed.exists(),
-        f"config.init_from={spec!r}: {needed} not found; point it at a training run's workdir "
+        f"config.{field}={spec!r}: {needed} not found; point it at a training run's workdir "
         "(workdir:DIR) or a Hugging Face model directory (hf:DIR).",
     )
 
 
-def load_params(spec: str, abstract_params: nnx.State) -> nnx.State:
+def load_params(spec: str, abstract_params: nnx.State, field: str = "init_from") -> nnx.State:
     """The source's model state, placed as `abstract_params`' shardings say."""
-    kind, directory, step = parse(spec)
+    kind, directory, step = parse(spec, field)
     if kind == "workdir":
         return checkpoint.restore_params(directory, abstract_params, step)
     try:
         with jax.set_mesh(None):  # llm.hf builds its model unsharded, on the host
             source = nnx.state(hf.load(directory, dtype=_dtype(abstract_params)))
     except (OSError, ValueError) as e:  # a directory llm.hf cannot read
-        raise ConfigError(f"config.init_from={spec!r}: {e}") from None
+        raise ConfigError(f"config.{field}={spec!r}: {e}") from None
     saved, expected = checkpoint.leaves(source), checkpoint.leaves(abstract_params)
     differences = checkpoint.state_differences(saved, expected)
     check(
         not differences,
-        f"config.init_from={spec!r} has another model than this config "
+        f"config.{field}={spec!r} has another model than this config "
         f"({len(differences)} arrays differ: {'; '.join(differences[:4])}): set config.model "
         "to the source's sizes.",
     )

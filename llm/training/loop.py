@@ -27,7 +27,7 @@ from llm.model.decode import generate
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
 from llm.science import coordinates, flops
-from llm.training import checkpoint, debug, guard, init_from
+from llm.training import checkpoint, debug, distill, guard, init_from, prune
 from llm.training import workdir as workdir_lib
 from llm.training.console import Console
 from llm.training.experiment import Experiment
@@ -46,6 +46,8 @@ class Setup(NamedTuple):
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
     schedule: optax.Schedule
+    distiller: distill.Distiller | None = None  # with config.distill
+    teacher_cfg: Any = None  # the online teacher's ModelConfig
 
 
 def setup_state(
@@ -57,6 +59,7 @@ def setup_state(
     Call under `jax.set_mesh(mesh)` and `partitioning.axis_rules(exp.mesh.rules)`.
     """
     tx, schedule = make_optimizer(exp.optimizer, exp.schedule_length, mup.lr_multipliers(exp.model))
+    tx = prune.masked(tx, exp.prune)
     graphdef = None
 
     def init_state() -> TrainState:
@@ -86,7 +89,16 @@ def setup_state(
         if exp.init_from:  # a fresh start from other weights; the optimizer state stays fresh
             abstract_params = partitioning.with_shardings(abstract.params, shardings.params)
             state = state.replace(params=init_from.load_params(exp.init_from, abstract_params))
-    return Setup(state, shardings, graphdef, tx, schedule)
+    distiller, teacher_cfg = None, None
+    if exp.distill.enabled:  # the frozen teacher rides in the state, never checkpointed
+        distiller = distill.Distiller(exp.distill)
+        if not exp.distill.cache:
+            args = (exp.distill, exp.model, exp.data.tokenizer, mesh, exp.mesh.rules)
+            teacher_graphdef, teacher, teacher_cfg = distill.load_teacher(*args)
+            distiller = distill.Distiller(exp.distill, teacher_graphdef)
+            state = state.replace(teacher=teacher)
+            shardings = shardings.replace(teacher=jax.tree.map(lambda x: x.sharding, teacher))
+    return Setup(state, shardings, graphdef, tx, schedule, distiller, teacher_cfg)
 
 
 def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
@@ -98,6 +110,7 @@ def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
         grad_accum_steps=exp.grad_accum_steps,
         z_loss=exp.z_loss,
         loss=exp.loss,
+        distill=setup.distiller,
     )
     step_fn = guard.guarded(step_fn, exp.guard)
     jitted = jax.jit(step_fn, out_shardings=(setup.shardings, None), donate_argnums=0)
@@ -153,8 +166,8 @@ class Throughput:
     MFU, and the clock: `wall_time` (seconds since the epoch) and `elapsed` (seconds since this
     process started training)."""
 
-    def __init__(self, exp: Experiment, flops_per_token: float):
-        self.flops_per_token = flops_per_token
+    def __init__(self, exp: Experiment, flops_per_token: float, teacher_flops: float = 0.0):
+        self.flops_per_token, self.teacher_flops = flops_per_token, teacher_flops  # per token
         self.peak = flops.peak_flops(jax.devices()[0])
         self.tokens_per_step = exp.tokens_per_step
         self.start = self.tick = time.perf_counter()
@@ -173,7 +186,11 @@ class Throughput:
             "elapsed": now - self.start,
         }
         if self.peak:
-            out["mfu"] = achieved / self.peak
+            out["mfu"] = achieved / self.peak  # the student's: the teacher's forward is apart
+        if self.teacher_flops:
+            out["teacher_tflops_per_device"] = (
+                achieved / self.flops_per_token * self.teacher_flops / 1e12
+            )
         self.tick, self.steps = time.perf_counter(), 0
         return out
 
@@ -217,6 +234,11 @@ def _run_locked(
     if exp.init_from and not any((path / "checkpoints").glob("[0-9]*")):  # a fresh start
         init_from.check_source(exp.init_from)
     tokenizer, train_data, eval_data = exp.load_data()
+    cache = (
+        distill.Cache(exp.distill.cache, exp.batches_key(), exp.steps)
+        if exp.distill.cache
+        else None
+    )
     with jax.set_mesh(mesh), partitioning.axis_rules(exp.mesh.rules):
         data_sharding = partitioning.batch_sharding(mesh, exp.mesh.rules)
         manager = checkpoint.make_manager(path, keep=exp.checkpoint.keep)
@@ -254,20 +276,22 @@ def _run_locked(
             }
 
         def local_batch(step):
-            return train_data.batch(
-                step,
-                exp.batch_size,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
+            where = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+            batch = train_data.batch(step, exp.batch_size, **where)
+            return {**batch, **cache.batch(step, **where)} if cache else batch
 
         debug.pause("compile")
         t = time.perf_counter()
         train_step = compile_train_step(exp, setup, put(local_batch(start)))
         eval_step = jax.jit(make_eval_step(setup.graphdef, exp.loss))
         rms_step = jax.jit(functools.partial(coordinates.batch_rms, setup.graphdef))
+        sparsity_step = jax.jit(functools.partial(prune.sparsity, exp.prune))
         flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
         _print_banner(exp, flops_per_token, mesh, time.perf_counter() - t, state, train_step)
+        teacher_flops = 0.0
+        if setup.teacher_cfg is not None:  # counted apart: MFU stays the student's
+            teacher_flops = flops.forward_flops_per_token(setup.teacher_cfg, exp.seq_len)
+            print(f"teacher forward: {teacher_flops / 1e6:.1f} MFLOP per token", flush=True)
         writer = None
         if jax.process_index() == 0:
             writer = MetricsWriter(path, tracker=exp.tracker, config=json.loads(exp.config_json))
@@ -279,7 +303,7 @@ def _run_locked(
 
         metrics: dict[str, float] = {}
         console = Console(exp.steps, start)
-        throughput = Throughput(exp, flops_per_token)
+        throughput = Throughput(exp, flops_per_token, teacher_flops)
         profile = Profile(path / "profile", exp.profile_start, exp.profile_steps)
         for step in range(start, exp.steps):
             if preemption.should_stop(step):
@@ -300,6 +324,9 @@ def _run_locked(
                 if exp.log_activation_rms:  # the trained model on this step's batch
                     rms = jax.device_get(rms_step(state.params, batch))
                     metrics.update({f"rms/{k}": float(v) for k, v in rms.items()})
+                if exp.prune.enabled:
+                    sparsity = jax.device_get(sparsity_step(state.params))
+                    metrics.update({k: float(v) for k, v in sparsity.items()})
                 if evaluate_now:
                     metrics.update(evaluate(eval_step, state.params, eval_data, exp, put))
                 if writer:

@@ -19,12 +19,15 @@ class TrainState:
                optimizer sees the nnx.Param part only.
     opt_state: the optax state of the nnx.Param part.
     guard:     the non-finite and loss-spike state of llm.training.guard (`init_guard`).
+    teacher:   distillation's frozen teacher model state (llm.training.distill), read by the step,
+               never written nor checkpointed; None without a teacher.
     """
 
     step: jax.Array
     params: nnx.State
     opt_state: Any
     guard: dict[str, jax.Array]
+    teacher: Any = None
 
 
 # inputs, targets, segment_ids, positions: int32[B, L]; weights: f32[B, L]

@@ -15,6 +15,7 @@ from kernels.cross_entropy.reference import cross_entropy
 from llm.errors import check, check_positive
 from llm.model import moe
 from llm.model.transformer import Transformer
+from llm.training.distill import Distiller
 from llm.training.state import Batch, TrainState
 
 LOSS_IMPLS = ("plain", "chunked")
@@ -67,26 +68,31 @@ def make_train_step(
     grad_accum_steps: int,
     z_loss: float,
     loss: LossConfig = LossConfig(),
+    distill: Distiller | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step over a batch split into `grad_accum_steps` micro-batches.
 
     MoE models add their weighted auxiliary losses to the loss, report their routing statistics
     (llm.model.moe.aux_metrics) and take one loss-free balancing step of their expert biases.
+    With `distill` the loss is llm.training.distill's, from `state.teacher` (metric distill_kl).
     """
 
-    def loss_fn(params, rest, batch: Batch):
+    def loss_fn(params, rest, batch: Batch, teacher):
         model = nnx.merge(graphdef, params, rest)
-        loss_sum, ce_sum, moe_aux = token_losses(model, batch, z_loss, loss)
+        if distill is None:
+            (loss_sum, ce_sum, moe_aux), extra = token_losses(model, batch, z_loss, loss), {}
+        else:
+            loss_sum, ce_sum, moe_aux, extra = distill.losses(model, teacher, batch, z_loss)
         if moe_aux:  # per-token losses, weighted like the summed cross-entropy
             loss_sum += jnp.sum(batch["weights"]) * moe.weighted_aux_loss(moe_aux, model.cfg.moe)
-        return loss_sum, (ce_sum, moe_aux)
+        return loss_sum, (ce_sum, moe_aux, extra)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params, rest = nnx.split_state(state.params, nnx.Param, ...)
         if grad_accum_steps == 1:
-            (_, (ce_sum, moe_aux)), grads = grad_fn(params, rest, batch)
+            (_, (ce_sum, moe_aux, extra)), grads = grad_fn(params, rest, batch, state.teacher)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
@@ -94,12 +100,14 @@ def make_train_step(
             )
 
             def accumulate(carry, micro_batch):
-                grads, ce_sum = carry
-                (_, (ce, aux)), g = grad_fn(params, rest, micro_batch)
-                return (jax.tree.map(jnp.add, grads, g), ce_sum + ce), aux
+                (_, (ce, aux, more)), g = grad_fn(params, rest, micro_batch, state.teacher)
+                return jax.tree.map(jnp.add, carry, (g, ce, more)), aux
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, ce_sum), moe_aux = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), micro)
+            extra = {"distill_kl": jnp.zeros(())} if distill else {}
+            (grads, ce_sum, extra), moe_aux = jax.lax.scan(
+                accumulate, (zeros, jnp.zeros(()), extra), micro
+            )
             moe_aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe_aux)
         num_tokens = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
         grads = jax.tree.map(lambda g: g / num_tokens, grads)
@@ -117,6 +125,7 @@ def make_train_step(
             "grad_norm": optax.global_norm(grads),
             "learning_rate": schedule(state.step),
             **moe.aux_metrics(moe_aux),
+            **{name: value / num_tokens for name, value in extra.items()},
         }
         return new_state, metrics
 
