@@ -170,9 +170,14 @@ def load_teacher(
     config. ConfigError naming config.distill.teacher if it is missing, corrupt or another
     vocabulary's."""
     teacher_cfg = teacher_config(cfg, student, tokenizer)
-    graphdef, abstract = nnx.split(
-        nnx.eval_shape(lambda: Transformer(teacher_cfg, rngs=nnx.Rngs(0)))
-    )
+    graphdef = None
+
+    def build() -> nnx.State:
+        nonlocal graphdef  # static structure, recorded while tracing
+        graphdef, state = nnx.split(Transformer(teacher_cfg, rngs=nnx.Rngs(0)))
+        return state
+
+    abstract = jax.eval_shape(build)
     shardings = partitioning.state_shardings(abstract, mesh, rules)
     try:
         state = init_from.load_params(
