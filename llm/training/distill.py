@@ -35,6 +35,7 @@ from llm.errors import ConfigError, check
 from llm.model.config import ModelConfig
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
+from llm.science import flops
 from llm.training import checkpoint, init_from
 from llm.training.state import Batch
 
@@ -106,6 +107,14 @@ class Distiller:
 
     cfg: DistillConfig
     teacher_graphdef: nnx.GraphDef | None = None
+    teacher_cfg: ModelConfig | None = None
+
+    def teacher_flops(self, seq_len: int) -> float:
+        """The teacher's forward FLOPs per trained token (0 with a cache), counted apart from the
+        student's: MFU stays the student's."""
+        if self.teacher_cfg is None:
+            return 0.0
+        return flops.forward_flops_per_token(self.teacher_cfg, seq_len)
 
     def losses(
         self, model: Transformer, teacher: nnx.State | None, batch: Batch, z_loss: float
@@ -186,6 +195,19 @@ def load_teacher(
     except (checkpoint.CheckpointNotFoundError, checkpoint.CheckpointCorruptError) as e:
         raise ConfigError(f"config.distill.teacher={cfg.teacher!r}: {e}") from None
     return graphdef, state, teacher_cfg
+
+
+def make(
+    cfg: DistillConfig, student: ModelConfig, tokenizer: str, mesh, rules
+) -> tuple[Distiller | None, nnx.State | None]:
+    """The train step's Distiller and the teacher's state for `TrainState.teacher` (None with a
+    cache); (None, None) without distillation."""
+    if not cfg.enabled:
+        return None, None
+    if cfg.cache:
+        return Distiller(cfg), None
+    graphdef, teacher, teacher_cfg = load_teacher(cfg, student, tokenizer, mesh, rules)
+    return Distiller(cfg, graphdef, teacher_cfg), teacher
 
 
 class Cache:

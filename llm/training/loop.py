@@ -47,7 +47,6 @@ class Setup(NamedTuple):
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     distiller: distill.Distiller | None = None  # with config.distill
-    teacher_cfg: Any = None  # the online teacher's ModelConfig
 
 
 def setup_state(
@@ -89,16 +88,13 @@ def setup_state(
         if exp.init_from:  # a fresh start from other weights; the optimizer state stays fresh
             abstract_params = partitioning.with_shardings(abstract.params, shardings.params)
             state = state.replace(params=init_from.load_params(exp.init_from, abstract_params))
-    distiller, teacher_cfg = None, None
-    if exp.distill.enabled:  # the frozen teacher rides in the state, never checkpointed
-        distiller = distill.Distiller(exp.distill)
-        if not exp.distill.cache:
-            args = (exp.distill, exp.model, exp.data.tokenizer, mesh, exp.mesh.rules)
-            teacher_graphdef, teacher, teacher_cfg = distill.load_teacher(*args)
-            distiller = distill.Distiller(exp.distill, teacher_graphdef)
-            state = state.replace(teacher=teacher)
-            shardings = shardings.replace(teacher=jax.tree.map(lambda x: x.sharding, teacher))
-    return Setup(state, shardings, graphdef, tx, schedule, distiller, teacher_cfg)
+    distiller, teacher = distill.make(
+        exp.distill, exp.model, exp.data.tokenizer, mesh, exp.mesh.rules
+    )
+    if teacher is not None:  # the frozen teacher rides in the state, never checkpointed
+        state = state.replace(teacher=teacher)
+        shardings = shardings.replace(teacher=jax.tree.map(lambda x: x.sharding, teacher))
+    return Setup(state, shardings, graphdef, tx, schedule, distiller)
 
 
 def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
@@ -288,10 +284,7 @@ def _run_locked(
         sparsity_step = jax.jit(functools.partial(prune.sparsity, exp.prune))
         flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
         _print_banner(exp, flops_per_token, mesh, time.perf_counter() - t, state, train_step)
-        teacher_flops = 0.0
-        if setup.teacher_cfg is not None:  # counted apart: MFU stays the student's
-            teacher_flops = flops.forward_flops_per_token(setup.teacher_cfg, exp.seq_len)
-            print(f"teacher forward: {teacher_flops / 1e6:.1f} MFLOP per token", flush=True)
+        teacher_flops = setup.distiller.teacher_flops(exp.seq_len) if setup.distiller else 0.0
         writer = None
         if jax.process_index() == 0:
             writer = MetricsWriter(path, tracker=exp.tracker, config=json.loads(exp.config_json))
