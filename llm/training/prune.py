@@ -134,7 +134,7 @@ def check_model(cfg: PruneConfig, model: ModelConfig) -> None:
     width is a multiple of M."""
     if not cfg.enabled:
         return
-    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(0))), nnx.Param)
+    abstract = jax.eval_shape(lambda: nnx.state(Transformer(model, rngs=nnx.Rngs(0)), nnx.Param))
     found = targets(cfg, abstract)
     check(
         bool(found),
