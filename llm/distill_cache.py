@@ -9,8 +9,8 @@
 The batches are those of the given config (a batch is a pure function of seed and step), steps
 [0, config.steps); the student's run must have the same seed, batch, sequence length, data and
 vocabulary (checked from OUT/manifest.json). Files: float32 logits and int32 ids, each
-[steps, batch, seq_len, top_k]. Prints the teacher's mean probability mass inside its top k at
-distill.temperature: the truncation drops the rest (distill.top_k_kl renormalizes the top k).
+[steps, batch, seq_len, top_k], and the float32 logsumexp of all logits / T [steps, batch, seq_len]. Prints the teacher's mean probability mass inside its top k at
+distill.temperature (the cache is for that T): the rest is one "tail" outcome (distill.top_k_kl).
 """
 
 from __future__ import annotations
@@ -34,16 +34,17 @@ from llm.training.experiment import Experiment
 
 
 def top_k_fn(teacher_graphdef: nnx.GraphDef, k: int, temperature: float):
-    """(teacher state, batch) -> top-k logits f32[B, L, k], ids int32[B, L, k], and the summed
-    weighted probability mass of the top k at `temperature` with the summed weights."""
+    """(teacher state, batch) -> top-k logits f32[B, L, k], ids int32[B, L, k], logsumexp of
+    all logits / `temperature` f32[B, L], and the summed weighted probability mass of the top k
+    at `temperature` with the summed weights."""
 
     def fn(teacher: nnx.State, batch: dict):
         inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
         logits = nnx.merge(teacher_graphdef, teacher)(*inputs)  # [B, L, V]
         values, ids = jax.lax.top_k(logits, k)
-        log_z = jax.nn.logsumexp(logits / temperature, axis=-1, keepdims=True)  # [B, L, 1]
-        mass = jnp.sum(jnp.exp(values / temperature - log_z), axis=-1)  # [B, L]
-        return values, ids, jnp.sum(mass * batch["weights"]), jnp.sum(batch["weights"])
+        log_z = jax.nn.logsumexp(logits / temperature, axis=-1)  # [B, L]
+        mass = jnp.sum(jnp.exp(values / temperature - log_z[..., None]), axis=-1)  # [B, L]
+        return values, ids, log_z, jnp.sum(mass * batch["weights"]), jnp.sum(batch["weights"])
 
     return fn
 
@@ -62,9 +63,10 @@ def write_cache(exp: Experiment, out: str, top_k: int) -> float:
     path = pathlib.Path(out)
     path.mkdir(parents=True, exist_ok=True)
     shape = (exp.steps, exp.batch_size, exp.seq_len, top_k)
+    kinds = ((np.float32, shape), (np.int32, shape), (np.float32, shape[:-1]))
     files = {
-        name: np.lib.format.open_memmap(path / f"{name}.npy", "w+", dtype, shape)
-        for name, dtype in zip(distill.CACHE_KEYS, (np.float32, np.int32), strict=True)
+        name: np.lib.format.open_memmap(path / f"{name}.npy", "w+", dtype, array_shape)
+        for name, (dtype, array_shape) in zip(distill.CACHE_KEYS, kinds, strict=True)
     }
     mass, weight = 0.0, 0.0
     with jax.set_mesh(mesh), partitioning.axis_rules(exp.mesh.rules):
@@ -74,12 +76,14 @@ def write_cache(exp: Experiment, out: str, top_k: int) -> float:
         sharding = partitioning.batch_sharding(mesh, exp.mesh.rules)
         for step in range(exp.steps):
             batch = jax.device_put(train_data.batch(step, exp.batch_size), sharding)
-            values, ids, m, w = jax.device_get(fn(teacher, batch))
-            files["teacher_logits"][step], files["teacher_ids"][step] = values, ids
+            *arrays, m, w = jax.device_get(fn(teacher, batch))
+            for name, array in zip(distill.CACHE_KEYS, arrays, strict=True):
+                files[name][step] = array
             mass, weight = mass + float(m), weight + float(w)
     for array in files.values():
         array.flush()
-    manifest = {**exp.batches_key(), "teacher": exp.distill.teacher, "top_k": top_k}
+    manifest = {**exp.batches_key(), "temperature": exp.distill.temperature}
+    manifest.update(teacher=exp.distill.teacher, top_k=top_k)
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return mass / max(weight, 1.0)
 
@@ -97,7 +101,7 @@ def main(argv: list[str]) -> None:
     print(
         f"{flags.FLAGS.out}: top-{flags.FLAGS.top_k} logits of {exp.steps} steps; they hold "
         f"{mass:.1%} of the teacher's probability at T={exp.distill.temperature} (mean over "
-        "tokens), the rest is dropped.",
+        "tokens), the rest is one tail outcome in the KL.",
         flush=True,
     )
 

@@ -14,8 +14,9 @@ with p_T = softmax(teacher logits / T), q_T = softmax(student logits / T); CE ke
 The teacher (any size and layout, the student's vocabulary) runs forward inside the step on
 `TrainState.teacher`, under stop_gradient; it is never trained nor checkpointed: every start
 reloads it from its source. With a cache the teacher does not run: p_T is the softmax of its
-top-k logits alone (the mass outside them is dropped, `llm.distill_cache` prints how much), so
-only the forward KL is available.
+top-k logits and one "tail" outcome for all other ids (`top_k_kl`: exact for k = V, a lower
+bound of the KL otherwise; `llm.distill_cache` prints the mass the top k hold), so only the
+forward KL is available, at the temperature the cache was written for.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ from llm.training import checkpoint, init_from
 from llm.training.state import Batch
 
 KL_DIRECTIONS = ("forward", "reverse")
-CACHE_KEYS = ("teacher_logits", "teacher_ids")  # the batch's cached [B, L, k] top-k of the teacher
+# A cache's arrays in the batch: the teacher's top-k logits and ids [B, L, k], and the logsumexp
+# [B, L] of all its logits / T (so the mass outside the top k is known).
+CACHE_KEYS = ("teacher_logits", "teacher_ids", "teacher_lse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,14 +94,27 @@ def kl_divergence(
 
 
 def top_k_kl(
-    teacher_logits: jax.Array, teacher_ids: jax.Array, student_logits: jax.Array, temperature: float
+    teacher_logits: jax.Array,
+    teacher_ids: jax.Array,
+    teacher_lse: jax.Array,
+    student_logits: jax.Array,
+    temperature: float,
 ) -> jax.Array:
-    """Forward KL with the teacher truncated to its top k: p_T renormalized over the k ids.
-    teacher_logits, teacher_ids: [..., k]; student_logits: [..., V] -> [...]."""
-    log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    """Forward KL over k + 1 outcomes: the teacher's top k ids and "any other id" (the tail),
+    exact for k = V and never above the full KL. teacher_logits, teacher_ids: [..., k];
+    teacher_lse: [...] logsumexp of all the teacher's logits / T; student_logits: [..., V]."""
+    log_p = teacher_logits.astype(jnp.float32) / temperature - teacher_lse[..., None]  # [..., k]
+    p_tail = jnp.clip(1.0 - jnp.sum(jnp.exp(log_p), axis=-1), 0.0, 1.0)  # [...]
     log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    flat, ids = log_q.reshape(-1, log_q.shape[-1]), teacher_ids.reshape(-1, teacher_ids.shape[-1])
+    rows = jnp.arange(flat.shape[0])[:, None]
+    in_top = jnp.zeros(flat.shape, bool).at[rows, ids].set(True).reshape(log_q.shape)
+    log_q_tail = jax.nn.logsumexp(jnp.where(in_top, -1e30, log_q), axis=-1)  # finite if empty
     log_q = jnp.take_along_axis(log_q, teacher_ids, axis=-1)
-    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    has_tail = p_tail > 1e-6
+    safe_p_tail = jnp.where(has_tail, p_tail, 1.0)
+    tail = jnp.where(has_tail, safe_p_tail * (jnp.log(safe_p_tail) - log_q_tail), 0.0)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) + tail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +142,8 @@ class Distiller:
         logits, moe_aux = model(*inputs, return_aux=True)  # [B, L, V]
         loss_sum, ce_sum = cross_entropy(logits, batch["targets"], weights, z_loss)
         if self.teacher_graphdef is None:
-            kl = top_k_kl(batch["teacher_logits"], batch["teacher_ids"], logits, cfg.temperature)
+            cached = [batch[k] for k in CACHE_KEYS]
+            kl = top_k_kl(*cached, logits, cfg.temperature)
         else:
             teacher_logits = nnx.merge(self.teacher_graphdef, teacher)(*inputs)
             kl = kl_divergence(
@@ -213,11 +230,14 @@ def make(
 class Cache:
     """The teacher's top-k logits per training step, written by llm.distill_cache:
     DIR/manifest.json, DIR/teacher_logits.npy float32[steps, B, L, k], DIR/teacher_ids.npy
-    int32[steps, B, L, k] (global batches, memory-mapped)."""
+    int32[steps, B, L, k], DIR/teacher_lse.npy float32[steps, B, L] (global batches,
+    memory-mapped)."""
 
-    def __init__(self, directory: str, expected: dict, steps: int):
-        """Opens the cache; ConfigError unless its manifest matches `expected` (what fixes the
-        run's batches and vocabulary, `Experiment.batches_key`) and it holds `steps` steps."""
+    def __init__(self, cfg: DistillConfig, expected: dict, steps: int):
+        """Opens cfg.cache; ConfigError unless its manifest matches `expected` (what fixes the
+        run's batches and vocabulary, `Experiment.batches_key`) and cfg.temperature, and it
+        holds `steps` steps."""
+        directory, expected = cfg.cache, {**expected, "temperature": cfg.temperature}
         path = pathlib.Path(directory) / "manifest.json"
         check(
             path.is_file(),
@@ -230,7 +250,7 @@ class Cache:
         }
         check(
             not differ,
-            f"config.distill.cache={directory!r} was written for other batches (cache vs this "
+            f"config.distill.cache={directory!r} was written for other batches or temperature (cache vs this "
             f"run: {differ}): rewrite it with this run's config.",
         )
         self.arrays = {

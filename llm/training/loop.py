@@ -230,11 +230,7 @@ def _run_locked(
     if exp.init_from and not any((path / "checkpoints").glob("[0-9]*")):  # a fresh start
         init_from.check_source(exp.init_from)
     tokenizer, train_data, eval_data = exp.load_data()
-    cache = (
-        distill.Cache(exp.distill.cache, exp.batches_key(), exp.steps)
-        if exp.distill.cache
-        else None
-    )
+    cache = distill.Cache(exp.distill, exp.batches_key(), exp.steps) if exp.distill.cache else None
     with jax.set_mesh(mesh), partitioning.axis_rules(exp.mesh.rules):
         data_sharding = partitioning.batch_sharding(mesh, exp.mesh.rules)
         manager = checkpoint.make_manager(path, keep=exp.checkpoint.keep)

@@ -45,16 +45,25 @@ def test_kl_equals_its_formula(temperature):
         jnp.asarray(TEACHER), jnp.asarray(STUDENT), temperature, "reverse"
     )
     np.testing.assert_allclose(reverse, _kl(log_q, log_p), rtol=1e-5)
-    # Top k of the teacher: p renormalized over its k largest logits; k = V is the whole KL.
-    for k in (3, 7):
+    # The teacher's top k and a tail outcome: a lower bound of the KL, exact for k = V.
+    lse = np.log(np.exp(TEACHER / temperature).sum(-1))
+    for k in (1, 3, 7):
         ids = np.argsort(-TEACHER, axis=-1)[..., :k]
         values = np.take_along_axis(TEACHER, ids, -1)
         truncated = distill.top_k_kl(
-            jnp.asarray(values), jnp.asarray(ids), jnp.asarray(STUDENT), temperature
+            jnp.asarray(values), jnp.asarray(ids), jnp.asarray(lse), jnp.asarray(STUDENT),
+            temperature,
+        )  # fmt: skip
+        p_k, q_k = (
+            np.exp(np.take_along_axis(log_p, ids, -1)),
+            np.exp(np.take_along_axis(log_q, ids, -1)),
         )
-        log_p_k = _log_softmax(values / temperature)
-        want = (np.exp(log_p_k) * (log_p_k - np.take_along_axis(log_q, ids, -1))).sum(-1)
-        np.testing.assert_allclose(truncated, want, rtol=1e-5)
+        p_tail, q_tail = 1 - p_k.sum(-1), 1 - q_k.sum(-1)
+        want = (p_k * np.log(p_k / q_k)).sum(-1)
+        if k < 7:
+            want += p_tail * np.log(p_tail / q_tail)
+            assert (np.asarray(truncated) <= _kl(log_p, log_q) + 1e-6).all()
+        np.testing.assert_allclose(truncated, want, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(truncated, forward, rtol=1e-5)
 
 
@@ -81,6 +90,7 @@ def test_loss_equals_its_formula_on_hand_made_logits():
         "weights": jnp.asarray(weights, jnp.float32),
         "teacher_logits": jnp.asarray(TEACHER, jnp.float32),
         "teacher_ids": jnp.asarray(ids, jnp.int32),
+        "teacher_lse": jnp.asarray(np.log(np.exp(TEACHER / temperature).sum(-1)), jnp.float32),
     }
     cfg = DistillConfig(cache="/unused", alpha=alpha, temperature=temperature)
     loss, ce, _, extra = Distiller(cfg).losses(
