@@ -15,6 +15,7 @@ from llm import config as config_lib
 from llm import distill_cache, train
 from llm.errors import ConfigError
 from llm.model.transformer import Transformer
+from llm.parallel import partitioning
 from llm.science import flops
 from llm.training import distill
 from llm.training.distill import DistillConfig, Distiller
@@ -218,24 +219,39 @@ def test_bad_distill_configs_are_one_line(tiny_config, overrides, message):
 
 
 def test_a_bad_teacher_is_one_line_before_compiling(tiny_run, tiny_config, tmp_path):
+    """Each bad teacher is refused by distill.make, which the loop calls before compiling (the
+    first case runs the whole command: no metrics are written)."""
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_run, corrupt)
     for step in (3, 6):
         array_file = min((corrupt / "checkpoints" / str(step) / "params" / "d").glob("*"))
         array_file.write_bytes(array_file.read_bytes()[:10])
+    config = config_lib.with_overrides(
+        tiny_config, {**STUDENT_RUN, "distill.teacher": f"workdir:{tmp_path}/missing"}
+    )
+    with pytest.raises(ConfigError, match="config.distill.teacher=.*missing/checkpoints not found"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
     cases = [
-        ({"distill.teacher": f"workdir:{tmp_path}/missing"}, "missing/checkpoints not found"),
         ({"distill.teacher": f"workdir:{tiny_run}@4"}, r"its steps are \[3, 6\]"),
         ({"distill.teacher": f"workdir:{corrupt}"}, "is corrupt or partial"),
+        ({"distill.teacher": f"hf:{tiny_run}"}, "Unsupported Hugging Face config"),
         (
             {"distill.teacher": f"workdir:{tiny_run}", "model.vocab_size": 4104},
             "has another vocabulary .* distill from a teacher with the student's tokenizer",
         ),
-        ({"distill.cache": str(tmp_path)}, "manifest.json not found"),
     ]
     for overrides, message in cases:
-        config = config_lib.with_overrides(tiny_config, {**STUDENT_RUN, **overrides})
-        with pytest.raises(ConfigError, match=f"config.distill.(teacher|cache)=.*{message}") as e:
-            train.train_and_evaluate(config, str(tmp_path / "run"))
+        exp = config_lib.resolve(
+            config_lib.with_overrides(tiny_config, {**STUDENT_RUN, **overrides})
+        )
+        mesh = partitioning.make_mesh(dict(exp.mesh.sizes))
+        with (
+            jax.set_mesh(mesh),
+            partitioning.axis_rules(exp.mesh.rules),
+            pytest.raises(ConfigError, match=f"config.distill.teacher=.*{message}") as e,
+        ):
+            distill.make(exp.distill, exp.model, exp.data.tokenizer, mesh, exp.mesh.rules)
         assert "\n" not in str(e.value)
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing was compiled nor trained
+    with pytest.raises(ConfigError, match="config.distill.cache=.*manifest.json not found"):
+        distill.Cache(DistillConfig(cache=str(tmp_path)), {}, 2)
