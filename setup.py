@@ -25,6 +25,7 @@ EXTRAS_REQUIRE = {
     # and log an offline W&B run.
     "test": [
         "pytest>=8",
+        "pytest-xdist>=3.6",  # test files on every core (pytest.ini)
         "torch==2.13.0",
         "transformers>=4.50",
         "nbclient>=0.10",
