@@ -20,7 +20,7 @@ import re
 import numpy as np
 
 UNDERLINE = re.compile(r"^([=\-~^*\"#+`'])\1{2,}\s*$")
-ROLE = re.compile(r":[\w:.-]+:`(?:[^`<]*?<([^`>]*)>|([^`]*))`")  # :role:`text <target>`
+ROLE = re.compile(r":[\w:.-]+:`(?:([^`<]*?)\s*<[^`>]*>|([^`]*))`")  # :role:`text <target>`
 LINK = re.compile(r"`([^`<]+?)\s*(?:<[^`>]*>)?`_+")  # `text <url>`_, `text`_
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 MIN_CHARS, MAX_CHARS = 80, 500  # first paragraphs kept
@@ -30,7 +30,7 @@ MAX_PER_SPLIT = {"train": 400, "validation": 120}  # sections kept, in corpus or
 def plain(text: str) -> str:
     """RST markup reduced to its text: roles to their titles, ``code`` to code, **x** to x."""
     text = LINK.sub(r"\1", text)
-    text = ROLE.sub(lambda m: (m.group(2) or m.group(1) or "").strip("~!"), text)
+    text = ROLE.sub(lambda m: (m.group(1) or m.group(2) or "").strip("~!"), text)
     text = text.replace("``", "").replace("**", "")
     return " ".join(text.split())
 
