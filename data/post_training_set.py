@@ -5,8 +5,9 @@
 For each section of the Python docs (an RST heading) whose first paragraph is plain prose:
     sft_{split}.jsonl         {"prompt": heading, "response": the section's first paragraph}
     preference_{split}.jsonl  {"prompt": heading, "chosen": that paragraph, "rejected": ...}
-where rejected is, alternately, the first paragraph of another section of the same split, or the
-true paragraph with its sentences shuffled (when it has two or more). The splits are the corpus's
+where rejected is the true paragraph with its sentences shuffled when it has two or more (the
+same tokens in another order), else the first paragraph of another section of the same split.
+Paragraphs of 80-320 characters are kept, so a pair fits seq_len=128. The splits are the corpus's
 (data.text_corpus.split_files: a document's sections are all train or all validation). The output
 is a pure function of the corpus and `seed`.
 """
@@ -23,7 +24,7 @@ UNDERLINE = re.compile(r"^([=\-~^*\"#+`'])\1{2,}\s*$")
 ROLE = re.compile(r":[\w:.-]+:`(?:([^`<]*?)\s*<[^`>]*>|([^`]*))`")  # :role:`text <target>`
 LINK = re.compile(r"`([^`<]+?)\s*(?:<[^`>]*>)?`_+")  # `text <url>`_, `text`_
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-MIN_CHARS, MAX_CHARS = 80, 500  # first paragraphs kept
+MIN_CHARS, MAX_CHARS = 80, 320  # first paragraphs kept
 MAX_PER_SPLIT = {"train": 400, "validation": 120}  # sections kept, in corpus order after a shuffle
 
 
@@ -88,7 +89,7 @@ def build(corpus: pathlib.Path, seed: int = 0) -> dict[str, list[dict]]:
         sft, preference = [], []
         for k, (heading, paragraph) in enumerate(pairs):
             sft.append({"prompt": heading, "response": paragraph})
-            rejected = _shuffled_sentences(paragraph, rng) if k % 2 else None
+            rejected = _shuffled_sentences(paragraph, rng)
             while rejected is None or rejected == paragraph:
                 rejected = pairs[int(rng.integers(len(pairs)))][1]
             preference.append({"prompt": heading, "chosen": paragraph, "rejected": rejected})
