@@ -91,7 +91,7 @@ class Experiment:
         self.optimizer.check_schedule(self.schedule_length)
         if self.init_from:
             init_from.parse(self.init_from)
-        self.post_training.check_run(self.init_from)
+        self.post_training.check_run(self.init_from, self.log_activation_rms)
         check(
             is_int(self.seed) and self.seed >= 0,
             f"config.seed must be an integer >= 0, got {self.seed!r}.",

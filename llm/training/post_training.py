@@ -60,12 +60,19 @@ class PostTrainingConfig:
                     f"{self.format}_{'train' if field == 'train_file' else 'validation'}.jsonl).",
                 )
 
-    def check_run(self, init_from: str) -> None:
+    def check_run(self, init_from: str, log_activation_rms: bool) -> None:
         """The rules that span the experiment."""
+        if self.format != "preference":
+            return
         check(
-            self.format != "preference" or bool(init_from),
+            bool(init_from),
             "config.post_training.format=preference needs a reference model, the run's starting "
             "point: set --config.init_from=workdir:DIR (a pretrained run) or hf:DIR.",
+        )
+        check(
+            not log_activation_rms,
+            "config.debug.log_activation_rms measures pretraining batches, not preference pairs: "
+            "set it to False with post_training.format=preference.",
         )
 
 

@@ -214,6 +214,7 @@ def test_a_resumed_dpo_run_matches_an_uninterrupted_one(
         ({"post_training.loss": "orpo"}, "post_training.loss must be one of"),
         ({"post_training.overlong": "cut"}, "post_training.overlong must be one of"),
         ({"post_training.beta": 0.0}, "post_training.beta must be > 0"),
+        ({"debug.log_activation_rms": True}, "log_activation_rms measures pretraining batches"),
     ],
 )
 def test_a_bad_post_training_config_is_one_line(tiny_config, overrides, message):
