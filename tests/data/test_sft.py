@@ -73,9 +73,7 @@ def test_a_chat_template_renders_as_transformers_does(hf_tokenizer_dir, tmp_path
     ]
     ids, mask = sft.tokenize(segments, ours)
     assert ids[0] == ours.bos_id and ids[1] != ours.bos_id  # the template's bos, once
-    assert (
-        ours.decode(_targets(ids, mask)) == "A mutable sequence.</s>An immutable one.</s></s>"
-    )
+    assert ours.decode(_targets(ids, mask)) == "A mutable sequence.</s>An immutable one.</s></s>"
 
 
 def test_plain_chat_messages_train_on_assistant_turns(tokenizer):
@@ -112,7 +110,10 @@ def test_overlong_records_are_truncated_keeping_the_response_or_dropped(tokenize
     assert fitted_ids[-len(_targets(ids, mask)) - 1 :] == ids[-len(_targets(ids, mask)) - 1 :]
     assert sft.fit(ids, mask, seq_len=24, overlong="drop") is None
     half = sft.fit(ids, mask, seq_len=8, overlong="truncate")  # the response keeps half the row
-    assert half[1] == [0.0] * 5 + [1.0] * 4 and half[0][5:] == ids[len(ids) - len(_targets(ids, mask)) :][:4]
+    assert (
+        half[1] == [0.0] * 5 + [1.0] * 4
+        and half[0][5:] == ids[len(ids) - len(_targets(ids, mask)) :][:4]
+    )
     arrays, counts = sft.pack_preference(
         [{"prompt": record["prompt"], "chosen": "Yes.", "rejected": "No."}] * 3,
         tokenizer,
