@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",  # Hugging Face checkpoint format (llm/hf.py)
     "matplotlib>=3.8",  # plots in notebooks and experiments
     "scipy>=1.11",  # L-BFGS fits of scaling laws (llm/scaling.py)
+    "jinja2>=3.1",  # chat templates of Hugging Face tokenizers (data/sft.py)
 ]
 
 EXTRAS_REQUIRE = {
@@ -48,7 +49,7 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["llm*", "kernels*", "data*", "experiments*"]),
     include_package_data=True,
-    package_data={"data": ["corpus/**/*", "tokenizer/*"]},
+    package_data={"data": ["corpus/**/*", "tokenizer/*", "post_training/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

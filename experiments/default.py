@@ -165,4 +165,15 @@ def get_config() -> ml_collections.ConfigDict:
         ("mlp", "tensor"),
         ("vocab", "tensor"),
     )
+
+    # Post-training (llm/training/post_training.py, README "Post-training"): fine-tune from
+    # init_from on JSONL records instead of pretraining text.
+    c.post_training = ml_collections.ConfigDict()
+    c.post_training.format = "pretrain"  # pretrain | sft (prompt/response) | preference (DPO...)
+    c.post_training.train_file = ""  # sft, preference: JSONL records trained on
+    c.post_training.eval_file = ""  # sft, preference: JSONL records evaluated on
+    c.post_training.overlong = "truncate"  # truncate | drop: a record longer than seq_len
+    c.post_training.loss = "dpo"  # preference: dpo | ipo | simpo
+    c.post_training.beta = 0.1  # preference: inverse temperature of the implicit rewards
+    c.post_training.simpo_gamma = 0.5  # simpo: target reward margin
     return c

@@ -31,6 +31,7 @@ from llm.training.experiment import Experiment
 from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
 from llm.training.optimizer import OptimizerConfig
+from llm.training.post_training import PostTrainingConfig
 from llm.training.step import LossConfig
 
 # experiments/default.py, found from this file, so a command works from any directory.
@@ -210,6 +211,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
             spike_sigmas=c["loss_spike"]["sigmas"],
         ),
         loss=_build(LossConfig, c["loss"], ".loss"),
+        post_training=_build(PostTrainingConfig, c["post_training"], ".post_training"),
         seed=c["seed"],
         steps=c["steps"],
         batch_size=c["batch_size"],
