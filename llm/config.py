@@ -24,6 +24,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llm.errors import ConfigError, check
+from llm.harness.config import HarnessConfig
 from llm.model.config import ModelConfig
 from llm.parallel.partitioning import MeshConfig
 from llm.training.checkpoint import CheckpointConfig
@@ -210,6 +211,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
             spike_sigmas=c["loss_spike"]["sigmas"],
         ),
         loss=_build(LossConfig, c["loss"], ".loss"),
+        harness=_build(HarnessConfig, c["eval"], ".eval"),
         seed=c["seed"],
         steps=c["steps"],
         batch_size=c["batch_size"],

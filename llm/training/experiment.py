@@ -14,6 +14,7 @@ import os
 import jax
 
 from llm.errors import check, check_positive, is_int
+from llm.harness.config import HarnessConfig
 from llm.model import patterns
 from llm.model.config import ModelConfig
 from llm.parallel import context, partitioning
@@ -43,6 +44,7 @@ class Experiment:
     checkpoint: CheckpointConfig
     guard: GuardConfig
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    harness: HarnessConfig = dataclasses.field(default_factory=HarnessConfig)  # config.eval
     seed: int = 0
     steps: int = 300
     batch_size: int = 16  # global batch, in sequences

@@ -22,6 +22,7 @@ from absl import logging
 from flax import nnx
 
 from llm.errors import check
+from llm.harness.run import trainer_evaluator
 from llm.model import mup
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
@@ -261,6 +262,9 @@ def _run_locked(
                 process_count=jax.process_count(),
             )
 
+        harness = trainer_evaluator(
+            exp.harness, setup.graphdef, tokenizer, mesh, exp.mesh.rules, exp.seq_len
+        )  # lm-eval tasks (config.eval); unknown names are refused before compiling
         debug.pause("compile")
         t = time.perf_counter()
         train_step = compile_train_step(exp, setup, put(local_batch(start)))
@@ -302,6 +306,7 @@ def _run_locked(
                     metrics.update({f"rms/{k}": float(v) for k, v in rms.items()})
                 if evaluate_now:
                     metrics.update(evaluate(eval_step, state.params, eval_data, exp, put))
+                    metrics.update(harness(state.params))
                 if writer:
                     writer.write(done, metrics)
                 console.log(done, metrics)
