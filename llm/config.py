@@ -24,6 +24,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llm.errors import ConfigError, check
+from llm.harness.config import HarnessConfig
 from llm.model.config import ModelConfig
 from llm.parallel.partitioning import MeshConfig
 from llm.training.checkpoint import CheckpointConfig
@@ -212,6 +213,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
         ),
         loss=_build(LossConfig, c["loss"], ".loss"),
         post_training=_build(PostTrainingConfig, c["post_training"], ".post_training"),
+        harness=_build(HarnessConfig, c["eval"], ".eval"),
         seed=c["seed"],
         steps=c["steps"],
         batch_size=c["batch_size"],

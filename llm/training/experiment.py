@@ -15,6 +15,7 @@ import os
 import jax
 
 from llm.errors import check, check_positive, is_int
+from llm.harness.config import HarnessConfig
 from llm.model import patterns
 from llm.model.config import ModelConfig
 from llm.parallel import context, partitioning
@@ -46,6 +47,7 @@ class Experiment:
     guard: GuardConfig
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     post_training: PostTrainingConfig = dataclasses.field(default_factory=PostTrainingConfig)
+    harness: HarnessConfig = dataclasses.field(default_factory=HarnessConfig)  # config.eval
     seed: int = 0
     steps: int = 300
     batch_size: int = 16  # global batch, in sequences

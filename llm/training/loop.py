@@ -22,6 +22,7 @@ from absl import logging
 from flax import nnx
 
 from llm.errors import check
+from llm.harness.run import trainer_evaluator
 from llm.model import mup
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
@@ -266,6 +267,9 @@ def _run_locked(
         eval_step, evaluate_fn = jax.jit(make_eval_step(setup.graphdef, exp.loss)), evaluate
         if exp.post_training.format == "preference":  # batches carry the frozen reference
             put, eval_step, evaluate_fn = dpo.loop_parts(exp, setup, put)
+        harness = trainer_evaluator(
+            exp.harness, setup.graphdef, tokenizer, mesh, exp.mesh.rules, exp.seq_len
+        )  # lm-eval tasks (config.eval); unknown names are refused before compiling
         debug.pause("compile")
         t = time.perf_counter()
         train_step = compile_train_step(exp, setup, put(local_batch(start)))
@@ -306,6 +310,7 @@ def _run_locked(
                     metrics.update({f"rms/{k}": float(v) for k, v in rms.items()})
                 if evaluate_now:
                     metrics.update(evaluate_fn(eval_step, state.params, eval_data, exp, put))
+                    metrics.update(harness(state.params))
                 if writer:
                     writer.write(done, metrics)
                 console.log(done, metrics)
