@@ -17,14 +17,22 @@ from flax import nnx
 from llm.model.transformer import Transformer, init_cache
 
 
-def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-    """Keeps the k largest logits of each row (and ties with the k-th); -inf elsewhere. [B, V]."""
-    kth = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
+def top_k_filter(logits: jax.Array, k: int | jax.Array) -> jax.Array:
+    """Keeps the k largest logits of each row (and ties with the k-th); -inf elsewhere. [B, V].
+
+    k: one int, or int32[B] per row (0 keeps the whole row)."""
+    if isinstance(k, int):
+        kth = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
+    else:
+        descending = -jnp.sort(-logits, axis=-1)  # [B, V]
+        index = jnp.clip(k, 1, logits.shape[-1])[:, None] - 1  # [B, 1]
+        kth = jnp.where(k[:, None] > 0, jnp.take_along_axis(descending, index, axis=-1), -jnp.inf)
     return jnp.where(logits >= kth, logits, -jnp.inf)
 
 
-def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
-    """Keeps the smallest set of most likely tokens whose probability is >= p; -inf elsewhere."""
+def top_p_filter(logits: jax.Array, p: float | jax.Array) -> jax.Array:
+    """Keeps the smallest set of most likely tokens whose probability is >= p (one float, or
+    float32[B, 1] per row); -inf elsewhere."""
     order = jnp.argsort(-logits, axis=-1)  # [B, V], most likely first
     probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # of the tokens more likely than each
