@@ -136,6 +136,8 @@ class Engine:
         self.max_len = config.max_len or model.cfg.max_seq_len
         chunk = config.prefill_chunk
         length = -(-self.max_len // chunk) * chunk  # a last chunk never writes past the cache
+        # The lengths calls attend over: the chunk doubled up to the whole cache.
+        self._lengths = sorted({min(chunk * 2**i, length) for i in range(length.bit_length())})
         self._graphdef, self._state = nnx.split(model)
         self._new_cache = lambda: slot_decode.init_slots(model.cfg, config.slots, length)
         self._cache = self._new_cache()
@@ -187,7 +189,7 @@ class Engine:
         while not stop.is_set():
             try:
                 worked = self.step()
-            except Exception:  # a device failure must not take the server down
+            except Exception:  # noqa: BLE001  (a failed step must not take the server down)
                 logging.exception("engine step failed; its requests end with an error")
                 self._fail_all()
                 continue
@@ -234,7 +236,9 @@ class Engine:
             for slot in range(len(self._slots)):
                 if self._slots[slot] is None and self._queue:
                     self._admit(slot, self._queue.popleft())
-        waiting = [s for s, j in enumerate(self._slots) if j is not None and j.filled < len(j.prompt)]
+        waiting = [
+            s for s, j in enumerate(self._slots) if j is not None and j.filled < len(j.prompt)
+        ]
         if waiting:
             self._prefill(min(waiting, key=lambda s: self._slots[s].id))
         generating = [s for s, j in enumerate(self._slots) if j is not None and j.tokens]
@@ -292,6 +296,7 @@ class Engine:
             np.int32(len(piece) - 1),
             self._slot_sampling(slot),
             vocab_limit=self.vocab_limit,
+            length=self._length(start + chunk),
         )
         job.filled += len(piece)
         self._index[slot] = job.filled  # an idle slot's decode row writes past what it holds
@@ -307,10 +312,16 @@ class Engine:
             jnp.asarray(self._index),
             slot_decode.Sampling(*(jnp.asarray(f) for f in self._sampling)),
             vocab_limit=self.vocab_limit,
+            # Every row writes at its index: a prefilling slot's too (past what it holds).
+            length=self._length(int(self._index.max()) + 1),
         )
         tokens = np.asarray(tokens)
         for slot in slots:
             self._take(slot, int(tokens[slot]))
+
+    def _length(self, needed: int) -> int:
+        """The shortest compiled cache length holding `needed` positions."""
+        return next(n for n in self._lengths if n >= needed)
 
     def _take(self, slot: int, token: int) -> None:
         """A slot's new token: ends the request or queues the token for the next decode step."""

@@ -6,8 +6,10 @@ model runs on each slot as on a batch of one with a scalar cache index (the cach
 llm.model.transformer, vmapped over the slots when decoding), so every attention pattern decodes
 exactly as in llm.model.decode. Positions at and after a slot's length may hold stale values (an
 earlier request's, or a padded chunk's); every mask is causal and a slot writes each position
-before any query can see it, so a slot is reused without clearing. Two shapes are compiled: the
-prefill chunk [1, C] and the decode step [S].
+before any query can see it, so a slot is reused without clearing. Each call attends over the
+first `length` cache positions only (a few static lengths, llm.engine picks the shortest that
+holds its slots), so short requests do not pay for the longest context: two shapes (the
+prefill chunk [1, C], the decode step [S]) compiled per length.
 """
 
 from __future__ import annotations
@@ -62,36 +64,44 @@ def sample_rows(logits: jax.Array, s: Sampling, vocab_limit: int | None) -> jax.
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "vocab_limit"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("graphdef", "vocab_limit", "length"), donate_argnames=("cache",)
 )
-def prefill(graphdef, state, cache, tokens, slot, start, last, sampling: Sampling, vocab_limit):
+def prefill(
+    graphdef, state, cache, tokens, slot, start, last, sampling: Sampling, vocab_limit, length
+):
     """Writes one chunk of a slot's prompt into the cache; samples the token after position
     start + last (the prompt's last token when this is its last chunk).
 
     tokens: int32[1, C] at positions start..start+C-1 (padding after the prompt's end is
-    harmless); slot, start, last: int32[]. Returns (int32[], the cache).
+    harmless); slot, start, last: int32[]; length: the cache positions attended (static, at least
+    start + C). Returns (int32[], the cache).
     """
     model = nnx.merge(graphdef, state)
-    rows = {n: jax.lax.dynamic_slice_in_dim(cache[n], slot, 1, axis=1) for n in ("k", "v")}
+    rows = {
+        n: jax.lax.dynamic_slice_in_dim(cache[n][:, :, :length], slot, 1, axis=1) for n in cache
+    }
     logits, new = model(tokens, cache={**rows, "index": start})  # [1, C, V]
-    cache = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], new[n], slot, axis=1) for n in cache}
+    cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, slot, 0, 0, 0)) for n in cache}
     token = sample_rows(jax.lax.dynamic_index_in_dim(logits, last, 1, False), sampling, vocab_limit)
     return token[0], cache
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "vocab_limit"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("graphdef", "vocab_limit", "length"), donate_argnames=("cache",)
 )
-def decode(graphdef, state, cache, tokens, index, sampling: Sampling, vocab_limit):
-    """One token for every slot: tokens int32[S] at positions index int32[S] -> (the next token
-    of each slot int32[S], the cache). Rows of idle slots compute and are ignored."""
+def decode(graphdef, state, cache, tokens, index, sampling: Sampling, vocab_limit, length):
+    """One token for every slot: tokens int32[S] at positions index int32[S] (each below length,
+    the cache positions attended, static) -> (the next token of each slot int32[S], the cache).
+    Rows of idle slots compute and are ignored."""
     model = nnx.merge(graphdef, state)
 
     def row(token, k, v, i):  # one slot as a batch of one; k, v: [layers, length, K, Dh]
         logits, new = model(token[None, None], cache={"k": k[:, None], "v": v[:, None], "index": i})
         return logits[0, -1], new["k"][:, 0], new["v"][:, 0]
 
-    logits, k, v = jax.vmap(row, in_axes=(0, 1, 1, 0), out_axes=(0, 1, 1))(
-        tokens, cache["k"], cache["v"], index
-    )
-    return sample_rows(logits, sampling, vocab_limit), {"k": k, "v": v}
+    k, v = (cache[n][:, :, :length] for n in ("k", "v"))
+    logits, k, v = jax.vmap(row, in_axes=(0, 1, 1, 0), out_axes=(0, 1, 1))(tokens, k, v, index)
+    cache = {
+        n: jax.lax.dynamic_update_slice(cache[n], x, (0,) * 5) for n, x in (("k", k), ("v", v))
+    }
+    return sample_rows(logits, sampling, vocab_limit), cache
