@@ -146,6 +146,7 @@ class Engine:
         self._cancelled: set[int] = set()
         self._ids = itertools.count()
         self._cv = threading.Condition()
+        self.finished: collections.Counter[str] = collections.Counter()  # requests per reason
         s = config.slots  # per-slot device inputs, kept on the host
         self._next = np.zeros(s, np.int32)  # the token each slot feeds at its next decode step
         self._index = np.zeros(s, np.int32)  # its position
@@ -229,6 +230,7 @@ class Engine:
             cancelled, self._cancelled = self._cancelled, set()
             for job in [j for j in self._queue if j.id in cancelled]:
                 self._queue.remove(job)
+                self.finished["cancelled"] += 1
                 self._emit(job, "cancelled")
             for slot, job in enumerate(self._slots):
                 if job is not None and job.id in cancelled:
@@ -251,8 +253,11 @@ class Engine:
         r, prompt = request, list(request.prompt)
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token.")
-        greedy = r.greedy or r.temperature == 0
-        check_sampling(r.max_tokens, r.temperature, r.top_k, r.top_p, greedy)
+        if not (is_int(r.max_tokens) and r.max_tokens >= 1):
+            raise ValueError(f"max_tokens must be an integer >= 1, got {r.max_tokens!r}.")
+        check_sampling(
+            r.max_tokens, r.temperature, r.top_k, r.top_p, r.greedy or r.temperature == 0
+        )
         if r.stop and self.tokenizer is None:
             raise ValueError("stop sequences need the engine's tokenizer.")
         room = self.max_len - r.max_tokens  # prompt tokens that fit
@@ -364,6 +369,7 @@ class Engine:
 
     def _finish(self, slot: int, reason: str) -> None:
         job, self._slots[slot] = self._slots[slot], None
+        self.finished[reason] += 1
         self._sampling.greedy[slot] = True  # idle rows keep all-greedy steps on the fast path
         self._sampling.temperature[slot] = 1.0
         self._index[slot] = 0
