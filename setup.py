@@ -31,7 +31,10 @@ EXTRAS_REQUIRE = {
         "nbformat>=5.10",
         "ipykernel>=6.29",
         "wandb>=0.17",  # the offline run of --config.tracker=wandb (tests/llm/training/test_metrics.py)
+        "aiohttp>=3.9",  # the llm.serve endpoint tests (tests/llm/test_serve.py)
     ],
+    # python -m llm.serve: the OpenAI-compatible endpoint (async HTTP server and the load test).
+    "serve": ["aiohttp>=3.9"],
     # --config.tracker=wandb: metrics to Weights & Biases too (WANDB_MODE=offline needs no network).
     "wandb": ["wandb>=0.17"],
     # One NVIDIA GPU or a GPU cluster: CUDA 12 wheels of jaxlib (Pallas Triton / Mosaic GPU kernels).

@@ -202,6 +202,36 @@ class Engine:
 
     # The engine's own thread (or generate's caller).
 
+    def warmup(self) -> None:
+        """Compiles every shape the engine runs (prefill and decode at each cache length), so no
+        request waits for a compilation. Call while no request is in a slot."""
+        chunk = self.config.prefill_chunk
+        sampling = slot_decode.Sampling(*(jnp.asarray(f) for f in self._sampling))
+        for length in self._lengths:
+            _, self._cache = slot_decode.prefill(
+                self._graphdef,
+                self._state,
+                self._cache,
+                jnp.zeros((1, chunk), jnp.int32),
+                np.int32(0),
+                np.int32(length - chunk),
+                np.int32(0),
+                self._slot_sampling(0),
+                vocab_limit=self.vocab_limit,
+                length=length,
+            )
+            tokens, self._cache = slot_decode.decode(
+                self._graphdef,
+                self._state,
+                self._cache,
+                jnp.zeros(self.config.slots, jnp.int32),
+                jnp.zeros(self.config.slots, jnp.int32),
+                sampling,
+                vocab_limit=self.vocab_limit,
+                length=length,
+            )
+        tokens.block_until_ready()
+
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """Runs `requests` to completion (queued beyond the slots) -> their completions, in order.
         The engine must not be serving another thread meanwhile."""

@@ -88,7 +88,7 @@ def static_batches(model, mix, size: int) -> list[float]:
 def engine_run(model, mix, config: EngineConfig) -> tuple[list[list[int]], list[float]]:
     """All requests submitted at once to a fresh engine -> (tokens, finish times)."""
     engine = Engine(model, config)
-    engine.generate([Request([1] * (config.prefill_chunk + 1), max_tokens=2, greedy=True)])
+    engine.warmup()
     done = [0.0] * len(mix)
     start = time.perf_counter()
 

@@ -178,15 +178,18 @@ def make_app(
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             response.headers["Cache-Control"] = "no-cache"
             await response.prepare(request)
-            while not finished:
-                delta = await deltas.get()
-                finished = delta.finish_reason is not None
-                choice = {"text": delta.text, "index": 0, "logprobs": None}
-                event = {**head, "choices": [{**choice, "finish_reason": delta.finish_reason}]}
-                await asyncio.wait_for(
-                    response.write(f"data: {json.dumps(event)}\n\n".encode()), timeout
-                )
-            await asyncio.wait_for(response.write(b"data: [DONE]\n\n"), timeout)
+            try:
+                while not finished:
+                    delta = await deltas.get()
+                    finished = delta.finish_reason is not None
+                    choice = {"text": delta.text, "index": 0, "logprobs": None}
+                    event = {**head, "choices": [{**choice, "finish_reason": delta.finish_reason}]}
+                    await asyncio.wait_for(
+                        response.write(f"data: {json.dumps(event)}\n\n".encode()), timeout
+                    )
+                await asyncio.wait_for(response.write(b"data: [DONE]\n\n"), timeout)
+            except (ConnectionResetError, TimeoutError):
+                pass  # the client left or stalled: `finally` frees its slot
             return response
         finally:
             if not finished:  # the client left, stalled, or the handler was cancelled
@@ -223,6 +226,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     vocab = tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None
     engine = Engine(model, config, tokenizer=tokenizer, eos_id=tokenizer.eos_id, vocab_limit=vocab)
+    engine.warmup()
     name = pathlib.Path((f.workdir or f.hf).split("@")[0]).name
     application = make_app(
         engine,
