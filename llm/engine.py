@@ -296,8 +296,8 @@ class Engine:
         if self.config.truncate == "refuse" or room < 1:
             raise ValueError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({r.max_tokens}) exceeds the context "
-                f"of {self.max_len} tokens; shorten the prompt or lower max_tokens (this server "
-                f"refuses rather than truncating{'' if room < 1 else ': --truncate=left'})."
+                f"of {self.max_len} tokens; shorten the prompt or lower max_tokens (prompts are "
+                f"refused, not truncated{'' if room < 1 else '; --truncate=left cuts them'})."
             )
         return prompt[-room:], len(prompt) - room
 
