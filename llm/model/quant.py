@@ -157,9 +157,9 @@ def quantize_weight(w: jax.Array, axes: tuple[int, ...], kind: str, group: int):
 
 def dequantize_weight(q: jax.Array, scale: jax.Array, axes: tuple[int, ...], dtype) -> jax.Array:
     """Inverse of `quantize_weight` (the scale's shape tells per-channel from grouped)."""
-    if scale.ndim == q.ndim:  # per channel
-        return (q.astype(jnp.float32) * scale).astype(dtype)
     a = axes[0]
+    if scale.ndim == q.ndim and all(scale.shape[i] == 1 for i in axes):  # per channel
+        return (q.astype(jnp.float32) * scale).astype(dtype)
     n_in = math.prod(q.shape[a : a + len(axes)])
     groups = scale.shape[a]
     shaped = q.reshape(*q.shape[:a], groups, n_in // groups, *q.shape[a + len(axes) :])
