@@ -158,3 +158,19 @@ def test_bad_quant_configs_are_one_line_errors(fields, message):
     with pytest.raises(ConfigError) as e:
         ModelConfig(**TINY, quant=fields)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+QAT_TOLERANCE = 0.05  # stated: |final train loss (QAT int8) - float's| after the tiny run's 6 steps
+
+
+def test_qat_int8_trains_close_to_float(tiny_run, tiny_config, tmp_path):
+    from llm import config as config_lib
+    from llm import train
+    from llm.training.metrics import last_per_step, read_metrics
+
+    config = config_lib.with_overrides(tiny_config, {"quant.mode": "int8", "eval_every": 0})
+    train.train_and_evaluate(config, str(tmp_path))
+    qat, ref = (last_per_step(read_metrics(d)) for d in (tmp_path, tiny_run))
+    assert qat[6]["loss"] < qat[1]["loss"] - 0.1  # it learns
+    assert qat[6]["loss"] != ref[6]["loss"]  # quantized: not the float run
+    assert abs(qat[6]["loss"] - ref[6]["loss"]) < QAT_TOLERANCE, (qat[6], ref[6])
