@@ -8,7 +8,8 @@
 int8 per token: config.quant.mode=int8), int4 (weights int4 in groups of --group_size inputs,
 stored one value per byte). The targets (config.quant.targets, --targets) are stored quantized,
 everything else (embeddings unless the head is targeted and tied, norms, routers) stays float.
-OUT receives config.json (the run's, with config.quant set) and checkpoints/STEP/params.
+OUT receives config.json (the run's, with config.quant set) and checkpoints/STEP (the
+parameters, and the step in place of the optimizer state).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
@@ -80,7 +82,13 @@ def quantize_run(
     out_path.mkdir(parents=True, exist_ok=True)
     (out_path / "config.json").write_text(json.dumps(new_config.to_dict(), indent=2) + "\n")
     manager = checkpoint.make_manager(out_path, async_save=False)
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(nnx.state(model))))
+    manager.save(  # no optimizer state: the step alone, so `llm.checkpoints` verifies the run
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(nnx.state(model)),
+            opt_state=ocp.args.StandardSave({"step": jnp.asarray(step, jnp.int32)}),
+        ),
+    )
     manager.wait_until_finished()
     source = pathlib.Path(workdir) / "checkpoints" / str(step) / "params"
     return {
