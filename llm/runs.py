@@ -14,6 +14,7 @@ from flax import nnx
 from data.hf_tokenizer import HFTokenizer, load_tokenizer
 from llm import config as config_lib
 from llm import hf
+from llm.model import quant
 from llm.model.transformer import Transformer
 from llm.training import checkpoint, workdir
 from llm.training.experiment import Experiment
@@ -41,7 +42,10 @@ def load_run(run: str) -> tuple[Transformer, ml_collections.ConfigDict]:
         )
     config = ml_collections.ConfigDict(json.loads(path.read_text()))
     cfg = config_lib.model_config(config)
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    # llm.quantize's runs hold quantized weights (config.quant.weights): build those shapes
+    model = nnx.eval_shape(
+        lambda: quant.quantize_model(Transformer(cfg, rngs=nnx.Rngs(0)), cfg.quant)
+    )
     nnx.update(model, checkpoint.restore_params(workdir, nnx.state(model), step))  # + MoE biases
     return model, config
 

@@ -71,6 +71,7 @@ def sample_token(
         "greedy",
         "eos_id",
         "vocab_limit",
+        "kv_int8",
     ),
 )
 def _generate(
@@ -86,10 +87,11 @@ def _generate(
     greedy,
     eos_id,
     vocab_limit,
+    kv_int8,
 ):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt.shape
-    cache = init_cache(model.cfg, batch, prompt_len + max_new_tokens)
+    cache = init_cache(model.cfg, batch, prompt_len + max_new_tokens, int8=kv_int8)
     logits, cache = model(prompt, cache=cache)  # prefill: [B, P, V]
 
     def step(carry, key):
@@ -140,11 +142,13 @@ def generate(
     greedy: bool = False,
     eos_id: int | None = None,
     vocab_limit: int | None = None,
+    kv_int8: bool = False,
 ) -> jax.Array:
     """Continues int32[B, P] prompts (all P long) -> int32[B, P + max_new_tokens].
 
     Once a row has produced `eos_id`, it keeps emitting `eos_id`. With `vocab_limit` (the
     tokenizer's vocabulary size when the model's is padded) only ids below it are generated.
+    `kv_int8`: the KV cache holds int8 keys and values with a scale per token and head.
     """
     total = prompt_tokens.shape[1] + max_new_tokens
     if total > model.cfg.max_seq_len:
@@ -166,4 +170,5 @@ def generate(
         greedy=greedy,
         eos_id=eos_id,
         vocab_limit=vocab_limit,
+        kv_int8=kv_int8,
     )
