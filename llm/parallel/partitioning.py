@@ -26,8 +26,9 @@ AxisRules = Sequence[tuple[str, MeshAxes]]
 # parallelism (a collective in every layer) gets neighbouring devices and data parallelism (one
 # gradient reduction per step) spans hosts. "sequence" splits the sequence (context parallelism,
 # llm.parallel.context); "expert" holds MoE experts (llm.model.moe) and splits the batch like data
-# parallelism.
-MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+# parallelism. "stage" (outermost: one activation transfer per microbatch, fit for slow links)
+# holds pipeline stages, the stacked layers split (llm.parallel.pipeline).
+MESH_AXES = ("stage", "data", "fsdp", "expert", "sequence", "tensor")
 
 
 class MeshError(ValueError):

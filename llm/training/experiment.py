@@ -16,8 +16,9 @@ import jax
 from llm.errors import check, check_positive, is_int
 from llm.model import patterns
 from llm.model.config import ModelConfig
-from llm.parallel import context, partitioning
+from llm.parallel import context, partitioning, pipeline
 from llm.parallel.partitioning import MeshConfig
+from llm.parallel.pipeline import PipelineConfig
 from llm.science import flops
 from llm.training import init_from, inputs
 from llm.training.checkpoint import CheckpointConfig
@@ -43,6 +44,7 @@ class Experiment:
     checkpoint: CheckpointConfig
     guard: GuardConfig
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     seed: int = 0
     steps: int = 300
     batch_size: int = 16  # global batch, in sequences
@@ -183,6 +185,9 @@ class Experiment:
         rules = self.mesh.rules
         partitioning.check_sharding(self.sharded_dims(), mesh, rules)
         context.validate(self.model, self.seq_len, mesh, rules)
+        pipeline.validate(
+            self.pipeline, self.model, mesh, rules, self.batch_size // self.grad_accum_steps
+        )
         self.check_memory(mesh)
         processes = jax.process_count()
         check(

@@ -25,7 +25,7 @@ from llm.errors import check
 from llm.model import mup
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
-from llm.parallel import partitioning
+from llm.parallel import partitioning, pipeline
 from llm.science import coordinates, flops
 from llm.training import checkpoint, debug, guard, init_from
 from llm.training import workdir as workdir_lib
@@ -98,6 +98,7 @@ def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
         grad_accum_steps=exp.grad_accum_steps,
         z_loss=exp.z_loss,
         loss=exp.loss,
+        pipeline_cfg=exp.pipeline,
     )
     step_fn = guard.guarded(step_fn, exp.guard)
     jitted = jax.jit(step_fn, out_shardings=(setup.shardings, None), donate_argnums=0)
@@ -350,7 +351,8 @@ def _print_banner(
         f"{flops_per_step * exp.steps:.3g} in all\n"
         f"train step compiled in {compile_seconds:.1f} s; {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
-        f"mesh {dict(mesh.shape)}\n{format_memory(partitioning.memory_report(state, train_step))}",
+        f"mesh {dict(mesh.shape)}\n{pipeline.describe(exp.pipeline, mesh)}"
+        f"{format_memory(partitioning.memory_report(state, train_step))}",
         flush=True,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -15,6 +16,7 @@ from kernels.cross_entropy.reference import cross_entropy
 from llm.errors import check, check_positive
 from llm.model import moe
 from llm.model.transformer import Transformer
+from llm.parallel import pipeline
 from llm.training.state import Batch, TrainState
 
 LOSS_IMPLS = ("plain", "chunked")
@@ -42,12 +44,19 @@ def token_losses(
 ) -> tuple[jax.Array, jax.Array, dict]:
     """Summed weighted loss (with z_loss), summed cross-entropy and the MoE auxiliary values."""
     inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden, _, moe_aux = model.hidden_states(*inputs)
+    return *hidden_losses(model, hidden, batch, z_loss, loss), moe_aux
+
+
+def hidden_losses(
+    model: Transformer, hidden: jax.Array, batch: Batch, z_loss: float, loss: LossConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Summed weighted loss (with z_loss) and summed cross-entropy of hidden: [B, L, D] (after
+    the final norm)."""
     targets, weights = batch["targets"], batch["weights"]
     if loss.impl == "plain":
-        logits, moe_aux = model(*inputs, return_aux=True)
-        return *cross_entropy(logits, targets, weights, z_loss), moe_aux
-    hidden, _, moe_aux = model.hidden_states(*inputs)
-    loss_sum, ce_sum = cross_entropy_api.linear_cross_entropy(
+        return cross_entropy(model.logits(hidden), targets, weights, z_loss)
+    return cross_entropy_api.linear_cross_entropy(
         hidden,
         model.unembedding(),
         targets,
@@ -56,7 +65,6 @@ def token_losses(
         vocab_chunk=loss.vocab_chunk,
         seq_block=loss.seq_block,
     )
-    return loss_sum, ce_sum, moe_aux
 
 
 def make_train_step(
@@ -67,6 +75,7 @@ def make_train_step(
     grad_accum_steps: int,
     z_loss: float,
     loss: LossConfig = LossConfig(),
+    pipeline_cfg: pipeline.PipelineConfig | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step over a batch split into `grad_accum_steps` micro-batches.
 
@@ -82,6 +91,9 @@ def make_train_step(
         return loss_sum, (ce_sum, moe_aux)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if pipeline_cfg is not None and pipeline.stages_of(jax.sharding.get_abstract_mesh()) > 1:
+        head = functools.partial(hidden_losses, z_loss=z_loss, loss=loss)
+        grad_fn = pipeline.make_value_and_grad(graphdef, pipeline_cfg, head)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params, rest = nnx.split_state(state.params, nnx.Param, ...)
