@@ -215,6 +215,18 @@ def batch_sharding(mesh: Mesh, rules: AxisRules) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
 
 
+def process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+    """(index, count): this process's devices need block `index` of the batch's `count` equal
+    row blocks (count < process count where processes hold replicas, e.g. pipeline stages)."""
+    shape = (batch_size, sharding.mesh.size)
+    starts = {i[0].start or 0 for i in sharding.addressable_devices_indices_map(shape).values()}
+    shards = math.prod(sharding.mesh.shape[a] for a in jax.tree.leaves(sharding.spec[0]))
+    local = len(starts) * batch_size // shards  # rows this process holds
+    if max(starts) + batch_size // shards - min(starts) != local:
+        raise MeshError("mesh: a process's devices hold rows of the batch that are not contiguous.")
+    return min(starts) // local, batch_size // local
+
+
 def bytes_per_device(tree: Any) -> int:
     """Bytes of the largest shard per leaf of `tree` (arrays, or abstract arrays with a sharding)."""
     total = 0

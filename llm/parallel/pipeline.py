@@ -2,8 +2,8 @@
 executing a schedule table (llm.parallel.schedules) with a `scan` over its ticks.
 
 The stacked layers (model.scan_layers; logical axis "layers", placed on "stage" by the rules
-table) split into S·v chunks; the embedding and the output head/loss run on the stages that hold
-the first and last chunk. Per tick, each stage runs its op under `jax.shard_map` (manual over
+table) split into S·v chunks; the embedding runs before them (its gradient after), the output
+head and loss on the stage holding the last chunk. Per tick, each stage runs its op under `jax.shard_map` (manual over
 "stage" only, so data/fsdp/tensor sharding still applies inside): a forward keeps its `jax.vjp`
 residuals in a slot until the schedule runs its backward, so a stage's memory follows the
 schedule (GPipe holds M microbatches in flight, 1F1B at most S). Activations move forward and
@@ -170,44 +170,53 @@ def make_value_and_grad(
         blocks = params["blocks"]
         head = nnx.State({k: x for k, x in params.raw_mapping.items() if k != "blocks"})
         staged = jax.tree.map(lambda x: _to_stages(x, stages, v), blocks)
+
         # [B, ...] -> [M, B/M, ...], microbatch m = rows m, m + M, ...: each data shard's rows
         # split into M, so no data moves.
-        micro = jax.tree.map(
-            lambda x: jnp.swapaxes(x.reshape(-1, m_count, *x.shape[1:]), 0, 1), batch
-        )
+        def to_micro(x):
+            return jnp.swapaxes(x.reshape(-1, m_count, *x.shape[1:]), 0, 1)
+
+        micro = jax.tree.map(to_micro, batch)
 
         def merged(head_state, chunk_state):
             state = nnx.State({**head_state.raw_mapping, "blocks": chunk_state.raw_mapping})
             return nnx.merge(graphdef, state, rest)
+
+        # The embedding runs before the pipeline (a gather XLA partitions outside shard_map):
+        # x_first: [M, B/M, L, D]; its gradient comes back from the first chunk's backwards.
+        x_first, embed_vjp = jax.vjp(
+            lambda h: to_micro(merged(h, blocks).embed_tokens(batch["inputs"])), head
+        )
 
         def run_chunk(chunk, x, mb):
             return apply_stacked_blocks(
                 model_cfg, block_graphdef, chunk, x, mb["positions"], mb["segment_ids"]
             )
 
-        def f_first(known, mb):  # known = (chunk, head)
-            def fn(chunk, head_state):
-                x = merged(head_state, chunk).embed_tokens(mb["inputs"])
-                return run_chunk(chunk, x, mb)
-
-            return jax.vjp(fn, *known)
-
-        def f_mid(known, x, mb):  # known = (chunk,)
+        def f_mid(known, x, mb):  # known = (chunk,); the first chunk's forward too
             return jax.vjp(lambda chunk, x: run_chunk(chunk, x, mb), *known, x)
+
+        # The loss sees whole vocabulary rows: XLA's SPMD partitioner aborts on the label gather
+        # of vocab-split logits inside a partly manual shard_map (mesh.tensor > 1).
+        whole_vocab = [
+            (n, None if n == "vocab" else a) for n, a in partitioning.current_rules() or ()
+        ]
 
         def f_last(known, x, mb):  # known = (chunk, head)
             def fn(chunk, head_state, x):
                 model = merged(head_state, chunk)
-                return head_loss(model, model.final_norm(run_chunk(chunk, x, mb)), mb)
+                hidden = model.final_norm(run_chunk(chunk, x, mb))
+                with partitioning.axis_rules(whole_vocab):
+                    return head_loss(model, hidden, mb)
 
             return jax.vjp(fn, *known, x, has_aux=True)
 
-        def body(staged_local, head, micro, kinds):
+        def body(staged_local, head, micro, x_first, kinds):
             local = jax.tree.map(lambda x: x[0], staged_local)  # [v, L/(S v), ...]
             stage = jax.lax.axis_index(AXIS)
             mb0 = jax.tree.map(lambda x: x[0], micro)
             chunk0 = jax.tree.map(lambda x: x[0], local)
-            x_aval = jax.eval_shape(lambda: f_first((chunk0, head), mb0)[0])
+            x_aval = jax.ShapeDtypeStruct(x_first.shape[1:], x_first.dtype)
             specs = {}  # pool -> (residual avals, treedef, where)
 
             def probe(pool, fwd, known, *args):
@@ -221,7 +230,7 @@ def make_value_and_grad(
                 specs[pool] = (avals, *specs[pool])
 
             x0 = jnp.zeros(x_aval.shape, x_aval.dtype)
-            probe("first", f_first, (chunk0, head))
+            probe("first", f_mid, (chunk0,), x0)
             probe("mid", f_mid, (chunk0,), x0)
             probe("last", f_last, (chunk0, head), x0)
             sizes = table.pool_sizes
@@ -243,6 +252,7 @@ def make_value_and_grad(
                 },
                 "grad_local": jax.tree.map(jnp.zeros_like, local),
                 "grad_head": jax.tree.map(jnp.zeros_like, head),
+                "dx_first": jnp.zeros_like(x_first),
                 "loss": jnp.zeros((), jnp.float32),
                 "ce": jnp.zeros((), jnp.float32),
             }
@@ -277,8 +287,8 @@ def make_value_and_grad(
                     chunk = chunk_of(j)
                     send_x = send_dy = zeros
                     if kind == schedules.F_FIRST:
-                        send_x, vjp_fn = f_first((chunk, head), mb)
-                        stash(carry, "first", slot, vjp_fn, (chunk, head))
+                        send_x, vjp_fn = f_mid((chunk,), x_first[m], mb)
+                        stash(carry, "first", slot, vjp_fn, (chunk,))
                     elif kind == schedules.F_MID:
                         send_x, vjp_fn = f_mid((chunk,), carry["x"]["mid"][slot], mb)
                         stash(carry, "mid", slot, vjp_fn, (chunk,))
@@ -288,8 +298,10 @@ def make_value_and_grad(
                         stash(carry, "last", slot, vjp_fn, (chunk, head))
                         carry["loss"], carry["ce"] = carry["loss"] + loss, carry["ce"] + ce
                     elif kind == schedules.B_FIRST:
-                        vjp_fn = restore(carry, "first", slot, (chunk, head))
-                        add_grad(carry, j, *vjp_fn(carry["dy"]["first"][slot]))
+                        vjp_fn = restore(carry, "first", slot, (chunk,))
+                        d_chunk, dx = vjp_fn(carry["dy"]["first"][slot])
+                        add_grad(carry, j, d_chunk)
+                        carry["dx_first"] = carry["dx_first"].at[m].set(dx)
                     elif kind == schedules.B_MID:
                         vjp_fn = restore(carry, "mid", slot, (chunk,))
                         d_chunk, send_dy = vjp_fn(carry["dy"]["mid"][slot])
@@ -335,19 +347,20 @@ def make_value_and_grad(
 
             carry, _ = jax.lax.scan(tick, carry, kinds)
             grad_local = jax.tree.map(lambda g: g[None], carry["grad_local"])
-            totals = jax.lax.psum((carry["grad_head"], carry["loss"], carry["ce"]), AXIS)
-            return grad_local, *totals
+            totals = (carry["grad_head"], carry["dx_first"], carry["loss"], carry["ce"])
+            return grad_local, *jax.lax.psum(totals, AXIS)
 
         tables = {k: jnp.asarray(x) for k, x in table.tables.items()}
         run = jax.shard_map(
             body,
             mesh=mesh,
-            in_specs=(P(AXIS), P(), P(), P()),
-            out_specs=(P(AXIS), P(), P(), P()),
+            in_specs=(P(AXIS), P(), P(), P(), P()),
+            out_specs=(P(AXIS), P(), P(), P(), P()),
             axis_names={AXIS},
             check_vma=False,
         )
-        grad_staged, grad_head, loss, ce = run(staged, head, micro, tables)
+        grad_staged, grad_head, dx_first, loss, ce = run(staged, head, micro, x_first, tables)
+        grad_head = jax.tree.map(jnp.add, grad_head, embed_vjp(dx_first)[0])
         grad_blocks = jax.tree.map(_from_stages, grad_staged)
         grads = nnx.State({**grad_head.raw_mapping, "blocks": grad_blocks.raw_mapping})
         return (loss, (ce, {})), grads

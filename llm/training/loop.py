@@ -254,13 +254,10 @@ def _run_locked(
                 for k, v in batch.items()
             }
 
+        rows, blocks = partitioning.process_rows(data_sharding, exp.batch_size)
+
         def local_batch(step):
-            return train_data.batch(
-                step,
-                exp.batch_size,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
+            return train_data.batch(step, exp.batch_size, process_index=rows, process_count=blocks)
 
         debug.pause("compile")
         t = time.perf_counter()

@@ -2,6 +2,9 @@
 parameters after three AdamW steps, for each schedule; 1F1B's compiled step needs less temporary
 memory than GPipe's; the parameters sit where the rules table says; bad input is one line."""
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import numpy as np
 import pytest
@@ -10,7 +13,8 @@ from experiments import default
 from llm import config as config_lib
 from llm.errors import ConfigError
 from llm.parallel import partitioning, pipeline
-from llm.training import loop
+from llm.training import checkpoint, loop
+from llm.training.state import TrainState
 
 B, L, V = 8, 16, 128
 TINY = {
@@ -51,42 +55,63 @@ def batch(i: int) -> dict[str, np.ndarray]:
     }
 
 
-def train(exp):
-    """Three steps of `exp` on as many devices as its mesh has; the losses, gradient norms, final
-    state and compiled step's temporary bytes."""
+class Run(NamedTuple):
+    losses: list[float]
+    norms: list[float]
+    state: TrainState  # after three steps
+    temp: int  # the compiled step's temporary bytes per device
+    resume: Callable[[str], float]  # a checkpoint directory -> the loss of step 3 from it
+    saved: str  # the checkpoint of step 2
+
+
+def train(exp, directory) -> Run:
+    """Three steps of `exp` on as many devices as its mesh has (a checkpoint after the second)."""
     sizes = dict(exp.mesh.sizes)
-    devices = jax.devices()[: int(np.prod(list(sizes.values())))]
-    mesh = partitioning.make_mesh(sizes, devices)
+    mesh = partitioning.make_mesh(sizes, jax.devices()[: int(np.prod(list(sizes.values())))])
     exp.check_fits(mesh)
+    sharding = partitioning.batch_sharding(mesh, exp.mesh.rules)
+
+    def put(b):
+        return {k: jax.device_put(v, sharding) for k, v in b.items()}
+
     with jax.set_mesh(mesh), partitioning.axis_rules(exp.mesh.rules):
         setup = loop.setup_state(exp, mesh)
-        sharding = partitioning.batch_sharding(mesh, exp.mesh.rules)
-
-        def put(b):
-            return {k: jax.device_put(v, sharding) for k, v in b.items()}
-
         step = loop.compile_train_step(exp, setup, put(batch(0)))
         state, losses, norms = setup.state, [], []
+        manager = checkpoint.make_manager(directory, async_save=False)
         for i in range(3):
             state, metrics = step(state, put(batch(i)))
             losses.append(float(metrics["loss"]))
             norms.append(float(metrics["grad_norm"]))
-    return losses, norms, state, step.memory_analysis().temp_size_in_bytes
+            if i == 1:
+                checkpoint.save(manager, state)
+                checkpoint.wait(manager)
+
+    def resume(saved: str) -> float:
+        """Restores the step-2 checkpoint in `saved` onto this run's mesh; step 3's loss."""
+        with jax.set_mesh(mesh), partitioning.axis_rules(exp.mesh.rules):
+            restored = loop.setup_state(exp, mesh, checkpoint.make_manager(saved, create=False))
+            assert int(restored.state.step) == 2
+            return float(step(restored.state, put(batch(2)))[1]["loss"])
+
+    temp = step.memory_analysis().temp_size_in_bytes
+    return Run(losses, norms, state, temp, resume, str(directory))
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return train(experiment())
+def reference(tmp_path_factory):
+    return train(experiment(), tmp_path_factory.mktemp("one_device"))
 
 
-RUNS = {}
+@pytest.fixture(scope="module")
+def pipelined(tmp_path_factory):
+    """(schedule, S, M, v=1, **other mesh axes) -> its Run, each compiled once per module."""
+    runs = {}
 
-
-def pipelined(schedule, stages, micro, virtual=1, **mesh):
-    key = (schedule, stages, micro, virtual, tuple(sorted(mesh.items())))
-    if key not in RUNS:
-        RUNS[key] = train(
-            experiment(
+    def run(schedule, stages, micro, virtual=1, **mesh):
+        key = (schedule, stages, micro, virtual, tuple(sorted(mesh.items())))
+        if key not in runs:
+            exp = experiment(
                 **{f"mesh.{k}": v for k, v in mesh.items()},
                 **{
                     "mesh.stage": stages,
@@ -95,8 +120,10 @@ def pipelined(schedule, stages, micro, virtual=1, **mesh):
                     "pipeline.virtual_stages": virtual,
                 },
             )
-        )
-    return RUNS[key]
+            runs[key] = train(exp, tmp_path_factory.mktemp("pipelined"))
+        return runs[key]
+
+    return run
 
 
 CASES = [  # (schedule, S, M, v, other mesh axes)
@@ -110,12 +137,12 @@ CASES = [  # (schedule, S, M, v, other mesh axes)
 
 
 @pytest.mark.parametrize("schedule,stages,micro,virtual,mesh", CASES, ids=str)
-def test_matches_one_device(reference, schedule, stages, micro, virtual, mesh):
-    want_losses, want_norms, want_state, _ = reference
-    losses, norms, state, _ = pipelined(schedule, stages, micro, virtual, **mesh)
-    np.testing.assert_allclose(losses, want_losses, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(norms, want_norms, rtol=1e-5, atol=1e-6)
-    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params)):
+def test_matches_one_device(reference, pipelined, schedule, stages, micro, virtual, mesh):
+    run = pipelined(schedule, stages, micro, virtual, **mesh)
+    np.testing.assert_allclose(run.losses, reference.losses, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run.norms, reference.norms, rtol=1e-5, atol=1e-6)
+    state = run.state
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.state.params)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     # Each array where the rules table puts it: the stacked layers split over the stages.
     rules = experiment().mesh.rules
@@ -126,15 +153,24 @@ def test_matches_one_device(reference, schedule, stages, micro, virtual, mesh):
         assert ("layers" in names) == (spec[0] == "stage")
 
 
-def test_1f1b_needs_less_temporary_memory_than_gpipe():
+def test_1f1b_needs_less_temporary_memory_than_gpipe(pipelined):
     """At M = 2S GPipe holds 2S microbatches' residuals per stage, 1F1B at most S."""
-    gpipe = pipelined("gpipe", 4, 8)[3]
-    one_f_one_b = pipelined("1f1b", 4, 8)[3]
+    gpipe = pipelined("gpipe", 4, 8).temp
+    one_f_one_b = pipelined("1f1b", 4, 8).temp
     ratio = one_f_one_b / gpipe
     print(
         f"temporary bytes per device, S=4 M=8: 1f1b {one_f_one_b}, gpipe {gpipe}, ratio {ratio:.2f}"
     )
     assert ratio < 0.7
+
+
+def test_checkpoints_resume_across_stage_4_and_stage_1(reference, pipelined):
+    """A checkpoint holds the logical parameter tree: one saved at stage=4 resumes on one device,
+    and the reverse, with the next loss of the uninterrupted run."""
+    staged = pipelined("1f1b", 4, 8)
+    want = reference.losses[2]
+    np.testing.assert_allclose(reference.resume(staged.saved), want, rtol=1e-5)
+    np.testing.assert_allclose(staged.resume(reference.saved), want, rtol=1e-5)
 
 
 def test_banner_names_the_bubble_fraction():
