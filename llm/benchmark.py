@@ -322,9 +322,9 @@ def define_flags() -> None:
     flags.DEFINE_multi_string(
         "mesh",
         [],
-        "A layout to time (repeatable): mesh sizes and optionally the context-parallel mode, "
-        "e.g. --mesh=data=8 --mesh=data=2,sequence=4,context_parallel=all_gather. Default: the "
-        "config's.",
+        "A layout to time (repeatable): mesh sizes and optionally the context-parallel mode or "
+        "the pipeline's fields, e.g. --mesh=data=8 --mesh=data=2,sequence=4,context_parallel="
+        "all_gather --mesh=stage=2,data=4,schedule=1f1b,microbatches=4. Default: the config's.",
     )
 
 

@@ -3,11 +3,12 @@ executing a schedule table (llm.parallel.schedules) with a `scan` over its ticks
 
 The stacked layers (model.scan_layers; logical axis "layers", placed on "stage" by the rules
 table) split into S·v chunks; the embedding runs before them (its gradient after), the output
-head and loss on the stage holding the last chunk. Per tick, each stage runs its op under `jax.shard_map` (manual over
-"stage" only, so data/fsdp/tensor sharding still applies inside): a forward keeps its `jax.vjp`
-residuals in a slot until the schedule runs its backward, so a stage's memory follows the
-schedule (GPipe holds M microbatches in flight, 1F1B at most S). Activations move forward and
-gradients backward with `ppermute`. Parameters that are residuals are not copied into slots.
+head and loss on the stage holding the last chunk. Per tick, each stage runs its op under
+`jax.shard_map` (manual over "stage" only, so data/fsdp/tensor sharding still applies inside): a
+forward keeps its `jax.vjp` residuals in a slot until the schedule runs its backward, so a
+stage's memory follows the schedule (GPipe holds M microbatches in flight, 1F1B at most S).
+Activations move forward and gradients backward with `ppermute`. Parameters that are residuals
+are not copied into slots.
 """
 
 from __future__ import annotations
