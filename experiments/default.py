@@ -173,4 +173,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.pipeline.schedule = "1f1b"  # gpipe | 1f1b (<= S microbatches in flight) | interleaved_1f1b
     c.pipeline.microbatches = 4  # M per step (per accumulation step); 1f1b needs M >= mesh.stage
     c.pipeline.virtual_stages = 1  # v: layer chunks per stage; interleaved_1f1b only (>= 2)
+
+    # Post-training (llm/training/post_training.py, README "Post-training"): fine-tune from
+    # init_from on JSONL records instead of pretraining text.
+    c.post_training = ml_collections.ConfigDict()
+    c.post_training.format = "pretrain"  # pretrain | sft (prompt/response) | preference (DPO...)
+    c.post_training.train_file = ""  # sft, preference: JSONL records trained on
+    c.post_training.eval_file = ""  # sft, preference: JSONL records evaluated on
+    c.post_training.overlong = "truncate"  # truncate | drop: a record longer than seq_len
+    c.post_training.loss = "dpo"  # preference: dpo | ipo | simpo
+    c.post_training.beta = 0.1  # preference: inverse temperature of the implicit rewards
+    c.post_training.simpo_gamma = 0.5  # simpo: target reward margin
+    # lm-evaluation-harness tasks scored every eval_every steps (llm/harness; extra: eval), in
+    # metrics.jsonl and TensorBoard as harness/TASK/METRIC. Shipped: llm/harness/tasks/*.yaml.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.harness_tasks = ""  # comma-separated lm-eval task names, e.g. "llm_lab_cloze"; "" = off
+    c.eval.harness_limit = 0  # documents per task; 0 = all
+    c.eval.harness_include_path = ""  # another directory of lm-eval task YAML
+    c.eval.harness_batch_size = 16  # rows per scoring batch (rounded up to the batch devices)
+    c.eval.harness_max_length = 0  # longest scored window in tokens; 0 = seq_len
     return c
