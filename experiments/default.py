@@ -174,6 +174,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.pipeline.microbatches = 4  # M per step (per accumulation step); 1f1b needs M >= mesh.stage
     c.pipeline.virtual_stages = 1  # v: layer chunks per stage; interleaved_1f1b only (>= 2)
 
+    # Quantization (llm.model.quant, README): fake-quantized matmuls in training (QAT);
+    # llm.quantize stores trained weights quantized (PTQ). Simulated in float32 on CPU.
+    c.quant = ml_collections.ConfigDict()
+    c.quant.mode = "none"  # none | int8 (weights+activations) | fp8 (e4m3/e5m2) | int4_weights
+    c.quant.targets = "attention,mlp,experts"  # comma-separated: attention, mlp, experts, head
+    c.quant.group_size = 128  # int4: weights per scale along the input width (divides it)
+    c.quant.weights = ""  # "" | int8 | int4: weights stored quantized (set by llm.quantize)
+
     # Post-training (llm/training/post_training.py, README "Post-training"): fine-tune from
     # init_from on JSONL records instead of pretraining text.
     c.post_training = ml_collections.ConfigDict()

@@ -13,9 +13,9 @@ from flax import nnx
 
 from kernels.attention.masks import Mask
 from kernels.attention.reference import attention_reference
-from llm.model import mup, patterns
+from llm.model import mup, patterns, quant
 from llm.model.config import ModelConfig, RopeScaling
-from llm.model.layers import apply_rope, dense, norm, param
+from llm.model.layers import apply_rope, norm, param
 from llm.parallel import context
 from llm.parallel.partitioning import shard
 
@@ -71,9 +71,9 @@ class Attention(nnx.Module):
     def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [B, L, D] -> q [B, L, H, Dh], k and v [B, L, K, Dh], RoPE applied to q and k."""
         cfg, dt = self.cfg, self.cfg.dtype
-        q = dense(x, self.wq[...].astype(dt))  # [B, L, H, Dh]
-        k = dense(x, self.wk[...].astype(dt))  # [B, L, K, Dh]
-        v = dense(x, self.wv[...].astype(dt))  # [B, L, K, Dh]
+        q = quant.dense(self, "wq", x)  # [B, L, H, Dh]
+        k = quant.dense(self, "wk", x)  # [B, L, K, Dh]
+        v = quant.dense(self, "wv", x)  # [B, L, K, Dh]
         if cfg.qkv_bias:
             q, k, v = (y + b[...].astype(dt) for y, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
         if cfg.qk_norm:
@@ -105,15 +105,14 @@ class Attention(nnx.Module):
             )
         else:  # decoding: write k, v at cache["index"], attend over the whole cache
             index = cache["index"]
-            k_all = jax.lax.dynamic_update_slice_in_dim(
-                cache["k"], k.astype(cache["k"].dtype), index, axis=1
-            )
-            v_all = jax.lax.dynamic_update_slice_in_dim(
-                cache["v"], v.astype(cache["v"].dtype), index, axis=1
+            k_all, v_all = (
+                quant.write_kv(cache["k"], k, index),
+                quant.write_kv(cache["v"], v, index),
             )
             q_positions = index + jnp.arange(q.shape[1])
-            kv_positions = jnp.arange(k_all.shape[1])
-            out = cached_attention(q, k_all, v_all, q_positions, kv_positions, self.mask)
+            k_read, v_read = quant.read_kv(k_all, dt), quant.read_kv(v_all, dt)  # int8 or not
+            kv_positions = jnp.arange(k_read.shape[1])
+            out = cached_attention(q, k_read, v_read, q_positions, kv_positions, self.mask)
             cache = {"k": k_all, "v": v_all, "index": index}
-        out = dense(out, self.wo[...].astype(dt), in_dims=2)  # [B, L, D]
+        out = quant.dense(self, "wo", out, in_dims=2)  # [B, L, D]
         return out, cache

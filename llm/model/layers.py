@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llm.model import quant
 from llm.model.config import ModelConfig, RopeScaling
 from llm.parallel.partitioning import shard
 
@@ -156,12 +157,11 @@ class MLP(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = self.cfg.dtype
-        gate = dense(x, self.w_gate[...].astype(dt))  # [B, L, F]
+        gate = quant.dense(self, "w_gate", x)  # [B, L, F]
         if self.cfg.mlp_activation == "gelu_tanh":  # GeGLU
             gate = jax.nn.gelu(gate, approximate=True)
         else:
             gate = jax.nn.silu(gate)
-        h = gate * dense(x, self.w_up[...].astype(dt))  # [B, L, F]
+        h = gate * quant.dense(self, "w_up", x)  # [B, L, F]
         h = shard(h, ("batch", "seq", "mlp"))
-        return dense(h, self.w_down[...].astype(dt))  # [B, L, D]
+        return quant.dense(self, "w_down", h)  # [B, L, D]

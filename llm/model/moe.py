@@ -35,11 +35,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llm.model import quant
 from llm.model.config import ModelConfig, MoEConfig
 from llm.model.layers import MLP, dense, param
 from llm.parallel import partitioning
 from llm.parallel.partitioning import shard
 
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 Weights = tuple[
     jax.Array, jax.Array, jax.Array
 ]  # w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D]
@@ -219,9 +221,11 @@ class MoE(nnx.Module):
         self.shared_gate = nnx.data(gate)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        # config.quant: expert weights dequantized / fake-quantized; their (and the router's) input
+        weights = tuple(quant.trained_weight(self, n, self.cfg.dtype) for n in EXPERT_WEIGHTS)
+        xq = quant.activation(self, "experts", x)
         bias = self.expert_bias[...]
-        y, aux = moe_ffn(x, self.router[...], bias, weights, self.cfg.moe, self.cfg.dtype)
+        y, aux = moe_ffn(xq, self.router[...], bias, weights, self.cfg.moe, self.cfg.dtype)
         y = shard(y, ("batch", "seq", "embed"))
         if self.shared is not None:
             shared = self.shared(x)
