@@ -149,6 +149,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Device mesh: one size may be -1 (all remaining devices); data x fsdp x ... = device count.
     c.mesh = ml_collections.ConfigDict()
+    c.mesh.stage = 1  # pipeline stages (config.pipeline): the stacked layers split; outermost
     c.mesh.data = -1  # data parallel: replicated parameters, split batch
     c.mesh.fsdp = 1  # fully sharded data parallel: parameters and optimizer state split on embed
     c.mesh.expert = 1  # expert parallel: MoE experts split, and the batch split like data
@@ -164,7 +165,15 @@ def get_config() -> ml_collections.ConfigDict:
         ("kv_heads", "tensor"),
         ("mlp", "tensor"),
         ("vocab", "tensor"),
+        ("layers", "stage"),
     )
+    # Pipeline parallelism (llm.parallel.pipeline; README), used when mesh.stage > 1 with
+    # model.scan_layers=True; bubble fraction (S-1)/(v·M+S-1).
+    c.pipeline = ml_collections.ConfigDict()
+    c.pipeline.schedule = "1f1b"  # gpipe | 1f1b (<= S microbatches in flight) | interleaved_1f1b
+    c.pipeline.microbatches = 4  # M per step (per accumulation step); 1f1b needs M >= mesh.stage
+    c.pipeline.virtual_stages = 1  # v: layer chunks per stage; interleaved_1f1b only (>= 2)
+
     # Quantization (llm.model.quant, README): fake-quantized matmuls in training (QAT);
     # llm.quantize stores trained weights quantized (PTQ). Simulated in float32 on CPU.
     c.quant = ml_collections.ConfigDict()

@@ -17,7 +17,9 @@ is compiled (not run) with `config.loss.impl` plain and chunked (kernels.cross_e
 run prints XLA's temporary memory per device of each (its memory analysis) and their ratio.
 
 Layouts: each `--mesh=data=2,sequence=4[,context_parallel=ring]` (repeatable) places the step on
-a device mesh as `llm.train` does (the rules table of experiments/default.py); the run prints each
+a device mesh as `llm.train` does; a pipelined layout names its schedule too
+(`--mesh=stage=4,data=2,schedule=1f1b,microbatches=8`, stacked layers implied), with the rules
+table of experiments/default.py; the run prints each
 layout's step time, its ratio to the first layout, and its per-device memory
 (`llm.parallel.partitioning.memory_report`). The torch baseline runs once per config (one device).
 
@@ -27,6 +29,7 @@ layout's step time, its ratio to the first layout, and its per-device memory
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -73,6 +76,8 @@ CONFIGS: dict[str, dict] = {
     "default_chunked_loss": {"loss.impl": "chunked"},
 }
 MATMUL_SIZE = 2048
+# --mesh=stage=4,schedule=1f1b,microbatches=8: config.pipeline's fields in a layout.
+PIPELINE_FIELDS = ("schedule", "microbatches", "virtual_stages")
 
 
 def on_gpu() -> bool:
@@ -82,11 +87,11 @@ def on_gpu() -> bool:
 def parse_layout(text: str) -> dict[str, str]:
     """ "data=2,sequence=4,context_parallel=ring" -> {"data": "2", ...}."""
     fields = dict(item.split("=", 1) for item in text.split(",") if item)
-    unknown = set(fields) - {*partitioning.MESH_AXES, "context_parallel"}
+    unknown = set(fields) - {*partitioning.MESH_AXES, "context_parallel", *PIPELINE_FIELDS}
     if unknown:
         raise app.UsageError(
             f"--mesh={text}: unknown fields {sorted(unknown)}; use mesh axes "
-            f"{partitioning.MESH_AXES} and context_parallel"
+            f"{partitioning.MESH_AXES}, context_parallel and {PIPELINE_FIELDS}"
         )
     return fields
 
@@ -101,6 +106,12 @@ def experiment(
     if layout:
         overrides.update({f"mesh.{a}": int(layout.get(a, 1)) for a in partitioning.MESH_AXES})
         overrides["model.context_parallel"] = layout.get("context_parallel", "ring")
+        if int(layout.get("stage", 1)) > 1:  # llm.parallel.pipeline pipelines stacked layers
+            overrides["model.scan_layers"] = True
+            for field in PIPELINE_FIELDS:
+                if field in layout:
+                    value = layout[field]
+                    overrides[f"pipeline.{field}"] = value if field == "schedule" else int(value)
     return config_lib.resolve(config_lib.with_overrides(default_experiment.get_config(), overrides))
 
 
@@ -189,6 +200,7 @@ def benchmark(
         "config": name,
         "mesh": {k: v for k, v in exp.mesh.sizes if v != 1} or {"data": 1},
         "context_parallel": cfg.context_parallel,
+        "pipeline": dataclasses.asdict(exp.pipeline),
         "attention_impl": cfg.attention_impl,
         "memory_per_device": memory,
         "params": flops.param_counts(cfg)["total"],
@@ -266,6 +278,9 @@ def print_table(rows: list[dict], ceiling: float) -> None:
         mesh = " x ".join(f"{axis}={size}" for axis, size in row["mesh"].items())
         if "sequence" in row["mesh"]:
             mesh += f" ({row['context_parallel']})"
+        if "stage" in row["mesh"]:
+            p = row["pipeline"]
+            mesh += f" ({p['schedule']} M={p['microbatches']} v={p['virtual_stages']})"
         memory = loop.format_memory(row["memory_per_device"]).removeprefix("memory per device: ")
         print(
             f"{row['config']:<8} {mesh:<32} {row['ours']['ms_per_step']:>8.1f} "
@@ -307,9 +322,9 @@ def define_flags() -> None:
     flags.DEFINE_multi_string(
         "mesh",
         [],
-        "A layout to time (repeatable): mesh sizes and optionally the context-parallel mode, "
-        "e.g. --mesh=data=8 --mesh=data=2,sequence=4,context_parallel=all_gather. Default: the "
-        "config's.",
+        "A layout to time (repeatable): mesh sizes and optionally the context-parallel mode or "
+        "the pipeline's fields, e.g. --mesh=data=8 --mesh=data=2,sequence=4,context_parallel="
+        "all_gather --mesh=stage=2,data=4,schedule=1f1b,microbatches=4. Default: the config's.",
     )
 
 

@@ -27,6 +27,7 @@ from llm.errors import ConfigError, check
 from llm.harness.config import HarnessConfig
 from llm.model.config import ModelConfig
 from llm.parallel.partitioning import MeshConfig
+from llm.parallel.pipeline import PipelineConfig
 from llm.training.checkpoint import CheckpointConfig
 from llm.training.distill import DistillConfig
 from llm.training.experiment import Experiment
@@ -215,6 +216,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
             spike_sigmas=c["loss_spike"]["sigmas"],
         ),
         loss=_build(LossConfig, c["loss"], ".loss"),
+        pipeline=_build(PipelineConfig, c["pipeline"], ".pipeline"),
         post_training=_build(PostTrainingConfig, c["post_training"], ".post_training"),
         harness=_build(HarnessConfig, c["eval"], ".eval"),
         prune=_build(PruneConfig, c["prune"], ".prune"),

@@ -123,12 +123,7 @@ class Transformer(nnx.Module):
         record_rms: the auxiliary values include each block's output sizes (`Block`).
         """
         x, cache, aux = self.hidden_states(tokens, positions, segment_ids, cache, record_rms)
-        x = quant.activation(self, "head", x)  # config.quant: the head's input
-        logits = dense(x, self.unembedding()).astype(jnp.float32)  # [B, L, V]
-        if self.cfg.final_logit_softcap is not None:  # Gemma
-            cap = self.cfg.final_logit_softcap
-            logits = cap * jnp.tanh(logits / cap)
-        logits = shard(logits, ("batch", "seq", "vocab"))
+        logits = self.logits(x)
         if return_aux:
             return logits, aux
         return logits if cache is None else (logits, cache)
@@ -150,6 +145,15 @@ class Transformer(nnx.Module):
         x = self.embed_tokens(tokens)
         x, cache, aux = self._run_blocks(x, positions, segment_ids, cache, record_rms)
         return self.final_norm(x), cache, aux
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """x: [B, L, D] after the final norm -> logits: float32[B, L, V]."""
+        x = quant.activation(self, "head", x)  # config.quant: the head's input
+        logits = dense(x, self.unembedding()).astype(jnp.float32)  # [B, L, V]
+        if self.cfg.final_logit_softcap is not None:  # Gemma
+            cap = self.cfg.final_logit_softcap
+            logits = cap * jnp.tanh(logits / cap)
+        return shard(logits, ("batch", "seq", "vocab"))
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """tokens: int32[B, L] -> the embeddings x: [B, L, D] in the compute dtype."""
@@ -175,15 +179,7 @@ class Transformer(nnx.Module):
     def _run_blocks(self, x, positions, segment_ids, cache, record_rms: bool = False):
         """Applies the blocks (a Python loop, or a scan over stacked parameters), with remat."""
         cfg = self.cfg
-
-        def block_fn(graphdef, block_state, x, block_cache):
-            block = nnx.merge(graphdef, block_state)
-            return block(x, positions, segment_ids, block_cache, record_rms)
-
-        if cfg.remat != "none":
-            block_fn = jax.checkpoint(
-                block_fn, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,)
-            )
+        block_fn = _block_fn(cfg, positions, segment_ids, record_rms)
 
         def layer_cache(k, v):
             return None if cache is None else {"k": k, "v": v, "index": cache["index"]}
@@ -223,6 +219,31 @@ class Transformer(nnx.Module):
         """One auxiliary-loss-free balancing step (llm.model.moe) of each MoE layer, from its load [E]."""
         for i, load in loads.items():
             self.blocks[i].mlp.update_bias(load)
+
+
+def _block_fn(cfg: ModelConfig, positions, segment_ids, record_rms: bool = False):
+    """(block graphdef, block state, x, cache) -> a block's (x, cache, aux), with cfg.remat."""
+
+    def block_fn(graphdef, block_state, x, block_cache):
+        block = nnx.merge(graphdef, block_state)
+        return block(x, positions, segment_ids, block_cache, record_rms)
+
+    if cfg.remat == "none":
+        return block_fn
+    return jax.checkpoint(block_fn, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+
+
+def apply_stacked_blocks(
+    cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, x, positions, segment_ids
+) -> jax.Array:
+    """x: [B, L, D] through the dense blocks of `state`, parameters stacked [n, ...] (a run of
+    consecutive layers of a scan_layers model: a pipeline stage, llm.parallel.pipeline)."""
+    block_fn = _block_fn(cfg, positions, segment_ids)
+
+    def body(x, layer_state):
+        return block_fn(graphdef, layer_state, x, None)[0], None
+
+    return jax.lax.scan(body, x, state)[0]
 
 
 def init_cache(

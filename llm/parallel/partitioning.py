@@ -26,8 +26,9 @@ AxisRules = Sequence[tuple[str, MeshAxes]]
 # parallelism (a collective in every layer) gets neighbouring devices and data parallelism (one
 # gradient reduction per step) spans hosts. "sequence" splits the sequence (context parallelism,
 # llm.parallel.context); "expert" holds MoE experts (llm.model.moe) and splits the batch like data
-# parallelism.
-MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+# parallelism. "stage" (outermost: one activation transfer per microbatch, fit for slow links)
+# holds pipeline stages, the stacked layers split (llm.parallel.pipeline).
+MESH_AXES = ("stage", "data", "fsdp", "expert", "sequence", "tensor")
 
 
 class MeshError(ValueError):
@@ -212,6 +213,18 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 def batch_sharding(mesh: Mesh, rules: AxisRules) -> NamedSharding:
     """Sharding of a [batch, seq] input array."""
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
+
+
+def process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+    """(index, count): this process's devices need block `index` of the batch's `count` equal
+    row blocks (count < process count where processes hold replicas, e.g. pipeline stages)."""
+    shape = (batch_size, sharding.mesh.size)
+    starts = {i[0].start or 0 for i in sharding.addressable_devices_indices_map(shape).values()}
+    shards = math.prod(sharding.mesh.shape[a] for a in jax.tree.leaves(sharding.spec[0]))
+    local = len(starts) * batch_size // shards  # rows this process holds
+    if max(starts) + batch_size // shards - min(starts) != local:
+        raise MeshError("mesh: a process's devices hold rows of the batch that are not contiguous.")
+    return min(starts) // local, batch_size // local
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -18,8 +18,9 @@ from llm.errors import check, check_positive, is_int
 from llm.harness.config import HarnessConfig
 from llm.model import patterns
 from llm.model.config import ModelConfig
-from llm.parallel import context, partitioning
+from llm.parallel import context, partitioning, pipeline
 from llm.parallel.partitioning import MeshConfig
+from llm.parallel.pipeline import PipelineConfig
 from llm.science import flops
 from llm.training import init_from, inputs, post_training, prune
 from llm.training.checkpoint import CheckpointConfig
@@ -48,6 +49,7 @@ class Experiment:
     checkpoint: CheckpointConfig
     guard: GuardConfig
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     post_training: PostTrainingConfig = dataclasses.field(default_factory=PostTrainingConfig)
     harness: HarnessConfig = dataclasses.field(default_factory=HarnessConfig)  # config.eval
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
@@ -212,6 +214,15 @@ class Experiment:
         rules = self.mesh.rules
         partitioning.check_sharding(self.sharded_dims(), mesh, rules)
         context.validate(self.model, self.seq_len, mesh, rules)
+        pipeline.validate(
+            self.pipeline, self.model, mesh, rules, self.batch_size // self.grad_accum_steps
+        )
+        check(
+            pipeline.stages_of(mesh) == 1
+            or (not self.distill.enabled and self.post_training.format != "preference"),
+            f"mesh.stage={pipeline.stages_of(mesh)} pipelines pretraining and SFT only: "
+            "distillation and preference training need mesh.stage=1.",
+        )
         self.check_memory(mesh)
         processes = jax.process_count()
         check(

@@ -26,7 +26,7 @@ from llm.harness.run import trainer_evaluator
 from llm.model import mup
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
-from llm.parallel import partitioning
+from llm.parallel import partitioning, pipeline
 from llm.science import coordinates, flops
 from llm.training import checkpoint, debug, distill, dpo, guard, init_from, prune
 from llm.training import workdir as workdir_lib
@@ -108,6 +108,7 @@ def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
         z_loss=exp.z_loss,
         loss=exp.loss,
         distill=setup.distiller,
+        pipeline_cfg=exp.pipeline,
     )
     if exp.post_training.format == "preference":  # DPO, IPO, SimPO
         step_fn = dpo.make_train_step(setup.graphdef, setup.tx, setup.schedule, exp)
@@ -275,8 +276,10 @@ def _run_locked(
                 for k, v in batch.items()
             }
 
+        rows, blocks = partitioning.process_rows(data_sharding, exp.batch_size)
+
         def local_batch(step):
-            where = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+            where = {"process_index": rows, "process_count": blocks}
             batch = train_data.batch(step, exp.batch_size, **where)
             return {**batch, **cache.batch(step, **where)} if cache else batch
 
@@ -380,7 +383,8 @@ def _print_banner(
         f"{flops_per_step * exp.steps:.3g} in all\n"
         f"train step compiled in {compile_seconds:.1f} s; {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
-        f"mesh {dict(mesh.shape)}\n{format_memory(partitioning.memory_report(state, train_step))}",
+        f"mesh {dict(mesh.shape)}\n{pipeline.describe(exp.pipeline, mesh)}"
+        f"{format_memory(partitioning.memory_report(state, train_step))}",
         flush=True,
     )
 

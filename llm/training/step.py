@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -15,6 +16,7 @@ from kernels.cross_entropy.reference import cross_entropy
 from llm.errors import check, check_positive
 from llm.model import moe
 from llm.model.transformer import Transformer
+from llm.parallel import pipeline
 from llm.training.distill import Distiller
 from llm.training.state import Batch, TrainState
 
@@ -43,12 +45,19 @@ def token_losses(
 ) -> tuple[jax.Array, jax.Array, dict]:
     """Summed weighted loss (with z_loss), summed cross-entropy and the MoE auxiliary values."""
     inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden, _, moe_aux = model.hidden_states(*inputs)
+    return *hidden_losses(model, hidden, batch, z_loss, loss), moe_aux
+
+
+def hidden_losses(
+    model: Transformer, hidden: jax.Array, batch: Batch, z_loss: float, loss: LossConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Summed weighted loss (with z_loss) and summed cross-entropy of hidden: [B, L, D] (after
+    the final norm)."""
     targets, weights = batch["targets"], batch["weights"]
     if loss.impl == "plain":
-        logits, moe_aux = model(*inputs, return_aux=True)
-        return *cross_entropy(logits, targets, weights, z_loss), moe_aux
-    hidden, _, moe_aux = model.hidden_states(*inputs)
-    loss_sum, ce_sum = cross_entropy_api.linear_cross_entropy(
+        return cross_entropy(model.logits(hidden), targets, weights, z_loss)
+    return cross_entropy_api.linear_cross_entropy(
         hidden,
         model.unembedding(),
         targets,
@@ -57,7 +66,6 @@ def token_losses(
         vocab_chunk=loss.vocab_chunk,
         seq_block=loss.seq_block,
     )
-    return loss_sum, ce_sum, moe_aux
 
 
 def make_train_step(
@@ -69,6 +77,7 @@ def make_train_step(
     z_loss: float,
     loss: LossConfig = LossConfig(),
     distill: Distiller | None = None,
+    pipeline_cfg: pipeline.PipelineConfig | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step over a batch split into `grad_accum_steps` micro-batches.
 
@@ -88,6 +97,14 @@ def make_train_step(
         return loss_sum, (ce_sum, moe_aux, extra)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if pipeline_cfg is not None and pipeline.stages_of(jax.sharding.get_abstract_mesh()) > 1:
+        head = functools.partial(hidden_losses, z_loss=z_loss, loss=loss)
+        pipelined = pipeline.make_value_and_grad(graphdef, pipeline_cfg, head)
+
+        def grad_fn(params, rest, batch: Batch, teacher):  # no teacher: refused with stages
+            del teacher
+            (value, (ce_sum, moe_aux)), grads = pipelined(params, rest, batch)
+            return (value, (ce_sum, moe_aux, {})), grads
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params, rest = nnx.split_state(state.params, nnx.Param, ...)

@@ -48,7 +48,17 @@ def flags_of(config) -> list[str]:
     return [f"--config.{k}={v}" for k, v in fields.items()]
 
 
-def test_two_processes_match_one(tmp_path, tiny_config):
+# Pipelined: stage (the outermost mesh axis) across the two processes, its activations and
+# gradients sent between them; each process loads the whole batch, which both stages need.
+PIPELINE = {"mesh.stage": 2, "model.scan_layers": True, "pipeline.microbatches": 2}
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["data", "stage=2"])
+def test_two_processes_match_one(tmp_path, tiny_config, pipeline):
+    extra = []
+    if pipeline:  # the one-process run: the same stacked layers, no pipeline
+        tiny_config.model.scan_layers = True
+        extra = [f"--config.{k}={v}" for k, v in PIPELINE.items()]
     train.train_and_evaluate(tiny_config, str(tmp_path / "single"))  # also builds the dataset once
     expected = [r["loss"] for r in read_metrics(tmp_path / "single")]
 
@@ -68,6 +78,7 @@ def test_two_processes_match_one(tmp_path, tiny_config):
                 f"--workdir={workdir}",
             ]
             + flags_of(tiny_config)
+            + extra
             + [
                 f"--coordinator_address=localhost:{port}",
                 f"--num_processes={PROCESSES}",
@@ -92,6 +103,7 @@ def test_two_processes_match_one(tmp_path, tiny_config):
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
     assert "4 cpu device(s) in 2 process(es)" in outputs[0]
+    assert ("pipeline: 1f1b, 2 stages" in outputs[0]) == pipeline
 
     got = [r["loss"] for r in read_metrics(workdir)]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
