@@ -165,4 +165,11 @@ def get_config() -> ml_collections.ConfigDict:
         ("mlp", "tensor"),
         ("vocab", "tensor"),
     )
+    # LoRA / QLoRA (llm.model.lora, README "Post-training"): frozen base, trained low-rank adapters.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # adapter rank r; 0 = off (every parameter trained)
+    c.lora.alpha = 16.0  # updates scaled by alpha / rank (PEFT's lora_alpha)
+    c.lora.dropout = 0.0  # dropout on the adapters' input, training steps only
+    c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # of those and "experts" (MoE)
+    c.lora.quantize = "none"  # QLoRA: none | int8 | nf4, storage of the frozen base weights
     return c

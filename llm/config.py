@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from llm.errors import ConfigError, check
 from llm.model.config import ModelConfig
+from llm.model.lora import LoRAConfig
 from llm.parallel.partitioning import MeshConfig
 from llm.training.checkpoint import CheckpointConfig
 from llm.training.experiment import Experiment
@@ -210,6 +211,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
             spike_sigmas=c["loss_spike"]["sigmas"],
         ),
         loss=_build(LossConfig, c["loss"], ".loss"),
+        lora=_build(LoRAConfig, c["lora"], ".lora"),
         seed=c["seed"],
         steps=c["steps"],
         batch_size=c["batch_size"],

@@ -10,6 +10,7 @@ import ml_collections
 from flax import nnx
 
 from llm import config as config_lib
+from llm.model import lora
 from llm.model.transformer import Transformer
 from llm.training import checkpoint, workdir
 from llm.training.experiment import Experiment
@@ -36,7 +37,13 @@ def load_run(run: str) -> tuple[Transformer, ml_collections.ConfigDict]:
             f"`python -m llm.train --config=experiments/default.py --workdir={workdir}`."
         )
     config = ml_collections.ConfigDict(json.loads(path.read_text()))
-    cfg = config_lib.model_config(config)
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    exp = load_experiment(config)
+
+    def build() -> Transformer:  # the run's structure, LoRA adapters included (llm.model.lora)
+        model = Transformer(exp.model, rngs=nnx.Rngs(0))
+        lora.attach(model, exp.lora, 0)
+        return model
+
+    model = nnx.eval_shape(build)
     nnx.update(model, checkpoint.restore_params(workdir, nnx.state(model), step))  # + MoE biases
     return model, config

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llm.model import lora
 from llm.model.config import ModelConfig, MoEConfig
 from llm.model.layers import MLP, dense, param
 from llm.parallel import partitioning
@@ -198,6 +199,12 @@ class MoE(nnx.Module):
     """x: [B, L, D] -> (y [B, L, D], aux); aux: aux_loss, z_loss, load [E], dropped, entropy,
     bias_drift (mean |expert_bias|)."""
 
+    lora_targets = (
+        ("w_gate", "experts"),
+        ("w_up", "experts"),
+        ("w_down", "experts"),
+    )  # llm.model.lora
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         m, d, pdt = cfg.moe, cfg.embed_dim, cfg.param_dtype
@@ -219,7 +226,8 @@ class MoE(nnx.Module):
         self.shared_gate = nnx.data(gate)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        dt = self.cfg.dtype  # adapters merged in (llm.model.lora)
+        weights = tuple(lora.merged_weight(self, w, dt) for w in ("w_gate", "w_up", "w_down"))
         bias = self.expert_bias[...]
         y, aux = moe_ffn(x, self.router[...], bias, weights, self.cfg.moe, self.cfg.dtype)
         y = shard(y, ("batch", "seq", "embed"))

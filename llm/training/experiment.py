@@ -16,6 +16,7 @@ import jax
 from llm.errors import check, check_positive, is_int
 from llm.model import patterns
 from llm.model.config import ModelConfig
+from llm.model.lora import LoRAConfig
 from llm.parallel import context, partitioning
 from llm.parallel.partitioning import MeshConfig
 from llm.science import flops
@@ -43,6 +44,7 @@ class Experiment:
     checkpoint: CheckpointConfig
     guard: GuardConfig
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)  # llm.model.lora
     seed: int = 0
     steps: int = 300
     batch_size: int = 16  # global batch, in sequences
@@ -85,6 +87,7 @@ class Experiment:
             "max_seq_len.",
         )
         patterns.validate_fits(self.model, self.seq_len)
+        self.lora.check_model(self.model)
         self.optimizer.check_schedule(self.schedule_length)
         if self.init_from:
             init_from.parse(self.init_from)

@@ -22,7 +22,7 @@ from absl import logging
 from flax import nnx
 
 from llm.errors import check
-from llm.model import mup
+from llm.model import lora, mup
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
@@ -59,16 +59,10 @@ def setup_state(
     tx, schedule = make_optimizer(exp.optimizer, exp.schedule_length, mup.lr_multipliers(exp.model))
     graphdef = None
 
-    def init_state() -> TrainState:
+    def init_state(base: nnx.State | None = None) -> TrainState:
         nonlocal graphdef  # static structure, recorded while tracing
-        graphdef, model_state = nnx.split(Transformer(exp.model, rngs=nnx.Rngs(exp.seed)))
-        params, _ = nnx.split_state(model_state, nnx.Param, ...)  # what the optimizer trains
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=model_state,
-            opt_state=tx.init(params),
-            guard=guard.init_guard(exp.guard),
-        )
+        graphdef, state = fresh_state(exp, tx, base)
+        return state
 
     abstract = jax.eval_shape(init_state)
     shardings = partitioning.state_shardings(abstract, mesh, exp.mesh.rules)
@@ -81,12 +75,35 @@ def setup_state(
         )
     if state is not None and state.guard is None:  # saved before llm.training.guard: afresh
         state = state.replace(guard=jax.device_put(guard.init_guard(exp.guard), shardings.guard))
+    if state is None and exp.init_from:  # a fresh start from other weights, fresh optimizer
+        model = nnx.eval_shape(lambda: Transformer(exp.model, rngs=nnx.Rngs(exp.seed)))
+        base_shardings = partitioning.state_shardings(nnx.state(model), mesh, exp.mesh.rules)
+        abstract_base = partitioning.with_shardings(nnx.state(model), base_shardings)
+        base = init_from.load_params(exp.init_from, abstract_base)
+        state = jax.jit(init_state, out_shardings=shardings)(base)  # + adapters (llm.model.lora)
     if state is None:
         state = jax.jit(init_state, out_shardings=shardings)()
-        if exp.init_from:  # a fresh start from other weights; the optimizer state stays fresh
-            abstract_params = partitioning.with_shardings(abstract.params, shardings.params)
-            state = state.replace(params=init_from.load_params(exp.init_from, abstract_params))
     return Setup(state, shardings, graphdef, tx, schedule)
+
+
+def fresh_state(
+    exp: Experiment, tx: optax.GradientTransformation, base: nnx.State | None = None
+) -> tuple[nnx.GraphDef, TrainState]:
+    """A new model (with `base`'s weights if given) and its LoRA adapters (llm.model.lora), and
+    a fresh optimizer state for what it trains."""
+    model = Transformer(exp.model, rngs=nnx.Rngs(exp.seed))
+    if base is not None:
+        nnx.update(model, base)
+    lora.attach(model, exp.lora, exp.seed)
+    graphdef, model_state = nnx.split(model)
+    params, _ = nnx.split_state(model_state, lora.trainable(exp.lora), ...)  # what is trained
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=model_state,
+        opt_state=tx.init(params),
+        guard=guard.init_guard(exp.guard),
+    )
+    return graphdef, state
 
 
 def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
@@ -98,6 +115,8 @@ def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
         grad_accum_steps=exp.grad_accum_steps,
         z_loss=exp.z_loss,
         loss=exp.loss,
+        trainable=lora.trainable(exp.lora),
+        dropout_seed=exp.seed if exp.lora.dropout else None,
     )
     step_fn = guard.guarded(step_fn, exp.guard)
     jitted = jax.jit(step_fn, out_shardings=(setup.shardings, None), donate_argnums=0)

@@ -13,7 +13,7 @@ from flax import nnx
 from kernels.cross_entropy import api as cross_entropy_api
 from kernels.cross_entropy.reference import cross_entropy
 from llm.errors import check, check_positive
-from llm.model import moe
+from llm.model import lora, moe
 from llm.model.transformer import Transformer
 from llm.training.state import Batch, TrainState
 
@@ -67,8 +67,14 @@ def make_train_step(
     grad_accum_steps: int,
     z_loss: float,
     loss: LossConfig = LossConfig(),
+    trainable: type[nnx.Variable] = nnx.Param,
+    dropout_seed: int | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step over a batch split into `grad_accum_steps` micro-batches.
+
+    Only the `trainable` variables are differentiated and updated (LoRA: the adapters,
+    llm.model.lora.trainable); with `dropout_seed` the adapters' dropout masks come from
+    (seed, step, micro-batch).
 
     MoE models add their weighted auxiliary losses to the loss, report their routing statistics
     (llm.model.moe.aux_metrics) and take one loss-free balancing step of their expert biases.
@@ -81,10 +87,19 @@ def make_train_step(
             loss_sum += jnp.sum(batch["weights"]) * moe.weighted_aux_loss(moe_aux, model.cfg.moe)
         return loss_sum, (ce_sum, moe_aux)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        params, rest = nnx.split_state(state.params, nnx.Param, ...)
+        params, rest = nnx.split_state(state.params, trainable, ...)
+
+        def grad_fn(params, rest, batch, micro=0):
+            key = None
+            if dropout_seed is not None:
+                key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+                key = jax.random.fold_in(key, micro)
+            with lora.dropout_key(key):
+                return value_and_grad(params, rest, batch)
+
         if grad_accum_steps == 1:
             (_, (ce_sum, moe_aux)), grads = grad_fn(params, rest, batch)
         else:
@@ -95,10 +110,12 @@ def make_train_step(
 
             def accumulate(carry, micro_batch):
                 grads, ce_sum = carry
-                (_, (ce, aux)), g = grad_fn(params, rest, micro_batch)
+                micro_batch, i = micro_batch
+                (_, (ce, aux)), g = grad_fn(params, rest, micro_batch, i)
                 return (jax.tree.map(jnp.add, grads, g), ce_sum + ce), aux
 
             zeros = jax.tree.map(jnp.zeros_like, params)
+            micro = (micro, jnp.arange(grad_accum_steps))
             (grads, ce_sum), moe_aux = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), micro)
             moe_aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe_aux)
         num_tokens = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
@@ -108,7 +125,7 @@ def make_train_step(
         if moe_aux:  # auxiliary-loss-free balancing, from this batch's expert loads
             model = nnx.merge(graphdef, params, rest)
             model.update_expert_biases({i: layer["load"] for i, layer in moe_aux.items()})
-            rest = nnx.state(model, nnx.Not(nnx.Param))
+            rest = nnx.state(model, nnx.Not(trainable))
         new_state = state.replace(
             step=state.step + 1, params=nnx.merge_state(params, rest), opt_state=opt_state
         )
