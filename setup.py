@@ -31,6 +31,7 @@ EXTRAS_REQUIRE = {
         "nbformat>=5.10",
         "ipykernel>=6.29",
         "wandb>=0.17",  # the offline run of --config.tracker=wandb (tests/llm/training/test_metrics.py)
+        "peft>=0.17",  # LoRA adapters in PEFT's format, both ways (tests/llm/test_lora_peft.py)
     ],
     # --config.tracker=wandb: metrics to Weights & Biases too (WANDB_MODE=offline needs no network).
     "wandb": ["wandb>=0.17"],
