@@ -3,12 +3,12 @@ and the memory LoRA saves.
 
     python -m llm.lora merge --workdir=/tmp/lora[@STEP] --out=/tmp/merged_hf    # = llm.export
     python -m llm.lora adapters --workdir=/tmp/lora[@STEP] --out=/tmp/adapter   # PEFT format
-    python -m llm.lora memory --config=experiments/default.py                   # bytes, as below
+    python -m llm.lora memory --config=experiments/default.py                   # README table
 
 `merge` writes the model with its adapters folded into the weights (llm.hf.save merges them);
 `adapters` writes the adapters alone as PEFT's `adapter_config.json` + `adapter_model.safetensors`,
-which `peft.PeftModel.from_pretrained` loads onto the merged-free base model (`llm.export` of
-the run `init_from` named, or the HF directory itself); `load_peft` reads them back into ours.
+which `peft.PeftModel.from_pretrained` loads onto the base model (`llm.export` of the run
+`init_from` named, or that HF directory itself); `load_peft` reads them back into ours.
 Tensor names: `base_model.model.<HF module>.lora_A.weight` [r, in] and `lora_B.weight` [out, r].
 """
 

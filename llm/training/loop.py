@@ -75,14 +75,9 @@ def setup_state(
         )
     if state is not None and state.guard is None:  # saved before llm.training.guard: afresh
         state = state.replace(guard=jax.device_put(guard.init_guard(exp.guard), shardings.guard))
-    if state is None and exp.init_from:  # a fresh start from other weights, fresh optimizer
-        model = nnx.eval_shape(lambda: Transformer(exp.model, rngs=nnx.Rngs(exp.seed)))
-        base_shardings = partitioning.state_shardings(nnx.state(model), mesh, exp.mesh.rules)
-        abstract_base = partitioning.with_shardings(nnx.state(model), base_shardings)
-        base = init_from.load_params(exp.init_from, abstract_base)
-        state = jax.jit(init_state, out_shardings=shardings)(base)  # + adapters (llm.model.lora)
-    if state is None:
-        state = jax.jit(init_state, out_shardings=shardings)()
+    if state is None:  # fresh: the init_from source's weights (+ adapters), a fresh optimizer
+        base = init_from.load_model(exp.init_from, exp.model, mesh, exp.mesh.rules)
+        state = jax.jit(init_state, out_shardings=shardings)(base)
     return Setup(state, shardings, graphdef, tx, schedule)
 
 
@@ -97,13 +92,8 @@ def fresh_state(
     lora.attach(model, exp.lora, exp.seed)
     graphdef, model_state = nnx.split(model)
     params, _ = nnx.split_state(model_state, lora.trainable(exp.lora), ...)  # what is trained
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=model_state,
-        opt_state=tx.init(params),
-        guard=guard.init_guard(exp.guard),
-    )
-    return graphdef, state
+    step = jnp.zeros((), jnp.int32)
+    return graphdef, TrainState(step, model_state, tx.init(params), guard.init_guard(exp.guard))
 
 
 def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
