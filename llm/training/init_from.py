@@ -79,7 +79,7 @@ def load_model(
     `mesh` by `rules`; None without a source ("")."""
     if not spec:
         return None
-    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    abstract = jax.eval_shape(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))
     shardings = partitioning.state_shardings(abstract, mesh, rules)
     return load_params(spec, partitioning.with_shardings(abstract, shardings))
 
