@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",  # Hugging Face checkpoint format (llm/hf.py)
     "matplotlib>=3.8",  # plots in notebooks and experiments
     "scipy>=1.11",  # L-BFGS fits of scaling laws (llm/scaling.py)
+    "jinja2>=3.1",  # chat templates of Hugging Face tokenizers (data/sft.py)
 ]
 
 EXTRAS_REQUIRE = {
@@ -25,6 +26,7 @@ EXTRAS_REQUIRE = {
     # and log an offline W&B run.
     "test": [
         "pytest>=8",
+        "pytest-xdist>=3.6",  # test files on every core (pytest.ini)
         "torch==2.13.0",
         "transformers>=4.50",
         "nbclient>=0.10",
@@ -32,7 +34,10 @@ EXTRAS_REQUIRE = {
         "ipykernel>=6.29",
         "wandb>=0.17",  # the offline run of --config.tracker=wandb (tests/llm/training/test_metrics.py)
         "peft>=0.17",  # LoRA adapters in PEFT's format, both ways (tests/llm/test_lora_peft.py)
+        "lm-eval>=0.4.13",  # llm.harness: its backend, the shipped tasks, parity with lm-eval's hf
     ],
+    # lm-evaluation-harness on our models: python -m llm.evaluate --tasks=..., config.eval.harness_tasks.
+    "eval": ["lm-eval>=0.4.13"],
     # --config.tracker=wandb: metrics to Weights & Biases too (WANDB_MODE=offline needs no network).
     "wandb": ["wandb>=0.17"],
     # One NVIDIA GPU or a GPU cluster: CUDA 12 wheels of jaxlib (Pallas Triton / Mosaic GPU kernels).
@@ -48,7 +53,10 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["llm*", "kernels*", "data*", "experiments*"]),
     include_package_data=True,
-    package_data={"data": ["corpus/**/*", "tokenizer/*"]},
+    package_data={
+        "data": ["corpus/**/*", "tokenizer/*", "post_training/*"],
+        "llm": ["harness/tasks/*.yaml", "harness/tasks/*.jsonl"],
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

@@ -46,23 +46,23 @@ class PackedDataset:
     np.random.default_rng([seed, e]); a batch may straddle two epochs.
     """
 
-    arrays: dict[str, np.ndarray]  # PACKED_KEYS -> [num_rows, seq_len]
+    arrays: dict[str, np.ndarray]  # PACKED_KEYS (or data.sft's keys) -> [num_rows, seq_len]
     seed: int
 
     @property
     def num_rows(self) -> int:
-        return self.arrays["inputs"].shape[0]
+        return next(iter(self.arrays.values())).shape[0]
 
     @property
     def seq_len(self) -> int:
-        return self.arrays["inputs"].shape[1]
+        return next(iter(self.arrays.values())).shape[1]
 
     def batch(
         self, step: int, batch_size: int, *, process_index: int = 0, process_count: int = 1
     ) -> dict[str, np.ndarray]:
         """This process's slice of global batch `step`.
 
-        Returns PACKED_KEYS -> [batch_size // process_count, seq_len]; process p gets rows
+        Returns each key -> [batch_size // process_count, seq_len]; process p gets rows
         [p * B / P, (p + 1) * B / P) of the global batch.
         """
         if batch_size % process_count:
@@ -85,7 +85,7 @@ class PackedDataset:
         for epoch in np.unique(epochs):  # one or two epochs
             order = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_rows)
             rows[epochs == epoch] = order[offsets[epochs == epoch]]
-        return {key: self.arrays[key][rows] for key in PACKED_KEYS}
+        return {key: array[rows] for key, array in self.arrays.items()}
 
 
 def _pack_split(

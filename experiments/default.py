@@ -172,4 +172,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.dropout = 0.0  # dropout on the adapters' input, training steps only
     c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # of those and "experts" (MoE)
     c.lora.quantize = "none"  # QLoRA: none | int8 | nf4, storage of the frozen base weights
+
+    # Post-training (llm/training/post_training.py, README "Post-training"): fine-tune from
+    # init_from on JSONL records instead of pretraining text.
+    c.post_training = ml_collections.ConfigDict()
+    c.post_training.format = "pretrain"  # pretrain | sft (prompt/response) | preference (DPO...)
+    c.post_training.train_file = ""  # sft, preference: JSONL records trained on
+    c.post_training.eval_file = ""  # sft, preference: JSONL records evaluated on
+    c.post_training.overlong = "truncate"  # truncate | drop: a record longer than seq_len
+    c.post_training.loss = "dpo"  # preference: dpo | ipo | simpo
+    c.post_training.beta = 0.1  # preference: inverse temperature of the implicit rewards
+    c.post_training.simpo_gamma = 0.5  # simpo: target reward margin
+    # lm-evaluation-harness tasks scored every eval_every steps (llm/harness; extra: eval), in
+    # metrics.jsonl and TensorBoard as harness/TASK/METRIC. Shipped: llm/harness/tasks/*.yaml.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.harness_tasks = ""  # comma-separated lm-eval task names, e.g. "llm_lab_cloze"; "" = off
+    c.eval.harness_limit = 0  # documents per task; 0 = all
+    c.eval.harness_include_path = ""  # another directory of lm-eval task YAML
+    c.eval.harness_batch_size = 16  # rows per scoring batch (rounded up to the batch devices)
+    c.eval.harness_max_length = 0  # longest scored window in tokens; 0 = seq_len
     return c

@@ -24,6 +24,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llm.errors import ConfigError, check
+from llm.harness.config import HarnessConfig
 from llm.model.config import ModelConfig
 from llm.model.lora import LoRAConfig
 from llm.parallel.partitioning import MeshConfig
@@ -32,6 +33,7 @@ from llm.training.experiment import Experiment
 from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
 from llm.training.optimizer import OptimizerConfig
+from llm.training.post_training import PostTrainingConfig
 from llm.training.step import LossConfig
 
 # experiments/default.py, found from this file, so a command works from any directory.
@@ -212,6 +214,8 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
         ),
         loss=_build(LossConfig, c["loss"], ".loss"),
         lora=_build(LoRAConfig, c["lora"], ".lora"),
+        post_training=_build(PostTrainingConfig, c["post_training"], ".post_training"),
+        harness=_build(HarnessConfig, c["eval"], ".eval"),
         seed=c["seed"],
         steps=c["steps"],
         batch_size=c["batch_size"],

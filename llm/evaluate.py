@@ -1,9 +1,15 @@
-"""Evaluate a run's checkpoint on its validation split, as the trainer does, without training.
+"""Evaluate a model: a run's checkpoint on its validation split, as the trainer does, or any of
+our models (a run's checkpoint, a Hugging Face directory) on lm-evaluation-harness tasks.
 
-    python -m llm.evaluate --workdir=/tmp/default                 # the latest checkpoint
+    python -m llm.evaluate --workdir=/tmp/default                 # eval loss, the latest checkpoint
     python -m llm.evaluate --workdir=/tmp/default@200 --batches=32
+    python -m llm.evaluate --workdir=/tmp/default --tasks=llm_lab_cloze,llm_lab_perplexity \\
+        --limit=100 --out=results.json                            # lm-eval tasks (extra: eval)
+    python -m llm.evaluate --hf=/path/to/hf_model --tasks=hellaswag --out=results.json
 
-Prints the step's eval loss and perplexity; `--out=FILE.json` also writes them.
+Eval loss: prints the step's loss and perplexity; `--out=FILE.json` also writes them. Tasks
+(llm.harness): prints lm-eval's table; `--out` writes lm-eval's results JSON. The shipped tasks
+are llm/harness/tasks/*.yaml; `--include_path=DIR` adds a directory of task YAML.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ from flax import nnx
 
 from data import pipeline, text_corpus
 from data import tokenizer as tokenizer_lib
+from data.hf_tokenizer import HFTokenizer, load_tokenizer
 from llm import config as config_lib
+from llm import hf
 from llm.errors import check
+from llm.parallel import partitioning
 from llm.runs import load_experiment, load_run
 from llm.training import checkpoint, loop
 from llm.training.step import make_eval_step
@@ -53,15 +62,72 @@ def evaluate(run: str, batches: int | None = None) -> dict[str, float]:
     return {"step": step, **loop.evaluate(eval_step, params, eval_data, exp, put)}
 
 
+def harness_model(
+    run: str | None = None, hf_dir: str | None = None, *, max_length: int = 0, batch_size: int = 16
+):
+    """A JaxLM (llm.harness.lm) of a run's checkpoint (`DIR`, `DIR@STEP`; on its training mesh,
+    bos before each text, max_length 0: its seq_len) or a Hugging Face directory (with its
+    tokenizer and special tokens; max_length 0: the model's max_seq_len)."""
+    from llm.harness.lm import JaxLM
+
+    if run:  # as the run trained: its mesh, tokenizer and context, bos before each text
+        model, config = load_run(run)
+        exp = load_experiment(config)
+        mesh = partitioning.make_mesh(dict(exp.mesh.sizes))
+        tokenizer, bos_prefix = load_tokenizer(config.data.tokenizer), True
+        max_length = max_length or exp.seq_len
+    else:  # the default config's mesh; the model's own tokenizer and special tokens
+        exp = config_lib.resolve(config_lib.load_config(config_lib.DEFAULT_CONFIG))
+        mesh = partitioning.make_mesh(dict(exp.mesh.sizes))
+        model = hf.load(hf_dir, mesh=mesh, rules=exp.mesh.rules)
+        tokenizer, bos_prefix = HFTokenizer(hf_dir), False
+        max_length = max_length or model.cfg.max_seq_len
+    return JaxLM(
+        model,
+        tokenizer,
+        mesh=mesh,
+        rules=exp.mesh.rules,
+        max_length=max_length,
+        batch_size=batch_size,
+        bos_prefix=bos_prefix,
+    )
+
+
+def run_tasks(f) -> None:
+    """--tasks: lm-eval's results of the model on them, printed as a table and written to --out."""
+    from llm.harness import run
+    from llm.harness.config import split_tasks
+
+    tasks = split_tasks(f.tasks)
+    check(f.limit is None or f.limit > 0, f"--limit must be a positive integer, got {f.limit}.")
+    manager = run.task_manager(tasks, f.include_path or "")  # names checked before loading
+    lm = harness_model(f.workdir, f.hf, max_length=f.max_length, batch_size=f.batch_size)
+    results = run.evaluate(lm, tasks, limit=f.limit, manager=manager)
+    print(run.format_table(results))
+    if f.out:
+        from lm_eval.utils import handle_non_serializable
+
+        results.pop("samples", None)
+        text = json.dumps(results, indent=2, default=handle_non_serializable)
+        pathlib.Path(f.out).write_text(text + "\n")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    if not f.workdir:
-        print("error: pass --workdir=DIR[@STEP], a `python -m llm.train` run.", file=sys.stderr)
+    if bool(f.workdir) == bool(f.hf) or (f.hf and not f.tasks):
+        print(
+            "error: pass --workdir=DIR[@STEP] (a `python -m llm.train` run), or --hf=DIR (a "
+            "Hugging Face model directory with its tokenizer) with --tasks=..., not both.",
+            file=sys.stderr,
+        )
         sys.exit(2)
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
     try:
+        if f.tasks:
+            run_tasks(f)
+            return
         result = evaluate(f.workdir, f.batches)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
@@ -76,7 +142,17 @@ def main(argv: list[str]) -> None:
 
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Training run directory; DIR@STEP for a step.")
+    flags.DEFINE_string("hf", None, "A Hugging Face model directory (with --tasks).")
     flags.DEFINE_integer("batches", None, "Validation batches (default: the run's eval_batches).")
+    flags.DEFINE_string(
+        "tasks", None, "Comma-separated lm-eval tasks (llm/harness/tasks, or lm-eval's by name)."
+    )
+    flags.DEFINE_string("include_path", None, "Another directory of lm-eval task YAML.")
+    flags.DEFINE_integer("limit", None, "Documents per task (default: all).")
+    flags.DEFINE_integer(
+        "max_length", 0, "Longest scored window; 0: seq_len (runs), max_seq_len (HF)."
+    )
+    flags.DEFINE_integer("batch_size", 16, "Rows per scoring batch.")
     flags.DEFINE_string("out", None, "Also write the result to this JSON file.")
 
 

@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import ml_collections
 from absl import app, flags, logging
 
-from data import pipeline, text_corpus
+from data import pipeline, sft, text_corpus
 from data import tokenizer as tokenizer_lib
 from llm import config as config_lib
 from llm.errors import ConfigError
@@ -34,6 +34,7 @@ USER_ERRORS = (
     tokenizer_lib.TokenizerNotFoundError,
     tokenizer_lib.TokenizerLoadError,
     pipeline.DataError,
+    sft.RecordError,
     checkpoint.CheckpointMismatchError,
     checkpoint.CheckpointNotFoundError,
     checkpoint.CheckpointCorruptError,

@@ -8,23 +8,26 @@ ones; `Experiment` checks them and the rules that span parts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 
 import jax
 
 from llm.errors import check, check_positive, is_int
+from llm.harness.config import HarnessConfig
 from llm.model import patterns
 from llm.model.config import ModelConfig
 from llm.model.lora import LoRAConfig
 from llm.parallel import context, partitioning
 from llm.parallel.partitioning import MeshConfig
 from llm.science import flops
-from llm.training import init_from, inputs
+from llm.training import init_from, inputs, post_training
 from llm.training.checkpoint import CheckpointConfig
 from llm.training.guard import GuardConfig
 from llm.training.inputs import DataConfig
 from llm.training.optimizer import OptimizerConfig
+from llm.training.post_training import PostTrainingConfig
 from llm.training.step import LossConfig
 from llm.training.workdir import RESUME_POLICIES
 
@@ -45,6 +48,8 @@ class Experiment:
     guard: GuardConfig
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)  # llm.model.lora
+    post_training: PostTrainingConfig = dataclasses.field(default_factory=PostTrainingConfig)
+    harness: HarnessConfig = dataclasses.field(default_factory=HarnessConfig)  # config.eval
     seed: int = 0
     steps: int = 300
     batch_size: int = 16  # global batch, in sequences
@@ -88,9 +93,15 @@ class Experiment:
         )
         patterns.validate_fits(self.model, self.seq_len)
         self.lora.check_model(self.model)
+        check(
+            not (self.lora.rank and self.post_training.format == "preference"),
+            "config.lora with post_training.format=preference: DPO's step does not train "
+            "adapters yet (llm.training.dpo); set lora.rank=0 or use format=sft.",
+        )
         self.optimizer.check_schedule(self.schedule_length)
         if self.init_from:
             init_from.parse(self.init_from)
+        self.post_training.check_run(self.init_from, self.log_activation_rms)
         check(
             is_int(self.seed) and self.seed >= 0,
             f"config.seed must be an integer >= 0, got {self.seed!r}.",
@@ -157,7 +168,10 @@ class Experiment:
 
     def load_data(self):
         """The tokenizer and the packed train and eval splits of this experiment."""
-        return inputs.load_data(
+        load = inputs.load_data
+        if self.post_training.format != "pretrain":  # JSONL records (llm.training.post_training)
+            load = functools.partial(post_training.load_data, self.post_training)
+        return load(
             self.data,
             vocab_size=self.model.vocab_size,
             seq_len=self.seq_len,

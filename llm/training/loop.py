@@ -22,12 +22,13 @@ from absl import logging
 from flax import nnx
 
 from llm.errors import check
+from llm.harness.run import trainer_evaluator
 from llm.model import lora, mup
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
 from llm.science import coordinates, flops
-from llm.training import checkpoint, debug, guard, init_from
+from llm.training import checkpoint, debug, dpo, guard, init_from
 from llm.training import workdir as workdir_lib
 from llm.training.console import Console
 from llm.training.experiment import Experiment
@@ -108,6 +109,8 @@ def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
         trainable=lora.trainable(exp.lora),
         dropout_seed=exp.seed if exp.lora.dropout else None,
     )
+    if exp.post_training.format == "preference":  # DPO, IPO, SimPO
+        step_fn = dpo.make_train_step(setup.graphdef, setup.tx, setup.schedule, exp)
     step_fn = guard.guarded(step_fn, exp.guard)
     jitted = jax.jit(step_fn, out_shardings=(setup.shardings, None), donate_argnums=0)
     return jitted.lower(setup.state, batch).compile()
@@ -270,10 +273,15 @@ def _run_locked(
                 process_count=jax.process_count(),
             )
 
+        eval_step, evaluate_fn = jax.jit(make_eval_step(setup.graphdef, exp.loss)), evaluate
+        if exp.post_training.format == "preference":  # batches carry the frozen reference
+            put, eval_step, evaluate_fn = dpo.loop_parts(exp, setup, put)
+        harness = trainer_evaluator(
+            exp.harness, setup.graphdef, tokenizer, mesh, exp.mesh.rules, exp.seq_len
+        )  # lm-eval tasks (config.eval); unknown names are refused before compiling
         debug.pause("compile")
         t = time.perf_counter()
         train_step = compile_train_step(exp, setup, put(local_batch(start)))
-        eval_step = jax.jit(make_eval_step(setup.graphdef, exp.loss))
         rms_step = jax.jit(functools.partial(coordinates.batch_rms, setup.graphdef))
         flops_per_token = flops.train_flops_per_token(exp.model, exp.seq_len)
         _print_banner(exp, flops_per_token, mesh, time.perf_counter() - t, state, train_step)
@@ -310,7 +318,8 @@ def _run_locked(
                     rms = jax.device_get(rms_step(state.params, batch))
                     metrics.update({f"rms/{k}": float(v) for k, v in rms.items()})
                 if evaluate_now:
-                    metrics.update(evaluate(eval_step, state.params, eval_data, exp, put))
+                    metrics.update(evaluate_fn(eval_step, state.params, eval_data, exp, put))
+                    metrics.update(harness(state.params))
                 if writer:
                     writer.write(done, metrics)
                 console.log(done, metrics)

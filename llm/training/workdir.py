@@ -33,9 +33,9 @@ from llm.errors import ConfigError
 from llm.model.config import shape_differences
 
 # Dotted config fields (or sections, ending in ".") a resume may change: how often to log,
-# evaluate and save, where metrics go, how long to run, how the state is laid out over devices
-# (restores reshard), what the backward pass recomputes and which kernels compute the same
-# attention and loss. Anything else changes what is trained.
+# evaluate and save, on which lm-eval tasks, where metrics go, how long to run, how the state is
+# laid out over devices (restores reshard), what the backward pass recomputes and which kernels
+# compute the same attention and loss. Anything else changes what is trained.
 SAFE_TO_CHANGE = (
     "steps",
     "log_every",
@@ -57,6 +57,7 @@ SAFE_TO_CHANGE = (
     "loss.",
     "tracker",
     "data.data_dir",
+    "eval.",
 )
 RESUME_POLICIES = ("strict", "allow_changes")
 

@@ -40,7 +40,13 @@ CASES = [
 SHAPES = [(12, 12), (5, 12), (1, 12), (9, 10)]
 
 
-@pytest.mark.parametrize("mask,fn", CASES, ids=lambda x: repr(x)[:60])
+def _case_id(value) -> str:
+    """A test id that is the same in every process (pytest-xdist): a mask's repr, a function's
+    name (a lambda's repr holds its address)."""
+    return value.__name__ if callable(value) and not hasattr(value, "dense") else repr(value)[:60]
+
+
+@pytest.mark.parametrize("mask,fn", CASES, ids=_case_id)
 @pytest.mark.parametrize("q_seq,kv_seq", SHAPES)
 def test_dense_matches_hand_built(mask, fn, q_seq, kv_seq):
     np.testing.assert_array_equal(mask.dense(q_seq, kv_seq), _brute(q_seq, kv_seq, fn))
@@ -55,7 +61,7 @@ def test_decode_alignment_last_query_sees_last_key():
 
 
 @pytest.mark.parametrize(
-    "mask,fn", [c for c in CASES if not c[0].has_block_sparse], ids=lambda x: repr(x)[:60]
+    "mask,fn", [c for c in CASES if not c[0].has_block_sparse], ids=_case_id
 )
 @pytest.mark.parametrize("q_seq,kv_seq", SHAPES)
 def test_predicate_on_jnp_grid_equals_dense(mask, fn, q_seq, kv_seq):
@@ -90,7 +96,7 @@ def test_kernel_block_error():
 MASKS_FOR_INFO = [None] + [c[0] for c in CASES]
 
 
-@pytest.mark.parametrize("mask", MASKS_FOR_INFO, ids=lambda x: repr(x)[:60])
+@pytest.mark.parametrize("mask", MASKS_FOR_INFO, ids=_case_id)
 @pytest.mark.parametrize(
     "q_seq,kv_seq,bq,bk",
     [(12, 12, 4, 4), (12, 12, 2, 4), (5, 12, 2, 4), (9, 10, 4, 3), (12, 12, 4, 2)],

@@ -51,3 +51,22 @@ def test_the_command_prints_and_writes_the_result(tiny_run, tmp_path):
         check=False,
     )
     assert bad.returncode == 2 and "no checkpoint of step 4" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_the_command_runs_lm_eval_tasks(tiny_run, tmp_path):
+    out = tmp_path / "results.json"
+    command = [sys.executable, "-m", "llm.evaluate", f"--workdir={tiny_run}", "--limit=3"]
+    done = subprocess.run(
+        [*command, "--tasks=llm_lab_cloze,llm_lab_passkey_128", f"--out={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert 0 <= results["results"]["llm_lab_cloze"]["acc,none"] <= 1
+    assert results["results"]["llm_lab_passkey_128"]["exact_match,first_number"] == 0  # untrained
+    assert results["n-samples"]["llm_lab_cloze"]["effective"] == 3
+    assert "|llm_lab_cloze" in done.stdout and "acc_norm" in done.stdout
