@@ -35,9 +35,12 @@ EXTRAS_REQUIRE = {
         "wandb>=0.17",  # the offline run of --config.tracker=wandb (tests/llm/training/test_metrics.py)
         "peft>=0.17",  # LoRA adapters in PEFT's format, both ways (tests/llm/test_lora_peft.py)
         "lm-eval>=0.4.13",  # llm.harness: its backend, the shipped tasks, parity with lm-eval's hf
+        "aiohttp>=3.9",  # the llm.serve endpoint tests (tests/llm/test_serve.py)
     ],
     # lm-evaluation-harness on our models: python -m llm.evaluate --tasks=..., config.eval.harness_tasks.
     "eval": ["lm-eval>=0.4.13"],
+    # python -m llm.serve: the OpenAI-compatible endpoint (async HTTP server and the load test).
+    "serve": ["aiohttp>=3.9"],
     # --config.tracker=wandb: metrics to Weights & Biases too (WANDB_MODE=offline needs no network).
     "wandb": ["wandb>=0.17"],
     # One NVIDIA GPU or a GPU cluster: CUDA 12 wheels of jaxlib (Pallas Triton / Mosaic GPU kernels).

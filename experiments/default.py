@@ -172,6 +172,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.dropout = 0.0  # dropout on the adapters' input, training steps only
     c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # of those and "experts" (MoE)
     c.lora.quantize = "none"  # QLoRA: none | int8 | nf4, storage of the frozen base weights
+    # Quantization (llm.model.quant, README): fake-quantized matmuls in training (QAT);
+    # llm.quantize stores trained weights quantized (PTQ). Simulated in float32 on CPU.
+    c.quant = ml_collections.ConfigDict()
+    c.quant.mode = "none"  # none | int8 (weights+activations) | fp8 (e4m3/e5m2) | int4_weights
+    c.quant.targets = "attention,mlp,experts"  # comma-separated: attention, mlp, experts, head
+    c.quant.group_size = 128  # int4: weights per scale along the input width (divides it)
+    c.quant.weights = ""  # "" | int8 | int4: weights stored quantized (set by llm.quantize)
 
     # Post-training (llm/training/post_training.py, README "Post-training"): fine-tune from
     # init_from on JSONL records instead of pretraining text.

@@ -179,7 +179,8 @@ def _build(cls: type, fields: dict[str, Any], section: str):
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The typed model config of an experiment config (checked; derived values filled)."""
-    return _build(ModelConfig, config.model.to_dict(), ".model")
+    quant = config.quant.to_dict() if "quant" in config else {}  # runs from before config.quant
+    return _build(ModelConfig, {**config.model.to_dict(), "quant": quant}, ".model")
 
 
 def _warmup_follows(optimizer: dict, steps: Any) -> dict:

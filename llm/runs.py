@@ -1,16 +1,20 @@
-"""A training run's files, for the commands that read one (sample, export, evaluate): its config
-and its model at a checkpoint. A run is named `DIR` (its latest checkpoint) or `DIR@STEP`."""
+"""A training run's files, for the commands that read one (sample, export, evaluate, serve): its
+config and its model at a checkpoint. A run is named `DIR` (its latest checkpoint) or `DIR@STEP`."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 from flax import nnx
 
+from data.hf_tokenizer import HFTokenizer, load_tokenizer
 from llm import config as config_lib
-from llm.model import lora
+from llm import hf
+from llm.model import lora, quant
 from llm.model.transformer import Transformer
 from llm.training import checkpoint, workdir
 from llm.training.experiment import Experiment
@@ -39,11 +43,24 @@ def load_run(run: str) -> tuple[Transformer, ml_collections.ConfigDict]:
     config = ml_collections.ConfigDict(json.loads(path.read_text()))
     exp = load_experiment(config)
 
-    def build() -> Transformer:  # the run's structure, LoRA adapters included (llm.model.lora)
-        model = Transformer(exp.model, rngs=nnx.Rngs(0))
+    def build() -> Transformer:  # the run's structure: llm.quantize's quantized weights
+        # (config.quant.weights) and LoRA adapters (llm.model.lora) included
+        model = quant.quantize_model(Transformer(exp.model, rngs=nnx.Rngs(0)), exp.model.quant)
         lora.attach(model, exp.lora, 0)
         return model
 
     model = nnx.eval_shape(build)
     nnx.update(model, checkpoint.restore_params(workdir, nnx.state(model), step))  # + MoE biases
     return model, config
+
+
+def load_model(run: str | None, hf_dir: str | None) -> tuple[Transformer, Any, Callable]:
+    """(model, tokenizer, encode) of a run (`DIR[@STEP]`) or a Hugging Face directory; encode(text)
+    gives prompt ids as the model saw its inputs: bos + text for a run, the tokenizer's own
+    special tokens for a released model."""
+    if hf_dir:
+        tokenizer = HFTokenizer(hf_dir)
+        return hf.load(hf_dir), tokenizer, tokenizer.encode_prompt
+    model, config = load_run(run)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    return model, tokenizer, lambda text: [tokenizer.bos_id] + tokenizer.encode(text)

@@ -3,6 +3,7 @@
     python -m llm.sample --workdir=/tmp/default --prompt="The list type"
     python -m llm.sample --workdir=/tmp/default@200 --prompt="The list type"  # step 200
     python -m llm.sample --hf=/path/to/hf_model --prompt="The list type"  # with its tokenizer
+    python -m llm.sample --workdir=/tmp/default --kv_cache=int8  # int8 keys and values
 
 Decoding itself is llm.model.decode.generate.
 """
@@ -58,6 +59,7 @@ def main(argv: list[str]) -> None:
             greedy=FLAGS.greedy,
             eos_id=tokenizer.eos_id,
             vocab_limit=tokenizer.vocab_size,
+            kv_int8=FLAGS.kv_cache == "int8",
         )
     except (FileNotFoundError, ValueError) as e:  # user errors: one message, no traceback
         print(f"error: {e}", file=sys.stderr)
@@ -84,4 +86,10 @@ if __name__ == "__main__":
     flags.DEFINE_float("top_p", 0.95, "Nucleus: smallest set with this much mass; 1 = all.")
     flags.DEFINE_bool("greedy", False, "Take the most likely token (ignores the above).")
     flags.DEFINE_integer("seed", 0, "Random seed of the sampling.")
+    flags.DEFINE_enum(
+        "kv_cache",
+        "float",
+        ["float", "int8"],
+        "KV cache: the compute dtype, or int8 (per token and head).",
+    )
     app.run(main, flags_parser=config_lib.parse_flags)

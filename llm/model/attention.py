@@ -13,7 +13,7 @@ from flax import nnx
 
 from kernels.attention.masks import Mask
 from kernels.attention.reference import attention_reference
-from llm.model import mup, patterns
+from llm.model import mup, patterns, quant
 from llm.model.config import ModelConfig, RopeScaling
 from llm.model.layers import apply_rope, linear, norm, param
 from llm.parallel import context
@@ -93,7 +93,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, segment_ids, cache: dict[str, jax.Array] | None):
         """x: [B, L, D] -> ([B, L, D], updated cache or None)."""
-        cfg = self.cfg
+        cfg, dt = self.cfg, self.cfg.dtype
         q, k, v = self.project(x, positions)
         if cache is None:  # training / full forward: the fused attention boundary
             out = context.attention(
@@ -107,15 +107,14 @@ class Attention(nnx.Module):
             )
         else:  # decoding: write k, v at cache["index"], attend over the whole cache
             index = cache["index"]
-            k_all = jax.lax.dynamic_update_slice_in_dim(
-                cache["k"], k.astype(cache["k"].dtype), index, axis=1
-            )
-            v_all = jax.lax.dynamic_update_slice_in_dim(
-                cache["v"], v.astype(cache["v"].dtype), index, axis=1
+            k_all, v_all = (
+                quant.write_kv(cache["k"], k, index),
+                quant.write_kv(cache["v"], v, index),
             )
             q_positions = index + jnp.arange(q.shape[1])
-            kv_positions = jnp.arange(k_all.shape[1])
-            out = cached_attention(q, k_all, v_all, q_positions, kv_positions, self.mask)
+            k_read, v_read = quant.read_kv(k_all, dt), quant.read_kv(v_all, dt)  # int8 or not
+            kv_positions = jnp.arange(k_read.shape[1])
+            out = cached_attention(q, k_read, v_read, q_positions, kv_positions, self.mask)
             cache = {"k": k_all, "v": v_all, "index": index}
         out = linear(self, "wo", out, in_dims=2)  # [B, L, D]
         return out, cache

@@ -16,6 +16,7 @@ import jax
 from kernels.attention import IMPLEMENTATIONS
 from llm.errors import check, check_positive, is_int
 from llm.model import patterns
+from llm.model.quant import QuantConfig, check_widths
 
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")  # llm.model.layers.rope_frequencies
@@ -187,6 +188,7 @@ class ModelConfig:
     remat: str = "none"  # a key of REMAT_POLICIES
     attention_impl: str | None = None  # None = kernels.attention picks for the backend
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)  # config.quant (llm.config)
     attention_pattern: str = "dense"  # per-layer schedule of llm.model.patterns
     attention_window: int = 128  # W of "sliding", "local_global", "dilated", "nsa"
     attention_global: int = 16  # G global tokens of "local_global"
@@ -204,7 +206,11 @@ class ModelConfig:
     layer_patterns: tuple[str, ...] = dataclasses.field(init=False, default=())
 
     def __post_init__(self):
-        for name, cls in (("moe", MoEConfig), ("rope_scaling", RopeScaling)):
+        for name, cls in (
+            ("moe", MoEConfig),
+            ("rope_scaling", RopeScaling),
+            ("quant", QuantConfig),
+        ):
             value = getattr(self, name)
             if isinstance(value, dict):  # from a config file's nested section
                 known = {f.name for f in dataclasses.fields(cls)}
@@ -223,6 +229,7 @@ class ModelConfig:
         object.__setattr__(
             self, "layer_patterns", patterns.repeat_over_layers(schedule, self.num_layers)
         )
+        check_widths(self.quant, self)
 
     def _validate(self) -> tuple[str, ...]:
         """Checks every field; returns the parsed attention schedule."""

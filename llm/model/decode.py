@@ -17,14 +17,22 @@ from flax import nnx
 from llm.model.transformer import Transformer, init_cache
 
 
-def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-    """Keeps the k largest logits of each row (and ties with the k-th); -inf elsewhere. [B, V]."""
-    kth = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
+def top_k_filter(logits: jax.Array, k: int | jax.Array) -> jax.Array:
+    """Keeps the k largest logits of each row (and ties with the k-th); -inf elsewhere. [B, V].
+
+    k: one int, or int32[B] per row (0 keeps the whole row)."""
+    if isinstance(k, int):
+        kth = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
+    else:
+        descending = -jnp.sort(-logits, axis=-1)  # [B, V]
+        index = jnp.clip(k, 1, logits.shape[-1])[:, None] - 1  # [B, 1]
+        kth = jnp.where(k[:, None] > 0, jnp.take_along_axis(descending, index, axis=-1), -jnp.inf)
     return jnp.where(logits >= kth, logits, -jnp.inf)
 
 
-def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
-    """Keeps the smallest set of most likely tokens whose probability is >= p; -inf elsewhere."""
+def top_p_filter(logits: jax.Array, p: float | jax.Array) -> jax.Array:
+    """Keeps the smallest set of most likely tokens whose probability is >= p (one float, or
+    float32[B, 1] per row); -inf elsewhere."""
     order = jnp.argsort(-logits, axis=-1)  # [B, V], most likely first
     probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # of the tokens more likely than each
@@ -63,6 +71,7 @@ def sample_token(
         "greedy",
         "eos_id",
         "vocab_limit",
+        "kv_int8",
     ),
 )
 def _generate(
@@ -78,10 +87,11 @@ def _generate(
     greedy,
     eos_id,
     vocab_limit,
+    kv_int8,
 ):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt.shape
-    cache = init_cache(model.cfg, batch, prompt_len + max_new_tokens)
+    cache = init_cache(model.cfg, batch, prompt_len + max_new_tokens, int8=kv_int8)
     logits, cache = model(prompt, cache=cache)  # prefill: [B, P, V]
 
     def step(carry, key):
@@ -132,11 +142,13 @@ def generate(
     greedy: bool = False,
     eos_id: int | None = None,
     vocab_limit: int | None = None,
+    kv_int8: bool = False,
 ) -> jax.Array:
     """Continues int32[B, P] prompts (all P long) -> int32[B, P + max_new_tokens].
 
     Once a row has produced `eos_id`, it keeps emitting `eos_id`. With `vocab_limit` (the
     tokenizer's vocabulary size when the model's is padded) only ids below it are generated.
+    `kv_int8`: the KV cache holds int8 keys and values with a scale per token and head.
     """
     total = prompt_tokens.shape[1] + max_new_tokens
     if total > model.cfg.max_seq_len:
@@ -158,4 +170,5 @@ def generate(
         greedy=greedy,
         eos_id=eos_id,
         vocab_limit=vocab_limit,
+        kv_int8=kv_int8,
     )

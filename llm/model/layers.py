@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm.model import lora
+from llm.model import lora, quant
 from llm.model.config import ModelConfig, RopeScaling
 from llm.parallel.partitioning import shard
 
@@ -76,7 +76,10 @@ def linear(module: nnx.Module, name: str, x: jax.Array, in_dims: int = 1) -> jax
     """x @ module.<name> in the module's compute dtype (dequantized under QLoRA), plus its LoRA
     adapter's update where it has one (llm.model.lora): x @ W + s * dropout(x) @ A @ B."""
     dt = module.cfg.dtype
-    y = dense(x, lora.weight(module, name, dt), in_dims)
+    if isinstance(getattr(module, name), lora.Quantized):  # QLoRA's base
+        y = dense(x, lora.weight(module, name, dt), in_dims)
+    else:  # config.quant's matmul (llm.model.quant; plain when off)
+        y = quant.dense(module, name, x, in_dims)
     adapter = lora.adapter(module, name)
     if adapter is None:
         return y

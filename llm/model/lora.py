@@ -227,6 +227,11 @@ def adapter(module: nnx.Module, name: str) -> Adapter | None:
     return getattr(module, f"{name}_lora", None)
 
 
+def is_adapted(module: nnx.Module, name: str) -> bool:
+    """module.<name> has an adapter or is held quantized by QLoRA."""
+    return adapter(module, name) is not None or isinstance(getattr(module, name), Quantized)
+
+
 def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
     """module.<name> in `dtype`, dequantized if QLoRA holds it quantized (no adapter added)."""
     w = getattr(module, name)

@@ -35,12 +35,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm.model import lora
+from llm.model import lora, quant
 from llm.model.config import ModelConfig, MoEConfig
 from llm.model.layers import MLP, dense, param
 from llm.parallel import partitioning
 from llm.parallel.partitioning import shard
 
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 Weights = tuple[
     jax.Array, jax.Array, jax.Array
 ]  # w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D]
@@ -226,10 +227,17 @@ class MoE(nnx.Module):
         self.shared_gate = nnx.data(gate)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        dt = self.cfg.dtype  # adapters merged in (llm.model.lora)
-        weights = tuple(lora.merged_weight(self, w, dt) for w in ("w_gate", "w_up", "w_down"))
+        # config.quant: expert weights dequantized / fake-quantized; their (and the router's) input
+        # config.lora: adapters merged in, QLoRA's base dequantized (llm.model.lora)
+        dt = self.cfg.dtype
+        weights = tuple(
+            lora.merged_weight(self, n, dt) if lora.is_adapted(self, n)
+            else quant.trained_weight(self, n, dt)
+            for n in EXPERT_WEIGHTS
+        )  # fmt: skip
+        xq = quant.activation(self, "experts", x)
         bias = self.expert_bias[...]
-        y, aux = moe_ffn(x, self.router[...], bias, weights, self.cfg.moe, self.cfg.dtype)
+        y, aux = moe_ffn(xq, self.router[...], bias, weights, self.cfg.moe, self.cfg.dtype)
         y = shard(y, ("batch", "seq", "embed"))
         if self.shared is not None:
             shared = self.shared(x)

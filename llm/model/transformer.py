@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm.model import mup
+from llm.model import mup, quant
 from llm.model.attention import Attention
 from llm.model.config import REMAT_POLICIES, ModelConfig
 from llm.model.layers import MLP, dense, norm, param, rms
@@ -123,6 +123,7 @@ class Transformer(nnx.Module):
         record_rms: the auxiliary values include each block's output sizes (`Block`).
         """
         x, cache, aux = self.hidden_states(tokens, positions, segment_ids, cache, record_rms)
+        x = quant.activation(self, "head", x)  # config.quant: the head's input
         logits = dense(x, self.unembedding()).astype(jnp.float32)  # [B, L, V]
         if self.cfg.final_logit_softcap is not None:  # Gemma
             cap = self.cfg.final_logit_softcap
@@ -153,7 +154,7 @@ class Transformer(nnx.Module):
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """tokens: int32[B, L] -> the embeddings x: [B, L, D] in the compute dtype."""
         cfg = self.cfg
-        x = self.embed[...].astype(cfg.dtype)[tokens]  # [B, L, D]
+        x = quant.weight(self, "embed", cfg.dtype)[tokens]  # [B, L, D]
         if cfg.embed_scale:  # Gemma: sqrt(D), rounded to the compute dtype as transformers does
             x = x * jnp.asarray(cfg.embed_dim**0.5, cfg.dtype)
         return shard(x, ("batch", "seq", "embed"))
@@ -162,7 +163,11 @@ class Transformer(nnx.Module):
         """The output projection [D, V] in the compute dtype (the embedding transposed if tied),
         times muP's logit multiplier (llm.model.mup), so fused losses see it too."""
         cfg = self.cfg
-        unembed = (self.embed[...].T if cfg.tie_embeddings else self.unembed[...]).astype(cfg.dtype)
+        name = "embed" if cfg.tie_embeddings else "unembed"
+        unembed = quant.trained_weight(
+            self, name, cfg.dtype
+        )  # config.quant: dequantized, fake-quantized
+        unembed = unembed.T if cfg.tie_embeddings else unembed
         if (factor := mup.logit_multiplier(cfg)) != 1.0:
             unembed = unembed * jnp.asarray(factor, cfg.dtype)
         return unembed
@@ -198,12 +203,17 @@ class Transformer(nnx.Module):
             new_k, new_v, aux = [], [], {}
             for i, block in enumerate(self.blocks):
                 graphdef, state = nnx.split(block)
-                kv = (None, None) if cache is None else (cache["k"][i], cache["v"][i])
+                kv = (None, None)
+                if cache is not None:  # arrays, or an int8 cache's dicts (llm.model.quant)
+                    kv = jax.tree.map(lambda a, i=i: a[i], (cache["k"], cache["v"]))
                 x, new, aux[i] = block_fn(graphdef, state, x, layer_cache(*kv))
                 if new is not None:
                     new_k.append(new["k"])
                     new_v.append(new["v"])
-            new_k, new_v = (jnp.stack(new_k), jnp.stack(new_v)) if new_k else (None, None)
+            stack = lambda arrays: jax.tree.map(
+                lambda *a: jnp.stack(a), *arrays
+            )  # int8 caches: dicts
+            new_k, new_v = (stack(new_k), stack(new_v)) if new_k else (None, None)
         aux = {i: values for i, values in aux.items() if values}
         if cache is None:
             return x, None, aux
@@ -215,8 +225,11 @@ class Transformer(nnx.Module):
             self.blocks[i].mlp.update_bias(load)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
-    """An empty KV cache: k, v: [layers, B, max_len, K, Dh] in the compute dtype; index: int32[]."""
+def init_cache(
+    cfg: ModelConfig, batch: int, max_len: int, int8: bool = False
+) -> dict[str, jax.Array]:
+    """An empty KV cache: k, v: [layers, B, max_len, K, Dh] in the compute dtype, or int8 with a
+    scale per token and head (llm.model.quant.init_kv); index: int32[]."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    zeros = jnp.zeros(shape, cfg.dtype)
-    return {"k": zeros, "v": zeros, "index": jnp.array(0, jnp.int32)}
+    k, v = (quant.init_kv(shape, cfg.dtype, int8) for _ in "kv")
+    return {"k": k, "v": v, "index": jnp.array(0, jnp.int32)}

@@ -196,6 +196,11 @@ def run(exp: Experiment, workdir: str, preemption: PreemptionWatcher) -> dict[st
     Holds the workdir's lock throughout. Raises `Preempted` once a signalled run has saved and
     committed.
     """
+    check(
+        not exp.model.quant.weights,
+        f"config.quant.weights={exp.model.quant.weights!r}: a run quantized by llm.quantize "
+        "evaluates and samples but does not train; train the float run, or set quant.weights=''.",
+    )
     mesh = partitioning.make_mesh(dict(exp.mesh.sizes))
     exp.check_fits(mesh)  # before the workdir is touched
     path = workdir_lib.create(workdir)

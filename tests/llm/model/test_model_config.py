@@ -15,6 +15,7 @@ from llm.model.config import (
     shape_differences,
     shape_fields,
 )
+from llm.model.quant import QuantConfig
 from llm.model.transformer import Transformer
 
 BASE = ModelConfig(  # mup_base_width: unused under sp, needed by the variant parametrization="mup"
@@ -34,6 +35,7 @@ VARIANTS = {
     "rope_local_theta": 50.0, "embed_scale": True, "norm_plus_one": True, "post_norms": True,
     "mlp_activation": "gelu_tanh", "query_pre_attn_scalar": 24.0, "final_logit_softcap": 30.0,
     "parametrization": "mup", "mup_base_width": 16, "mup_base_head_dim": 4, "mup_readout": "zero",
+    "quant": QuantConfig(mode="int8"),  # QAT: same parameters (PTQ's come from llm.quantize)
 }  # fmt: skip
 MOE_VARIANTS = {
     "num_experts": 8, "top_k": 1, "expert_mlp_dim": 32, "every": 2, "first_dense_layers": 1,

@@ -1,0 +1,415 @@
+"""Continuous batching: requests join and leave a fixed set of decode slots between steps.
+
+    engine = Engine(model, EngineConfig(slots=8), tokenizer=tokenizer, eos_id=tokenizer.eos_id)
+    completions = engine.generate([Request(prompt=ids, max_tokens=32, stop=("\\n\\n",)), ...])
+
+Each step admits queued requests into free slots, writes one chunk of one waiting prompt into its
+slot (chunked prefill), then decodes one token for every generating slot; a request leaves its
+slot when it meets its stop sequence, the end-of-sequence token, its max_tokens, or is cancelled,
+and the next queued request takes the slot at the following step. The device work is
+llm.model.slot_decode (two compiled shapes); this module is the host-side bookkeeping.
+`generate` drives the steps itself; a server runs `serve_forever` in a thread and talks to it
+through `submit` / `cancel` (thread-safe), receiving each request's `Delta`s on its callback.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from llm.errors import check, is_int
+from llm.model import slot_decode
+from llm.model.decode import check_sampling
+from llm.model.transformer import Transformer
+
+TRUNCATE = ("refuse", "left")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """The engine's fixed sizes (flags of llm.serve and llm.engine_benchmark)."""
+
+    slots: int = 8  # requests decoded together
+    max_len: int | None = None  # tokens per slot (prompt + output); None: model.max_seq_len
+    prefill_chunk: int = 32  # prompt tokens written per prefill call
+    max_queue: int = 64  # requests waiting for a slot; more are refused (QueueFull)
+    truncate: str = "refuse"  # a prompt too long for max_len - max_tokens: "refuse" or "left"
+
+    def __post_init__(self):
+        for name in ("slots", "prefill_chunk", "max_queue"):
+            value = getattr(self, name)
+            check(is_int(value) and value > 0, f"--{name} must be a positive integer, got {value}.")
+        check(
+            self.max_len is None or (is_int(self.max_len) and self.max_len > 1),
+            f"--max_len must be an integer > 1 (or unset: the model's max_seq_len), got "
+            f"{self.max_len}.",
+        )
+        check(
+            self.truncate in TRUNCATE,
+            f"--truncate must be one of {TRUNCATE} (what to do with a prompt longer than the "
+            f"context allows), got {self.truncate!r}.",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One completion: prompt token ids and how to continue them. temperature 0 = greedy."""
+
+    prompt: Sequence[int]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    stop: Sequence[str] = ()  # text that ends the completion (excluded); needs a tokenizer
+    seed: int = 0
+    on_delta: Callable[[Delta], None] | None = None  # called on the engine's thread
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """What a request produced since its last delta; the last one has a finish_reason:
+    "stop" (stop sequence or end-of-sequence token), "length", "cancelled" or "error"."""
+
+    text: str
+    tokens: tuple[int, ...]
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+    """A finished request: the generated ids (the end-of-sequence token excluded) and text."""
+
+    tokens: list[int]
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    truncated: int  # prompt tokens dropped from the left (truncate="left")
+
+
+class QueueFull(RuntimeError):
+    """More requests wait than EngineConfig.max_queue allows."""
+
+
+@dataclasses.dataclass
+class _Job:
+    """A request the engine holds, queued or in a slot."""
+
+    id: int
+    request: Request
+    prompt: list[int]  # after truncation
+    truncated: int
+    filled: int = 0  # prompt tokens in the cache
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""  # of the generated tokens, cut at a stop sequence
+    sent: int = 0  # characters of text already delivered
+    sent_tokens: int = 0  # tokens already delivered
+
+
+class Engine:
+    """Fixed decode slots over one preallocated KV cache (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        config: EngineConfig = EngineConfig(),
+        *,
+        tokenizer: Any = None,  # decode(ids) -> str; needed for text and stop sequences
+        eos_id: int | None = None,
+        vocab_limit: int | None = None,  # the tokenizer's vocabulary when the model's is padded
+    ):
+        self.config, self.tokenizer, self.eos_id, self.vocab_limit = (
+            config,
+            tokenizer,
+            eos_id,
+            vocab_limit,
+        )
+        self.max_len = config.max_len or model.cfg.max_seq_len
+        chunk = config.prefill_chunk
+        length = -(-self.max_len // chunk) * chunk  # a last chunk never writes past the cache
+        # The lengths calls attend over: the chunk doubled up to the whole cache.
+        self._lengths = sorted({min(chunk * 2**i, length) for i in range(length.bit_length())})
+        self._graphdef, self._state = nnx.split(model)
+        self._new_cache = lambda: slot_decode.init_slots(model.cfg, config.slots, length)
+        self._cache = self._new_cache()
+        self._slots: list[_Job | None] = [None] * config.slots
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._cancelled: set[int] = set()
+        self._ids = itertools.count()
+        self._cv = threading.Condition()
+        self.finished: collections.Counter[str] = collections.Counter()  # requests per reason
+        s = config.slots  # per-slot device inputs, kept on the host
+        self._next = np.zeros(s, np.int32)  # the token each slot feeds at its next decode step
+        self._index = np.zeros(s, np.int32)  # its position
+        self._sampling = slot_decode.Sampling(
+            np.ones(s, np.float32),
+            np.zeros(s, np.int32),
+            np.ones(s, np.float32),
+            np.ones(s, bool),
+            np.zeros(s, np.uint32),
+            np.zeros(s, np.int32),
+        )
+
+    # Thread-safe entry points.
+
+    def submit(self, request: Request) -> tuple[int, int, int]:
+        """Queues a request -> (its id, prompt tokens kept, tokens truncated from the left).
+        ValueError for a request that cannot run, QueueFull when the queue is full."""
+        prompt, truncated = self._check(request)
+        with self._cv:
+            if len(self._queue) >= self.config.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are already waiting; retry later.")
+            job = _Job(next(self._ids), request, prompt, truncated)
+            self._queue.append(job)
+            self._cv.notify()
+        return job.id, len(prompt), truncated
+
+    def cancel(self, request_id: int) -> None:
+        """Ends a request (queued or in a slot) at the next step; its slot is freed."""
+        with self._cv:
+            self._cancelled.add(request_id)
+            self._cv.notify()
+
+    def load(self) -> tuple[int, int]:
+        """(busy slots, queued requests)."""
+        with self._cv:
+            return sum(job is not None for job in self._slots), len(self._queue)
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """Steps while there is work, waits while there is none, until `stop` is set. A failing
+        step ends the requests it held with finish_reason "error"; the loop goes on."""
+        while not stop.is_set():
+            try:
+                worked = self.step()
+            except Exception:  # noqa: BLE001  (a failed step must not take the server down)
+                logging.exception("engine step failed; its requests end with an error")
+                self._fail_all()
+                continue
+            if not worked:
+                with self._cv:
+                    self._cv.wait_for(
+                        lambda: self._queue or self._cancelled or stop.is_set(), timeout=0.5
+                    )
+
+    # The engine's own thread (or generate's caller).
+
+    def warmup(self) -> None:
+        """Compiles every shape the engine runs (prefill and decode at each cache length), so no
+        request waits for a compilation. Call while no request is in a slot."""
+        chunk = self.config.prefill_chunk
+        sampling = slot_decode.Sampling(*(jnp.asarray(f) for f in self._sampling))
+        for length in self._lengths:
+            _, self._cache = slot_decode.prefill(
+                self._graphdef,
+                self._state,
+                self._cache,
+                jnp.zeros((1, chunk), jnp.int32),
+                np.int32(0),
+                np.int32(length - chunk),
+                np.int32(0),
+                self._slot_sampling(0),
+                vocab_limit=self.vocab_limit,
+                length=length,
+            )
+            tokens, self._cache = slot_decode.decode(
+                self._graphdef,
+                self._state,
+                self._cache,
+                jnp.zeros(self.config.slots, jnp.int32),
+                jnp.zeros(self.config.slots, jnp.int32),
+                sampling,
+                vocab_limit=self.vocab_limit,
+                length=length,
+            )
+        tokens.block_until_ready()
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        """Runs `requests` to completion (queued beyond the slots) -> their completions, in order.
+        The engine must not be serving another thread meanwhile."""
+        completions = []
+        for request in requests:
+            completion = Completion([], "", None, 0, 0)
+
+            def collect(delta: Delta, c: Completion = completion, user=request.on_delta) -> None:
+                c.tokens += delta.tokens
+                c.text += delta.text
+                c.finish_reason = delta.finish_reason
+                if user is not None:
+                    user(delta)
+
+            _, completion.prompt_tokens, completion.truncated = self.submit(
+                dataclasses.replace(request, on_delta=collect)
+            )
+            completions.append(completion)
+        while any(c.finish_reason is None for c in completions):
+            self.step()
+        return completions
+
+    def step(self) -> bool:
+        """Admits, prefills one chunk, decodes one token per generating slot. False when idle."""
+        with self._cv:
+            cancelled, self._cancelled = self._cancelled, set()
+            for job in [j for j in self._queue if j.id in cancelled]:
+                self._queue.remove(job)
+                self.finished["cancelled"] += 1
+                self._emit(job, "cancelled")
+            for slot, job in enumerate(self._slots):
+                if job is not None and job.id in cancelled:
+                    self._finish(slot, "cancelled")
+            for slot in range(len(self._slots)):
+                if self._slots[slot] is None and self._queue:
+                    self._admit(slot, self._queue.popleft())
+        waiting = [
+            s for s, j in enumerate(self._slots) if j is not None and j.filled < len(j.prompt)
+        ]
+        if waiting:
+            self._prefill(min(waiting, key=lambda s: self._slots[s].id))
+        generating = [s for s, j in enumerate(self._slots) if j is not None and j.tokens]
+        if generating:
+            self._decode(generating)
+        return bool(waiting or generating)
+
+    def _check(self, request: Request) -> tuple[list[int], int]:
+        """The prompt to run (truncated from the left if so configured) and the count dropped."""
+        r, prompt = request, list(request.prompt)
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token.")
+        if not (is_int(r.max_tokens) and r.max_tokens >= 1):
+            raise ValueError(f"max_tokens must be an integer >= 1, got {r.max_tokens!r}.")
+        check_sampling(
+            r.max_tokens, r.temperature, r.top_k, r.top_p, r.greedy or r.temperature == 0
+        )
+        if r.stop and self.tokenizer is None:
+            raise ValueError("stop sequences need the engine's tokenizer.")
+        room = self.max_len - r.max_tokens  # prompt tokens that fit
+        if len(prompt) <= room:
+            return prompt, 0
+        if self.config.truncate == "refuse" or room < 1:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({r.max_tokens}) exceeds the context "
+                f"of {self.max_len} tokens; shorten the prompt or lower max_tokens (prompts are "
+                f"refused, not truncated{'' if room < 1 else '; --truncate=left cuts them'})."
+            )
+        return prompt[-room:], len(prompt) - room
+
+    def _admit(self, slot: int, job: _Job) -> None:
+        r = job.request
+        greedy = r.greedy or r.temperature == 0
+        self._slots[slot] = job
+        self._index[slot] = 0
+        for field, value in zip(
+            self._sampling,
+            (1.0 if greedy else r.temperature, r.top_k, r.top_p, greedy, r.seed % 2**32, 0),
+        ):
+            field[slot] = value
+
+    def _slot_sampling(self, slot: int) -> slot_decode.Sampling:
+        return slot_decode.Sampling(*(field[slot : slot + 1] for field in self._sampling))
+
+    def _prefill(self, slot: int) -> None:
+        job, chunk = self._slots[slot], self.config.prefill_chunk
+        start = job.filled
+        piece = job.prompt[start : start + chunk]
+        tokens = np.zeros((1, chunk), np.int32)
+        tokens[0, : len(piece)] = piece
+        token, self._cache = slot_decode.prefill(
+            self._graphdef,
+            self._state,
+            self._cache,
+            jnp.asarray(tokens),
+            np.int32(slot),
+            np.int32(start),
+            np.int32(len(piece) - 1),
+            self._slot_sampling(slot),
+            vocab_limit=self.vocab_limit,
+            length=self._length(start + chunk),
+        )
+        job.filled += len(piece)
+        self._index[slot] = job.filled  # an idle slot's decode row writes past what it holds
+        if job.filled == len(job.prompt):
+            self._take(slot, int(token))
+
+    def _decode(self, slots: list[int]) -> None:
+        tokens, self._cache = slot_decode.decode(
+            self._graphdef,
+            self._state,
+            self._cache,
+            jnp.asarray(self._next),
+            jnp.asarray(self._index),
+            slot_decode.Sampling(*(jnp.asarray(f) for f in self._sampling)),
+            vocab_limit=self.vocab_limit,
+            # Every row writes at its index: a prefilling slot's too (past what it holds).
+            length=self._length(int(self._index.max()) + 1),
+        )
+        tokens = np.asarray(tokens)
+        for slot in slots:
+            self._take(slot, int(tokens[slot]))
+
+    def _length(self, needed: int) -> int:
+        """The shortest compiled cache length holding `needed` positions."""
+        return next(n for n in self._lengths if n >= needed)
+
+    def _take(self, slot: int, token: int) -> None:
+        """A slot's new token: ends the request or queues the token for the next decode step."""
+        job = self._slots[slot]
+        if token == self.eos_id:
+            return self._finish(slot, "stop")
+        job.tokens.append(token)
+        reason = "length" if len(job.tokens) == job.request.max_tokens else None
+        if self.tokenizer is not None:
+            job.text = self._detokenize(job)
+            cuts = [i for i in (job.text.find(s) for s in job.request.stop) if i >= 0]
+            if cuts:
+                job.text, reason = job.text[: min(cuts)], "stop"
+        if reason is not None:
+            return self._finish(slot, reason)
+        self._next[slot] = token
+        self._index[slot] = len(job.prompt) + len(job.tokens) - 1
+        self._sampling.count[slot] = len(job.tokens)
+        self._emit(job, None)
+
+    def _detokenize(self, job: _Job) -> str:
+        """The generated text, decoded after a few prompt tokens so word boundaries come out as
+        the tokenizer writes them mid-text (sentencepiece drops a leading space)."""
+        context = job.prompt[-4:]
+        return self.tokenizer.decode(context + job.tokens)[len(self.tokenizer.decode(context)) :]
+
+    def _emit(self, job: _Job, finish_reason: str | None) -> None:
+        """Delivers the new tokens and text; while running, text that may still become a stop
+        sequence or an incomplete character is held back."""
+        end = len(job.text)
+        if finish_reason is None:
+            hold = max((len(s) - 1 for s in job.request.stop), default=0)
+            end = max(job.sent, end - hold)
+            while end > job.sent and job.text[end - 1] == "\ufffd":
+                end -= 1
+        delta = Delta(job.text[job.sent : end], tuple(job.tokens[job.sent_tokens :]), finish_reason)
+        job.sent, job.sent_tokens = end, len(job.tokens)
+        if job.request.on_delta is not None:
+            job.request.on_delta(delta)
+
+    def _finish(self, slot: int, reason: str) -> None:
+        job, self._slots[slot] = self._slots[slot], None
+        self.finished[reason] += 1
+        self._sampling.greedy[slot] = True  # idle rows keep all-greedy steps on the fast path
+        self._sampling.temperature[slot] = 1.0
+        self._index[slot] = 0
+        self._emit(job, reason)
+
+    def _fail_all(self) -> None:
+        """Ends every request in a slot with "error" and starts over from an empty cache (a
+        failed call may have consumed the donated one)."""
+        with self._cv:
+            for slot, job in enumerate(self._slots):
+                if job is not None:
+                    self._finish(slot, "error")
+            self._cache = self._new_cache()

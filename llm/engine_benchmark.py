@@ -1,0 +1,163 @@
+"""Throughput and latency of three ways to serve one skewed mix of requests, in one run.
+
+    python -m llm.engine_benchmark                        # the default model at random init
+    python -m llm.engine_benchmark --workdir=/tmp/default --requests=64 --slots=8
+
+The mix: most prompts short and a few long, most outputs short and a few long (all requests
+arriving at once, greedy, no end-of-sequence token, so every way produces exactly max_tokens per
+request: equal outputs). The ways:
+  one at a time  llm.model.decode.generate per request (batch of one, exact lengths)
+  static         generate on batches of --slots requests in arrival order, prompts left-padded to
+                 the batch's longest, every row decoding the batch's largest max_tokens
+  engine         llm.engine: --slots decode slots, chunked prefill, requests join as others leave
+Compilation is excluded (every shape is run once before timing); the three ways run --repeats
+times, interleaved, and each way's fastest round is shown. Prints tokens/s (generated tokens
+only), per-request latency (arrival to last token) and whether the engine's tokens equal the
+one-at-a-time ones. CPU figures are CPU figures, not accelerator performance.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from llm import config as config_lib
+from llm.engine import Engine, EngineConfig, Request
+from llm.model.decode import generate
+from llm.model.transformer import Transformer
+from llm.runs import load_model
+
+PROMPT_LENGTHS = ((8, 0.35), (16, 0.3), (32, 0.2), (128, 0.15))  # (tokens, share of requests)
+OUTPUT_LENGTHS = ((8, 0.45), (16, 0.4), (128, 0.15))
+
+
+def skewed_mix(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """n (prompt ids, max_tokens) drawn from PROMPT_LENGTHS x OUTPUT_LENGTHS."""
+    rng = np.random.default_rng(seed)
+    draw = lambda table: [
+        int(x) for x in rng.choice([t for t, _ in table], n, p=[p for _, p in table])
+    ]
+    prompts, outputs = draw(PROMPT_LENGTHS), draw(OUTPUT_LENGTHS)
+    return [(rng.integers(1, vocab, p).tolist(), o) for p, o in zip(prompts, outputs)]
+
+
+def _greedy(model, prompts: np.ndarray, new: int) -> np.ndarray:
+    out = generate(
+        model, jnp.asarray(prompts), max_new_tokens=new, rng=jax.random.key(0), greedy=True
+    )
+    return np.asarray(out)[:, prompts.shape[1] :]
+
+
+def one_at_a_time(model, mix) -> tuple[list[list[int]], list[float]]:
+    """Each request alone -> (its tokens, its finish time from the start)."""
+    for shape in {(len(p), n) for p, n in mix}:  # compile every shape first
+        _greedy(model, np.zeros((1, shape[0]), np.int32), shape[1])
+    start, outputs, done = time.perf_counter(), [], []
+    for prompt, new in mix:
+        outputs.append(_greedy(model, np.array([prompt], np.int32), new)[0].tolist())
+        done.append(time.perf_counter() - start)
+    return outputs, done
+
+
+def static_batches(model, mix, size: int) -> list[float]:
+    """Batches of `size` in arrival order, padded to their longest prompt and output -> finish
+    times (a request finishes with its batch)."""
+    batches = [mix[i : i + size] for i in range(0, len(mix), size)]
+
+    def padded(batch):
+        width = max(len(p) for p, _ in batch)
+        rows = np.zeros((len(batch), width), np.int32)
+        for row, (prompt, _) in zip(rows, batch):
+            row[width - len(prompt) :] = prompt  # left-padded: every row's last token at the end
+        return rows, max(n for _, n in batch)
+
+    for rows, new in {(r.shape, n): (r, n) for r, n in map(padded, batches)}.values():
+        _greedy(model, rows, new)  # compile
+    start, done = time.perf_counter(), []
+    for batch in batches:
+        _greedy(model, *padded(batch))
+        done += [time.perf_counter() - start] * len(batch)
+    return done
+
+
+def engine_run(model, mix, config: EngineConfig) -> tuple[list[list[int]], list[float]]:
+    """All requests submitted at once to a fresh engine -> (tokens, finish times)."""
+    engine = Engine(model, config)
+    engine.warmup()
+    done = [0.0] * len(mix)
+    start = time.perf_counter()
+
+    def finish_time(i):
+        def on_delta(delta):
+            if delta.finish_reason is not None:
+                done[i] = time.perf_counter() - start
+
+        return on_delta
+
+    requests = [
+        Request(p, max_tokens=n, greedy=True, on_delta=finish_time(i))
+        for i, (p, n) in enumerate(mix)
+    ]
+    return [c.tokens for c in engine.generate(requests)], done
+
+
+def report(name: str, tokens: int, done: list[float], base: float | None) -> tuple[str, float]:
+    rate = tokens / max(done)
+    lat = np.percentile(done, [50, 99]) * 1000
+    speed = f"{rate / base:.2f}x" if base else "1.00x"
+    line = f"| {name} | {rate:,.0f} | {speed} | {lat[0]:,.0f} | {lat[1]:,.0f} | {max(done):.2f} |"
+    return line, rate
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    if f.workdir or f.hf:
+        model, _, _ = load_model(f.workdir, f.hf)
+    else:
+        cfg = config_lib.model_config(config_lib.load_config(config_lib.DEFAULT_CONFIG))
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+    config = EngineConfig(
+        slots=f.slots, max_len=f.max_len, prefill_chunk=f.prefill_chunk, max_queue=f.requests
+    )
+    mix = skewed_mix(f.requests, model.cfg.vocab_size, f.seed)
+    total = sum(n for _, n in mix)
+    print(
+        f"{len(mix)} requests, prompts {sorted({len(p) for p, _ in mix})} tokens, outputs "
+        f"{sorted({n for _, n in mix})}; {total} tokens generated per way; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; {jax.devices()[0].device_kind}"
+    )
+    rounds = []  # the ways interleaved, so a change in the machine's load hits them alike
+    for _ in range(f.repeats):
+        single, single_done = one_at_a_time(model, mix)
+        static_done = static_batches(model, mix, f.slots)
+        tokens, engine_done = engine_run(model, mix, config)
+        rounds.append((single_done, static_done, engine_done))
+    single_done, static_done, engine_done = (min(r, key=max) for r in zip(*rounds))  # fastest
+    print("| way | tokens/s | vs static | latency p50 (ms) | p99 (ms) | all done (s) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    static_line, static_rate = report(f"static batches of {f.slots}", total, static_done, None)
+    print(report("one at a time", total, single_done, static_rate)[0])
+    print(static_line)
+    print(report(f"engine, {f.slots} slots", total, engine_done, static_rate)[0])
+    same = sum(a == b for a, b in zip(tokens, single))
+    print(f"engine tokens equal to one-at-a-time: {same}/{len(mix)} requests")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "A training run (DIR[@STEP]); default: random init.")
+    flags.DEFINE_string("hf", None, "A Hugging Face model directory.")
+    flags.DEFINE_integer("requests", 32, "Requests in the mix.")
+    flags.DEFINE_integer("slots", 8, "Engine slots, and the static batch size.")
+    flags.DEFINE_integer("max_len", 256, "Tokens per engine slot.")
+    flags.DEFINE_integer("prefill_chunk", 32, "Prompt tokens per prefill call.")
+    flags.DEFINE_integer("seed", 0, "Seed of the mix.")
+    flags.DEFINE_integer("repeats", 3, "Rounds of all three ways; each way's fastest is shown.")
+    app.run(main)

@@ -1,0 +1,107 @@
+"""The device half of the continuous-batching engine (llm.engine): a KV cache of fixed slots,
+the chunked prefill of one slot, one decode step of every slot, sampling with per-slot settings.
+
+A slot is one row of the cache, holding one request's keys and values at its own positions. The
+model runs on each slot as on a batch of one with a scalar cache index (the cache path of
+llm.model.transformer, vmapped over the slots when decoding), so every attention pattern decodes
+exactly as in llm.model.decode. Positions at and after a slot's length may hold stale values (an
+earlier request's, or a padded chunk's); every mask is causal and a slot writes each position
+before any query can see it, so a slot is reused without clearing. Each call attends over the
+first `length` cache positions only (a few static lengths, llm.engine picks the shortest that
+holds its slots), so short requests do not pay for the longest context: two shapes (the
+prefill chunk [1, C], the decode step [S]) compiled per length.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llm.model.config import ModelConfig
+from llm.model.decode import top_k_filter, top_p_filter
+from llm.model.transformer import init_cache
+
+
+class Sampling(NamedTuple):
+    """Per-row sampling settings, each [R] (R rows: the slots, or the one prefilling slot)."""
+
+    temperature: jax.Array  # float32; 1 on greedy rows
+    top_k: jax.Array  # int32; 0 = all tokens
+    top_p: jax.Array  # float32; 1 = all tokens
+    greedy: jax.Array  # bool
+    seed: jax.Array  # uint32: the request's seed
+    count: jax.Array  # int32: tokens the request has generated so far (its key's fold-in)
+
+
+def init_slots(cfg: ModelConfig, slots: int, length: int) -> dict[str, jax.Array]:
+    """An empty slot cache: k, v: [layers, slots, length, K, Dh] in the compute dtype."""
+    cache = init_cache(cfg, slots, length)
+    return {"k": cache["k"], "v": jnp.copy(cache["v"])}  # two buffers: both are donated
+
+
+def sample_rows(logits: jax.Array, s: Sampling, vocab_limit: int | None) -> jax.Array:
+    """logits: float32[R, V] -> int32[R]: per row argmax, or a draw after its temperature, top-k
+    and top-p with the key fold_in(key(seed), count), so a request's draws do not depend on the
+    other rows."""
+    if vocab_limit is not None:  # padded vocabulary: ids the tokenizer lacks are never drawn
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    argmax = lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+    def draw(x):
+        x = top_k_filter(x / s.temperature[:, None], s.top_k)
+        x = jnp.where(s.top_p[:, None] < 1, top_p_filter(x, s.top_p[:, None]), x)
+        keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(
+            s.seed, s.count
+        )
+        drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+        return jnp.where(s.greedy, argmax(x), drawn)
+
+    return jax.lax.cond(jnp.all(s.greedy), argmax, draw, logits)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "vocab_limit", "length"), donate_argnames=("cache",)
+)
+def prefill(
+    graphdef, state, cache, tokens, slot, start, last, sampling: Sampling, vocab_limit, length
+):
+    """Writes one chunk of a slot's prompt into the cache; samples the token after position
+    start + last (the prompt's last token when this is its last chunk).
+
+    tokens: int32[1, C] at positions start..start+C-1 (padding after the prompt's end is
+    harmless); slot, start, last: int32[]; length: the cache positions attended (static, at least
+    start + C). Returns (int32[], the cache).
+    """
+    model = nnx.merge(graphdef, state)
+    rows = {
+        n: jax.lax.dynamic_slice_in_dim(cache[n][:, :, :length], slot, 1, axis=1) for n in cache
+    }
+    logits, new = model(tokens, cache={**rows, "index": start})  # [1, C, V]
+    cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, slot, 0, 0, 0)) for n in cache}
+    token = sample_rows(jax.lax.dynamic_index_in_dim(logits, last, 1, False), sampling, vocab_limit)
+    return token[0], cache
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "vocab_limit", "length"), donate_argnames=("cache",)
+)
+def decode(graphdef, state, cache, tokens, index, sampling: Sampling, vocab_limit, length):
+    """One token for every slot: tokens int32[S] at positions index int32[S] (each below length,
+    the cache positions attended, static) -> (the next token of each slot int32[S], the cache).
+    Rows of idle slots compute and are ignored."""
+    model = nnx.merge(graphdef, state)
+
+    def row(token, k, v, i):  # one slot as a batch of one; k, v: [layers, length, K, Dh]
+        logits, new = model(token[None, None], cache={"k": k[:, None], "v": v[:, None], "index": i})
+        return logits[0, -1], new["k"][:, 0], new["v"][:, 0]
+
+    k, v = (cache[n][:, :, :length] for n in ("k", "v"))
+    logits, k, v = jax.vmap(row, in_axes=(0, 1, 1, 0), out_axes=(0, 1, 1))(tokens, k, v, index)
+    cache = {
+        n: jax.lax.dynamic_update_slice(cache[n], x, (0,) * 5) for n, x in (("k", k), ("v", v))
+    }
+    return sample_rows(logits, sampling, vocab_limit), cache

@@ -1,0 +1,257 @@
+"""An OpenAI-compatible completions endpoint backed by the continuous-batching engine.
+
+    python -m llm.serve --workdir=/tmp/default --port=8000
+    python -m llm.serve --hf=path/to/qwen2.5-0.5b --port=8000 --api_key=secret --slots=16
+    curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{"prompt": "The list type", "max_tokens": 32, "temperature": 0}'
+
+POST /v1/completions takes prompt (text, or token ids), max_tokens (default 16), temperature
+(0 = greedy), top_p, top_k, stop, seed, stream, n (1 only), model and user (ignored); any other
+field is refused. With "stream": true the answer is server-sent events, one chunk per delta, then
+`data: [DONE]`. GET /v1/models names the model. It binds 127.0.0.1 unless --host says otherwise;
+with --api_key every request needs `Authorization: Bearer KEY` (else 401). A body over
+--max_body_bytes is 413, a bad request 400 (one message, the server keeps serving), a full queue
+429; a client that stalls sending its body or reading the stream for --timeout seconds is dropped,
+and a client that goes away frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, flags, logging
+from aiohttp import web
+
+from llm.engine import Delta, Engine, EngineConfig, QueueFull, Request
+from llm.errors import ConfigError
+from llm.runs import load_model
+
+FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "n"}
+IGNORED = {"model", "user"}
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with 400; the message says why."""
+
+
+def _error(status: int, message: str) -> web.Response:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error"}
+    body = {"error": {"message": message, "type": kind.get(status, "server_error"), "code": status}}
+    return web.json_response(body, status=status)
+
+
+def _number(body: dict, name: str, default: Any, integer: bool = False) -> Any:
+    """body[name] (default when absent), which must be a JSON number (an integer if `integer`)."""
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        kind = "an integer" if integer else "a number"
+        raise BadRequest(f"{name} must be {kind}, got {value!r}.")
+    return value
+
+
+def parse_request(body: Any, encode: Callable[[str], list[int]], max_tokens_cap: int) -> dict:
+    """A completions body -> the engine Request's fields and `stream`; BadRequest otherwise."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object.")
+    unknown = sorted(set(body) - FIELDS - IGNORED)
+    if unknown:
+        raise BadRequest(
+            f"unknown field(s) {unknown}; this endpoint takes {sorted(FIELDS | IGNORED)}."
+        )
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise BadRequest("prompt is empty: give some text to continue.")
+        ids = encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        ids = prompt
+    else:
+        raise BadRequest("prompt must be a non-empty string (or a list of token ids).")
+    max_tokens = _number(body, "max_tokens", 16, integer=True)
+    if max_tokens < 1:
+        raise BadRequest(f"max_tokens must be an integer >= 1, got {max_tokens!r}.")
+    if max_tokens > max_tokens_cap:
+        raise BadRequest(f"max_tokens={max_tokens} exceeds this server's cap of {max_tokens_cap}.")
+    if body.get("n", 1) != 1:
+        raise BadRequest("n must be 1 (one completion per request).")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (
+        isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)
+    ):
+        raise BadRequest("stop must be a non-empty string or a list of up to 4 of them.")
+    temperature = float(_number(body, "temperature", 1.0))
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(f"stream must be true or false, got {stream!r}.")
+    return {
+        "prompt": ids,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "greedy": temperature == 0,
+        "top_p": float(_number(body, "top_p", 1.0)),
+        "top_k": _number(body, "top_k", 0, integer=True),
+        "stop": tuple(stop),
+        "seed": _number(body, "seed", 0, integer=True) % 2**32,
+        "stream": stream,
+    }
+
+
+def make_app(
+    engine: Engine,
+    encode: Callable[[str], list[int]],
+    *,
+    model_name: str = "llm-lab",
+    api_key: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    max_tokens_cap: int = 256,
+    timeout: float = 30.0,
+) -> web.Application:
+    """The aiohttp application; its startup starts the engine's thread, its cleanup stops it."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler):
+        if api_key is not None:
+            given = request.headers.get("Authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "missing or wrong API key: send `Authorization: Bearer KEY`.")
+        if (request.content_length or 0) > max_body_bytes:
+            return _error(413, f"the body is over this server's {max_body_bytes} bytes.")
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"the body is over this server's {max_body_bytes} bytes.")
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": model_name, "object": "model"}]}
+        )
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        try:
+            raw = await asyncio.wait_for(request.read(), timeout)
+        except TimeoutError:
+            return _error(408, f"the body did not arrive within {timeout} s.")
+        try:
+            fields = parse_request(json.loads(raw), encode, max_tokens_cap)
+        except json.JSONDecodeError as e:
+            return _error(400, f"the body is not valid JSON: {e}.")
+        except BadRequest as e:
+            return _error(400, str(e))
+        stream = fields.pop("stream")
+        loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
+        on_delta = lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, delta)
+        try:
+            rid, prompt_tokens, truncated = engine.submit(Request(**fields, on_delta=on_delta))
+        except QueueFull as e:
+            return _error(429, str(e))
+        except ValueError as e:
+            return _error(400, str(e))
+        head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time())}
+        head["model"] = model_name
+        finished = False
+        try:
+            if not stream:
+                text, tokens, delta = "", 0, Delta("", ())
+                while delta.finish_reason is None:
+                    delta = await deltas.get()
+                    text, tokens = text + delta.text, tokens + len(delta.tokens)
+                finished = True
+                if delta.finish_reason == "error":
+                    return _error(500, "the engine failed on this request; retry.")
+                choice = {"text": text, "index": 0, "logprobs": None}
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens}
+                usage["total_tokens"] = prompt_tokens + tokens
+                extra = {"truncated_prompt_tokens": truncated} if truncated else {}
+                choices = [{**choice, "finish_reason": delta.finish_reason}]
+                return web.json_response({**head, "choices": choices, "usage": usage, **extra})
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            response.headers["Cache-Control"] = "no-cache"
+            await response.prepare(request)
+            try:
+                while not finished:
+                    delta = await deltas.get()
+                    finished = delta.finish_reason is not None
+                    choice = {"text": delta.text, "index": 0, "logprobs": None}
+                    event = {**head, "choices": [{**choice, "finish_reason": delta.finish_reason}]}
+                    await asyncio.wait_for(
+                        response.write(f"data: {json.dumps(event)}\n\n".encode()), timeout
+                    )
+                await asyncio.wait_for(response.write(b"data: [DONE]\n\n"), timeout)
+            except (ConnectionResetError, TimeoutError):
+                pass  # the client left or stalled: `finally` frees its slot
+            return response
+        finally:
+            if not finished:  # the client left, stalled, or the handler was cancelled
+                engine.cancel(rid)
+
+    async def run_engine(application: web.Application):
+        stop = threading.Event()
+        thread = threading.Thread(target=engine.serve_forever, args=(stop,), daemon=True)
+        thread.start()
+        yield
+        stop.set()
+        thread.join()
+
+    application = web.Application(middlewares=[guard], client_max_size=max_body_bytes)
+    application.router.add_get("/v1/models", models)
+    application.router.add_post("/v1/completions", completions)
+    application.cleanup_ctx.append(run_engine)
+    return application
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    if bool(f.workdir) == bool(f.hf):
+        print("error: pass --workdir=DIR[@STEP] or --hf=DIR, not both.", file=sys.stderr)
+        sys.exit(2)
+    logging.set_verbosity(logging.WARNING)
+    try:
+        config = EngineConfig(f.slots, f.max_len, f.prefill_chunk, f.max_queue, f.truncate)
+        model, tokenizer, encode = load_model(f.workdir, f.hf)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    vocab = tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None
+    engine = Engine(model, config, tokenizer=tokenizer, eos_id=tokenizer.eos_id, vocab_limit=vocab)
+    engine.warmup()
+    name = pathlib.Path((f.workdir or f.hf).split("@")[0]).name
+    application = make_app(
+        engine,
+        encode,
+        model_name=name,
+        api_key=f.api_key,
+        max_body_bytes=f.max_body_bytes,
+        max_tokens_cap=f.max_tokens_cap,
+        timeout=f.timeout,
+    )
+    web.run_app(application, host=f.host, port=f.port)
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "A training run, DIR or DIR@STEP.")
+    flags.DEFINE_string("hf", None, "A Hugging Face model directory with its tokenizer.")
+    flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 lets other machines in.")
+    flags.DEFINE_integer("port", 8000, "Port.")
+    flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` on every request.")
+    flags.DEFINE_integer("slots", 8, "Requests decoded together.")
+    flags.DEFINE_integer("max_len", None, "Tokens per slot (prompt + output); default max_seq_len.")
+    flags.DEFINE_integer("prefill_chunk", 32, "Prompt tokens written per prefill call.")
+    flags.DEFINE_integer("max_queue", 64, "Requests waiting for a slot; more get 429.")
+    flags.DEFINE_enum("truncate", "refuse", ["refuse", "left"], "A too long prompt: 400, or cut.")
+    flags.DEFINE_integer("max_tokens_cap", 256, "Largest max_tokens a request may ask for.")
+    flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body (else 413).")
+    flags.DEFINE_float("timeout", 30.0, "Seconds a client may stall sending or reading.")
+    app.run(main)

@@ -1,0 +1,184 @@
+"""llm.engine: continuous batching gives the single-request sampler's tokens, whatever the join
+order; slots are reused after a finish or a cancel; stop sequences, sampling, bad requests."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llm.engine import Engine, EngineConfig, QueueFull, Request
+from llm.errors import ConfigError
+from llm.model.config import ModelConfig
+from llm.model.decode import generate
+from llm.model.transformer import Transformer
+
+MAX_LEN, CHUNK = 32, 16
+PROMPTS = [list(np.random.default_rng(0).integers(0, 64, n)) for n in (3, 11, 1, 20)]
+NEW = [5, 9, 3, 12]
+
+
+@functools.cache
+def tiny_model(pattern: str = "dense") -> Transformer:
+    cfg = ModelConfig(
+        vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
+        max_seq_len=MAX_LEN, attention_pattern=pattern, attention_window=4, attention_global=2,
+    )  # fmt: skip
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    # Larger weights: peaked logits, so greedy tokens vary along a sequence.
+    nnx.update(model, jax.tree.map(lambda p: p * 8, nnx.state(model, nnx.Param)))
+    return model
+
+
+@functools.cache
+def reference(pattern: str, i: int) -> list[int]:
+    """The single-request sampler's greedy continuation of PROMPTS[i]."""
+    prompt = jnp.array([PROMPTS[i]], jnp.int32)
+    out = generate(
+        tiny_model(pattern), prompt, max_new_tokens=NEW[i], rng=jax.random.key(0), greedy=True
+    )
+    return np.asarray(out)[0, len(PROMPTS[i]) :].tolist()
+
+
+@functools.cache
+def engine(pattern: str = "dense", slots: int = 2) -> Engine:
+    return Engine(
+        tiny_model(pattern), EngineConfig(slots=slots, max_len=MAX_LEN, prefill_chunk=CHUNK)
+    )
+
+
+def run_staggered(eng: Engine, requests: list[Request], join_at: list[int]) -> list[list[int]]:
+    """Submits request i at engine step join_at[i]; steps until all finish -> their tokens."""
+    tokens, done = [[] for _ in requests], set()
+
+    def collect(i):
+        def on_delta(delta):
+            tokens[i].extend(delta.tokens)
+            if delta.finish_reason is not None:
+                done.add(i)
+
+        return on_delta
+
+    step = 0
+    while len(done) < len(requests):
+        for i, request in enumerate(requests):
+            if join_at[i] == step:
+                eng.submit(Request(**{**request.__dict__, "on_delta": collect(i)}))
+        eng.step()
+        step += 1
+    return tokens
+
+
+@pytest.mark.parametrize("pattern", ["dense", "sliding,local_global"])
+def test_greedy_equals_the_sampler_whatever_the_join_order(pattern):
+    eng, expected = engine(pattern), [reference(pattern, i) for i in range(len(PROMPTS))]
+    for order in ([0, 1, 2, 3], [3, 2, 0, 1]):  # all at once, fewer slots than requests
+        out = eng.generate([Request(PROMPTS[i], max_tokens=NEW[i], greedy=True) for i in order])
+        assert [c.tokens for c in out] == [expected[i] for i in order]
+        assert all(c.finish_reason == "length" for c in out)
+    requests = [Request(p, max_tokens=n, temperature=0) for p, n in zip(PROMPTS, NEW)]
+    assert run_staggered(eng, requests, [3, 0, 7, 1]) == expected  # joining mid-flight
+    if pattern != "dense":  # the pattern is applied: same weights, other tokens
+        assert expected != [reference("dense", i) for i in range(len(PROMPTS))]
+
+
+def test_slots_are_reused_after_finish_and_cancel():
+    eng = engine("dense", slots=1)
+    eng.finished.clear()
+    got = []
+    long_id, _, _ = eng.submit(Request(PROMPTS[3], max_tokens=12, greedy=True, on_delta=got.append))
+    queued_id, _, _ = eng.submit(Request(PROMPTS[0], max_tokens=5, greedy=True))
+    for _ in range(5):
+        eng.step()
+    eng.cancel(long_id)
+    eng.cancel(queued_id)  # still waiting: leaves without running
+    out = eng.generate([Request(PROMPTS[i], max_tokens=NEW[i], greedy=True) for i in (1, 2, 0)])
+    # The one slot served three requests after a cancel; stale cache rows never leak.
+    assert [c.tokens for c in out] == [reference("dense", i) for i in (1, 2, 0)]
+    assert got[-1].finish_reason == "cancelled"
+    assert 0 < sum(len(d.tokens) for d in got) < 12
+    assert eng.finished == {"cancelled": 2, "length": 3}
+    assert eng.load() == (0, 0)
+
+
+class Letters:
+    """A tokenizer stand-in: id i is the letter chr(97 + i % 26)."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + int(i) % 26) for i in ids)
+
+
+def test_stop_sequences_eos_and_streamed_text():
+    model = tiny_model()
+    eng = Engine(
+        model, EngineConfig(slots=2, max_len=MAX_LEN, prefill_chunk=CHUNK), tokenizer=Letters()
+    )
+    full = eng.generate([Request(PROMPTS[3], max_tokens=12, greedy=True)])[0]
+    assert full.text == Letters().decode(reference("dense", 3))
+    stop = full.text[4:6]
+    deltas = []
+    cut = eng.generate(
+        [
+            Request(
+                PROMPTS[3], max_tokens=12, greedy=True, stop=("zzzz", stop), on_delta=deltas.append
+            )
+        ]
+    )[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    assert "".join(d.text for d in deltas) == cut.text and all(stop not in d.text for d in deltas)
+    eos = full.tokens[5]
+    eng.eos_id = eos
+    ended = eng.generate([Request(PROMPTS[3], max_tokens=12, greedy=True)])[0]
+    assert ended.finish_reason == "stop" and ended.tokens == full.tokens[: full.tokens.index(eos)]
+
+
+def test_sampling_depends_on_the_request_alone():
+    eng = engine()
+    kw = {"max_tokens": 10, "temperature": 0.8, "top_k": 20, "top_p": 0.9}
+    alone = eng.generate([Request(PROMPTS[1], seed=3, **kw)])[0].tokens
+    others = [Request(PROMPTS[i], max_tokens=NEW[i], greedy=True) for i in (3, 0)]
+    mixed = eng.generate([others[0], Request(PROMPTS[1], seed=3, **kw), others[1]])[1].tokens
+    assert alone == mixed
+    other_seed = eng.generate([Request(PROMPTS[1], seed=4, **kw)])[0].tokens
+    assert other_seed != alone
+    top1 = eng.generate([Request(PROMPTS[1], max_tokens=NEW[1], temperature=3.0, top_k=1)])[0]
+    assert top1.tokens == reference("dense", 1)
+
+
+def test_bad_requests_and_config():
+    eng = engine()
+    with pytest.raises(ValueError, match="prompt is empty"):
+        eng.submit(Request([], max_tokens=3))
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 1"):
+        eng.submit(Request([1], max_tokens=0))
+    with pytest.raises(ValueError, match="top_p must be in"):
+        eng.submit(Request([1], top_p=0.0))
+    with pytest.raises(ValueError, match="exceeds the context of 32 tokens"):
+        eng.submit(Request([1] * 25, max_tokens=10))
+    with pytest.raises(ValueError, match="stop sequences need"):
+        eng.submit(Request([1], stop=("x",)))
+    left = Engine(
+        tiny_model(), EngineConfig(slots=2, max_len=MAX_LEN, prefill_chunk=CHUNK, truncate="left")
+    )
+    long = PROMPTS[3] * 3  # 60 tokens: the last 32 - 5 are kept
+    _, kept, dropped = left.submit(Request(long, max_tokens=5, greedy=True))
+    assert (kept, dropped) == (27, 33)
+    out = left.generate([Request(long, max_tokens=5, greedy=True)])[0]
+    expected = generate(
+        tiny_model(), jnp.array([long[-27:]]), max_new_tokens=5, rng=jax.random.key(0), greedy=True
+    )
+    assert out.tokens == np.asarray(expected)[0, 27:].tolist()
+    full = Engine(tiny_model(), EngineConfig(slots=1, max_len=MAX_LEN, max_queue=2))
+    full.submit(Request([1]))
+    full.submit(Request([1]))
+    with pytest.raises(QueueFull):
+        full.submit(Request([1]))
+    for bad, message in [
+        ({"slots": 0}, "--slots"),
+        ({"truncate": "right"}, "--truncate"),
+        ({"max_len": 1}, "--max_len"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            EngineConfig(**bad)

@@ -1,0 +1,153 @@
+"""llm.serve: a real HTTP client over the loopback gets the sampler's completion, streamed or
+not; the API key, the body cap and bad input are refused while the server keeps serving; a
+client that leaves mid-stream frees its slot."""
+
+import asyncio
+import http.client
+import json
+import socket
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from aiohttp import web
+from flax import nnx
+
+from data.hf_tokenizer import HFTokenizer
+from llm import serve
+from llm.engine import Engine, EngineConfig
+from llm.model.config import ModelConfig
+from llm.model.decode import generate
+from llm.model.transformer import Transformer
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def server(hf_tokenizer_dir):
+    """(port, engine, model, tokenizer) of a server on 127.0.0.1 run by a thread of this process."""
+    tokenizer = HFTokenizer(hf_tokenizer_dir)
+    cfg = ModelConfig(
+        vocab_size=512, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
+        max_seq_len=64,
+    )  # fmt: skip
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    nnx.update(model, jax.tree.map(lambda p: p * 8, nnx.state(model, nnx.Param)))
+    config = EngineConfig(slots=2, max_len=64, prefill_chunk=32, max_queue=4)
+    engine = Engine(
+        model,
+        config,
+        tokenizer=tokenizer,
+        eos_id=tokenizer.eos_id,
+        vocab_limit=tokenizer.vocab_size,
+    )
+    app = serve.make_app(
+        engine, tokenizer.encode, api_key=KEY, max_body_bytes=2048, max_tokens_cap=48, timeout=5
+    )
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield port, engine, model, tokenizer
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=30)
+
+
+def post(port, body, headers=AUTH):
+    """-> (status, parsed JSON or the raw text) of POST /v1/completions over a real connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    connection.request("POST", "/v1/completions", body=data, headers=headers)
+    response = connection.getresponse()
+    raw = response.read().decode()
+    connection.close()
+    if response.headers.get("Content-Type", "").startswith("application/json"):
+        return response.status, json.loads(raw)
+    return response.status, raw
+
+
+def greedy_text(model, tokenizer, prompt: str, n: int) -> str:
+    """The single-request sampler's greedy continuation, cut at end of sequence, as text."""
+    ids = tokenizer.encode(prompt)
+    out = generate(
+        model, jnp.array([ids]), max_new_tokens=n, rng=jax.random.key(0), greedy=True,
+        eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size,
+    )  # fmt: skip
+    new = np.asarray(out)[0, len(ids) :].tolist()
+    new = new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
+    return tokenizer.decode(ids[-4:] + new)[len(tokenizer.decode(ids[-4:])) :]
+
+
+def test_completion_and_stream_over_http(server):
+    port, _, model, tokenizer = server
+    body = {"prompt": "The list type of", "max_tokens": 12, "temperature": 0, "model": "x"}
+    status, answer = post(port, body)
+    assert status == 200, answer
+    assert answer["object"] == "text_completion" and answer["choices"][0]["finish_reason"]
+    assert answer["choices"][0]["text"] == greedy_text(model, tokenizer, body["prompt"], 12)
+    assert answer["usage"]["prompt_tokens"] == len(tokenizer.encode(body["prompt"]))
+
+    status, raw = post(port, {**body, "stream": True})
+    assert status == 200
+    events = [line[len("data: ") :] for line in raw.split("\n\n") if line]
+    assert events[-1] == "[DONE]" and len(events) >= 3  # several deltas, then the end
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == answer["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == answer["choices"][0]["finish_reason"]
+
+
+def test_refusals_keep_the_server_serving(server):
+    port = server[0]
+    good = {"prompt": "def f", "max_tokens": 4, "temperature": 0}
+    no_key = {"Content-Type": "application/json"}
+    assert post(port, good, headers=no_key)[0] == 401
+    assert post(port, good, headers={**no_key, "Authorization": "Bearer wrong"})[0] == 401
+    assert post(port, {**good, "prompt": "x" * 4000})[0] == 413
+    for body, status, message in [
+        (b"{not json", 400, "not valid JSON"),
+        ({**good, "temprature": 0.5}, 400, "unknown field(s) ['temprature']"),
+        ({**good, "prompt": ""}, 400, "prompt is empty"),
+        ({**good, "max_tokens": 0}, 400, "max_tokens must be an integer >= 1"),
+        ({**good, "max_tokens": 100}, 400, "cap of 48"),
+        ({**good, "temperature": -1}, 400, "temperature must be"),
+        ({**good, "prompt": "word " * 70}, 400, "exceeds the context of 64 tokens"),
+    ]:
+        got, answer = post(port, body)
+        assert got == status and message in answer["error"]["message"], answer
+    assert post(port, good)[0] == 200
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(server, monkeypatch):
+    port, engine = server[0], server[1]
+    step = engine.step
+
+    def slow_step():  # 48 tokens take seconds: the request cannot end before the client leaves
+        time.sleep(0.05)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    before = engine.finished["cancelled"]
+    body = json.dumps({"prompt": "The", "max_tokens": 48, "temperature": 1.0, "stream": True})
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+        client.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        received = b""
+        while b"data: " not in received:  # the first event has arrived: leave
+            received += client.recv(4096)
+    deadline = time.monotonic() + 30
+    while engine.finished["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.finished["cancelled"] == before + 1
+    assert engine.load() == (0, 0)
+    assert post(port, {"prompt": "The", "max_tokens": 2})[0] == 200
