@@ -33,6 +33,7 @@ EXTRAS_REQUIRE = {
         "nbformat>=5.10",
         "ipykernel>=6.29",
         "wandb>=0.17",  # the offline run of --config.tracker=wandb (tests/llm/training/test_metrics.py)
+        "peft>=0.17",  # LoRA adapters in PEFT's format, both ways (tests/llm/test_lora_peft.py)
         "lm-eval>=0.4.13",  # llm.harness: its backend, the shipped tasks, parity with lm-eval's hf
         "aiohttp>=3.9",  # the llm.serve endpoint tests (tests/llm/test_serve.py)
     ],

@@ -174,6 +174,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.pipeline.microbatches = 4  # M per step (per accumulation step); 1f1b needs M >= mesh.stage
     c.pipeline.virtual_stages = 1  # v: layer chunks per stage; interleaved_1f1b only (>= 2)
 
+    # LoRA / QLoRA (llm.model.lora, README "Post-training"): frozen base, trained low-rank adapters.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # adapter rank r; 0 = off (every parameter trained)
+    c.lora.alpha = 16.0  # updates scaled by alpha / rank (PEFT's lora_alpha)
+    c.lora.dropout = 0.0  # dropout on the adapters' input, training steps only
+    c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # of those and "experts" (MoE)
+    c.lora.quantize = "none"  # QLoRA: none | int8 | nf4, storage of the frozen base weights
     # Quantization (llm.model.quant, README): fake-quantized matmuls in training (QAT);
     # llm.quantize stores trained weights quantized (PTQ). Simulated in float32 on CPU.
     c.quant = ml_collections.ConfigDict()

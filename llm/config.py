@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from llm.errors import ConfigError, check
 from llm.harness.config import HarnessConfig
 from llm.model.config import ModelConfig
+from llm.model.lora import LoRAConfig
 from llm.parallel.partitioning import MeshConfig
 from llm.parallel.pipeline import PipelineConfig
 from llm.training.checkpoint import CheckpointConfig
@@ -217,6 +218,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
         ),
         loss=_build(LossConfig, c["loss"], ".loss"),
         pipeline=_build(PipelineConfig, c["pipeline"], ".pipeline"),
+        lora=_build(LoRAConfig, c["lora"], ".lora"),
         post_training=_build(PostTrainingConfig, c["post_training"], ".post_training"),
         harness=_build(HarnessConfig, c["eval"], ".eval"),
         prune=_build(PruneConfig, c["prune"], ".prune"),

@@ -30,6 +30,7 @@ from data.tokenizer import UNK_ID, Tokenizer
 from llm.errors import ConfigError, check
 from llm.hf_arch import ARCHITECTURES, check_saveable, config_from_hf, config_to_hf, hf_names
 from llm.hf_arch import model_type as _model_type
+from llm.model import lora
 from llm.model.config import DTYPES, ModelConfig
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
@@ -174,7 +175,10 @@ def save(
 ) -> None:
     """Writes `model` as its HF architecture's directory (llm.hf_arch.model_type):
     config.json + model.safetensors; with `tokenizer`, also its special-token ids, the tokenizer
-    (`save_tokenizer`) and generation_config.json."""
+    (`save_tokenizer`) and generation_config.json. LoRA adapters are merged into their weights
+    and QLoRA's quantized weights written dequantized (llm.model.lora.merge), on a copy."""
+    model = nnx.clone(model)
+    lora.merge(model)
     cfg, path = model.cfg, pathlib.Path(path)
     check_saveable(cfg)
     moe_blocks = [model.blocks[i] for i in range(cfg.num_layers) if cfg.moe.is_moe_layer(i)]

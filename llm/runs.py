@@ -14,7 +14,7 @@ from flax import nnx
 from data.hf_tokenizer import HFTokenizer, load_tokenizer
 from llm import config as config_lib
 from llm import hf
-from llm.model import quant
+from llm.model import lora, quant
 from llm.model.transformer import Transformer
 from llm.training import checkpoint, workdir
 from llm.training.experiment import Experiment
@@ -41,11 +41,15 @@ def load_run(run: str) -> tuple[Transformer, ml_collections.ConfigDict]:
             f"`python -m llm.train --config=experiments/default.py --workdir={workdir}`."
         )
     config = ml_collections.ConfigDict(json.loads(path.read_text()))
-    cfg = config_lib.model_config(config)
-    # llm.quantize's runs hold quantized weights (config.quant.weights): build those shapes
-    model = nnx.eval_shape(
-        lambda: quant.quantize_model(Transformer(cfg, rngs=nnx.Rngs(0)), cfg.quant)
-    )
+    exp = load_experiment(config)
+
+    def build() -> Transformer:  # the run's structure: llm.quantize's quantized weights
+        # (config.quant.weights) and LoRA adapters (llm.model.lora) included
+        model = quant.quantize_model(Transformer(exp.model, rngs=nnx.Rngs(0)), exp.model.quant)
+        lora.attach(model, exp.lora, 0)
+        return model
+
+    model = nnx.eval_shape(build)
     nnx.update(model, checkpoint.restore_params(workdir, nnx.state(model), step))  # + MoE biases
     return model, config
 

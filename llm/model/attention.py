@@ -15,7 +15,7 @@ from kernels.attention.masks import Mask
 from kernels.attention.reference import attention_reference
 from llm.model import mup, patterns, quant
 from llm.model.config import ModelConfig, RopeScaling
-from llm.model.layers import apply_rope, norm, param
+from llm.model.layers import apply_rope, linear, norm, param
 from llm.parallel import context
 from llm.parallel.partitioning import shard
 
@@ -37,6 +37,8 @@ class Attention(nnx.Module):
     `layer` picks this layer's mask from the attention schedule (llm.model.patterns); None for
     scanned layers, which share one pattern.
     """
+
+    lora_targets = (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o"))  # llm.model.lora
 
     def __init__(self, cfg: ModelConfig, layer: int | None, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -71,9 +73,9 @@ class Attention(nnx.Module):
     def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [B, L, D] -> q [B, L, H, Dh], k and v [B, L, K, Dh], RoPE applied to q and k."""
         cfg, dt = self.cfg, self.cfg.dtype
-        q = quant.dense(self, "wq", x)  # [B, L, H, Dh]
-        k = quant.dense(self, "wk", x)  # [B, L, K, Dh]
-        v = quant.dense(self, "wv", x)  # [B, L, K, Dh]
+        q = linear(self, "wq", x)  # [B, L, H, Dh]
+        k = linear(self, "wk", x)  # [B, L, K, Dh]
+        v = linear(self, "wv", x)  # [B, L, K, Dh]
         if cfg.qkv_bias:
             q, k, v = (y + b[...].astype(dt) for y, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
         if cfg.qk_norm:
@@ -114,5 +116,5 @@ class Attention(nnx.Module):
             kv_positions = jnp.arange(k_read.shape[1])
             out = cached_attention(q, k_read, v_read, q_positions, kv_positions, self.mask)
             cache = {"k": k_all, "v": v_all, "index": index}
-        out = quant.dense(self, "wo", out, in_dims=2)  # [B, L, D]
+        out = linear(self, "wo", out, in_dims=2)  # [B, L, D]
         return out, cache

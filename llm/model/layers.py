@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm.model import quant
+from llm.model import lora, quant
 from llm.model.config import ModelConfig, RopeScaling
 from llm.parallel.partitioning import shard
 
@@ -70,6 +70,21 @@ def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
     n_in = math.prod(w.shape[:in_dims])
     y = x.reshape(-1, n_in) @ w.reshape(n_in, -1)
     return y.reshape(*x.shape[: x.ndim - in_dims], *w.shape[in_dims:])
+
+
+def linear(module: nnx.Module, name: str, x: jax.Array, in_dims: int = 1) -> jax.Array:
+    """x @ module.<name> in the module's compute dtype (dequantized under QLoRA), plus its LoRA
+    adapter's update where it has one (llm.model.lora): x @ W + s * dropout(x) @ A @ B."""
+    dt = module.cfg.dtype
+    if isinstance(getattr(module, name), lora.Quantized):  # QLoRA's base
+        y = dense(x, lora.weight(module, name, dt), in_dims)
+    else:  # config.quant's matmul (llm.model.quant; plain when off)
+        y = quant.dense(module, name, x, in_dims)
+    adapter = lora.adapter(module, name)
+    if adapter is None:
+        return y
+    h = dense(adapter.dropout(x), adapter.a[...].astype(dt), in_dims)  # [..., r]
+    return y + dense(h, adapter.b[...].astype(dt)) * jnp.asarray(adapter.scale, dt)
 
 
 def rope_frequencies(
@@ -142,6 +157,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeSc
 class MLP(nnx.Module):
     """SwiGLU: down(silu(x @ gate) * (x @ up)); GeGLU with mlp_activation="gelu_tanh"."""
 
+    lora_targets = (("w_gate", "gate"), ("w_up", "up"), ("w_down", "down"))  # llm.model.lora
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, f, pdt = cfg.embed_dim, cfg.mlp_dim, cfg.param_dtype
@@ -157,11 +174,11 @@ class MLP(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = quant.dense(self, "w_gate", x)  # [B, L, F]
+        gate = linear(self, "w_gate", x)  # [B, L, F]
         if self.cfg.mlp_activation == "gelu_tanh":  # GeGLU
             gate = jax.nn.gelu(gate, approximate=True)
         else:
             gate = jax.nn.silu(gate)
-        h = gate * quant.dense(self, "w_up", x)  # [B, L, F]
+        h = gate * linear(self, "w_up", x)  # [B, L, F]
         h = shard(h, ("batch", "seq", "mlp"))
-        return quant.dense(self, "w_down", h)  # [B, L, D]
+        return linear(self, "w_down", h)  # [B, L, D]

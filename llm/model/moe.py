@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm.model import quant
+from llm.model import lora, quant
 from llm.model.config import ModelConfig, MoEConfig
 from llm.model.layers import MLP, dense, param
 from llm.parallel import partitioning
@@ -200,6 +200,12 @@ class MoE(nnx.Module):
     """x: [B, L, D] -> (y [B, L, D], aux); aux: aux_loss, z_loss, load [E], dropped, entropy,
     bias_drift (mean |expert_bias|)."""
 
+    lora_targets = (
+        ("w_gate", "experts"),
+        ("w_up", "experts"),
+        ("w_down", "experts"),
+    )  # llm.model.lora
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         m, d, pdt = cfg.moe, cfg.embed_dim, cfg.param_dtype
@@ -222,7 +228,13 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         # config.quant: expert weights dequantized / fake-quantized; their (and the router's) input
-        weights = tuple(quant.trained_weight(self, n, self.cfg.dtype) for n in EXPERT_WEIGHTS)
+        # config.lora: adapters merged in, QLoRA's base dequantized (llm.model.lora)
+        dt = self.cfg.dtype
+        weights = tuple(
+            lora.merged_weight(self, n, dt) if lora.is_adapted(self, n)
+            else quant.trained_weight(self, n, dt)
+            for n in EXPERT_WEIGHTS
+        )  # fmt: skip
         xq = quant.activation(self, "experts", x)
         bias = self.expert_bias[...]
         y, aux = moe_ffn(xq, self.router[...], bias, weights, self.cfg.moe, self.cfg.dtype)

@@ -18,6 +18,7 @@ from llm.errors import check, check_positive, is_int
 from llm.harness.config import HarnessConfig
 from llm.model import patterns
 from llm.model.config import ModelConfig
+from llm.model.lora import LoRAConfig
 from llm.parallel import context, partitioning, pipeline
 from llm.parallel.partitioning import MeshConfig
 from llm.parallel.pipeline import PipelineConfig
@@ -50,6 +51,7 @@ class Experiment:
     guard: GuardConfig
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)  # llm.model.lora
     post_training: PostTrainingConfig = dataclasses.field(default_factory=PostTrainingConfig)
     harness: HarnessConfig = dataclasses.field(default_factory=HarnessConfig)  # config.eval
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
@@ -96,6 +98,17 @@ class Experiment:
             "max_seq_len.",
         )
         patterns.validate_fits(self.model, self.seq_len)
+        self.lora.check_model(self.model)
+        check(
+            not (self.lora.rank and self.post_training.format == "preference"),
+            "config.lora with post_training.format=preference: DPO's step does not train "
+            "adapters yet (llm.training.dpo); set lora.rank=0 or use format=sft.",
+        )
+        check(
+            not (self.lora.rank and (self.prune.method != "none" or self.distill.enabled)),
+            "config.lora with config.prune or config.distill: both act on the full weights the "
+            "adapters freeze; set lora.rank=0, or prune.method=none and distill.teacher=''.",
+        )
         self.optimizer.check_schedule(self.schedule_length)
         if self.init_from:
             init_from.parse(self.init_from)
@@ -219,9 +232,10 @@ class Experiment:
         )
         check(
             pipeline.stages_of(mesh) == 1
-            or (not self.distill.enabled and self.post_training.format != "preference"),
-            f"mesh.stage={pipeline.stages_of(mesh)} pipelines pretraining and SFT only: "
-            "distillation and preference training need mesh.stage=1.",
+            or not (self.distill.enabled or self.lora.rank)
+            and self.post_training.format != "preference",
+            f"mesh.stage={pipeline.stages_of(mesh)} pipelines full-weight pretraining and SFT "
+            "only: distillation, LoRA and preference training need mesh.stage=1.",
         )
         self.check_memory(mesh)
         processes = jax.process_count()

@@ -17,6 +17,9 @@ from flax import nnx
 
 from llm import hf
 from llm.errors import ConfigError, check
+from llm.model.config import ModelConfig
+from llm.model.transformer import Transformer
+from llm.parallel import partitioning
 from llm.training import checkpoint
 
 KINDS = ("workdir", "hf")
@@ -68,6 +71,18 @@ def load_params(spec: str, abstract_params: nnx.State, field: str = "init_from")
     )
     shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
     return jax.device_put(source, shardings)
+
+
+def load_model(
+    spec: str, cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: partitioning.AxisRules
+) -> nnx.State | None:
+    """The source's weights as the state of a plain model of `cfg` (no LoRA adapters), placed on
+    `mesh` by `rules`; None without a source ("")."""
+    if not spec:
+        return None
+    abstract = jax.eval_shape(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))
+    shardings = partitioning.state_shardings(abstract, mesh, rules)
+    return load_params(spec, partitioning.with_shardings(abstract, shardings))
 
 
 def _dtype(abstract_params: nnx.State) -> str:

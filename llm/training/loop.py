@@ -23,7 +23,7 @@ from flax import nnx
 
 from llm.errors import check
 from llm.harness.run import trainer_evaluator
-from llm.model import mup
+from llm.model import lora, mup
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning, pipeline
@@ -62,16 +62,10 @@ def setup_state(
     tx = prune.masked(tx, exp.prune)
     graphdef = None
 
-    def init_state() -> TrainState:
+    def init_state(base: nnx.State | None = None) -> TrainState:
         nonlocal graphdef  # static structure, recorded while tracing
-        graphdef, model_state = nnx.split(Transformer(exp.model, rngs=nnx.Rngs(exp.seed)))
-        params, _ = nnx.split_state(model_state, nnx.Param, ...)  # what the optimizer trains
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=model_state,
-            opt_state=tx.init(params),
-            guard=guard.init_guard(exp.guard),
-        )
+        graphdef, state = fresh_state(exp, tx, base)
+        return state
 
     abstract = jax.eval_shape(init_state)
     shardings = partitioning.state_shardings(abstract, mesh, exp.mesh.rules)
@@ -84,11 +78,9 @@ def setup_state(
         )
     if state is not None and state.guard is None:  # saved before llm.training.guard: afresh
         state = state.replace(guard=jax.device_put(guard.init_guard(exp.guard), shardings.guard))
-    if state is None:
-        state = jax.jit(init_state, out_shardings=shardings)()
-        if exp.init_from:  # a fresh start from other weights; the optimizer state stays fresh
-            abstract_params = partitioning.with_shardings(abstract.params, shardings.params)
-            state = state.replace(params=init_from.load_params(exp.init_from, abstract_params))
+    if state is None:  # fresh: the init_from source's weights (+ adapters), a fresh optimizer
+        base = init_from.load_model(exp.init_from, exp.model, mesh, exp.mesh.rules)
+        state = jax.jit(init_state, out_shardings=shardings)(base)
     distiller, teacher = distill.make(
         exp.distill, exp.model, exp.data.tokenizer, mesh, exp.mesh.rules
     )
@@ -96,6 +88,21 @@ def setup_state(
         state = state.replace(teacher=teacher)
         shardings = shardings.replace(teacher=jax.tree.map(lambda x: x.sharding, teacher))
     return Setup(state, shardings, graphdef, tx, schedule, distiller)
+
+
+def fresh_state(
+    exp: Experiment, tx: optax.GradientTransformation, base: nnx.State | None = None
+) -> tuple[nnx.GraphDef, TrainState]:
+    """A new model (with `base`'s weights if given) and its LoRA adapters (llm.model.lora), and
+    a fresh optimizer state for what it trains."""
+    model = Transformer(exp.model, rngs=nnx.Rngs(exp.seed))
+    if base is not None:
+        nnx.update(model, base)
+    lora.attach(model, exp.lora, exp.seed)
+    graphdef, model_state = nnx.split(model)
+    params, _ = nnx.split_state(model_state, lora.trainable(exp.lora), ...)  # what is trained
+    step = jnp.zeros((), jnp.int32)
+    return graphdef, TrainState(step, model_state, tx.init(params), guard.init_guard(exp.guard))
 
 
 def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
@@ -109,6 +116,8 @@ def compile_train_step(exp: Experiment, setup: Setup, batch: Batch):
         loss=exp.loss,
         distill=setup.distiller,
         pipeline_cfg=exp.pipeline,
+        trainable=lora.trainable(exp.lora),
+        dropout_seed=exp.seed if exp.lora.dropout else None,
     )
     if exp.post_training.format == "preference":  # DPO, IPO, SimPO
         step_fn = dpo.make_train_step(setup.graphdef, setup.tx, setup.schedule, exp)

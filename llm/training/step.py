@@ -14,7 +14,7 @@ from flax import nnx
 from kernels.cross_entropy import api as cross_entropy_api
 from kernels.cross_entropy.reference import cross_entropy
 from llm.errors import check, check_positive
-from llm.model import moe
+from llm.model import lora, moe
 from llm.model.transformer import Transformer
 from llm.parallel import pipeline
 from llm.training.distill import Distiller
@@ -78,8 +78,14 @@ def make_train_step(
     loss: LossConfig = LossConfig(),
     distill: Distiller | None = None,
     pipeline_cfg: pipeline.PipelineConfig | None = None,
+    trainable: type[nnx.Variable] = nnx.Param,
+    dropout_seed: int | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step over a batch split into `grad_accum_steps` micro-batches.
+
+    Only the `trainable` variables are differentiated and updated (LoRA: the adapters,
+    llm.model.lora.trainable); with `dropout_seed` the adapters' dropout masks come from
+    (seed, step, micro-batch).
 
     MoE models add their weighted auxiliary losses to the loss, report their routing statistics
     (llm.model.moe.aux_metrics) and take one loss-free balancing step of their expert biases.
@@ -96,20 +102,29 @@ def make_train_step(
             loss_sum += jnp.sum(batch["weights"]) * moe.weighted_aux_loss(moe_aux, model.cfg.moe)
         return loss_sum, (ce_sum, moe_aux, extra)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     if pipeline_cfg is not None and pipeline.stages_of(jax.sharding.get_abstract_mesh()) > 1:
         head = functools.partial(hidden_losses, z_loss=z_loss, loss=loss)
         pipelined = pipeline.make_value_and_grad(graphdef, pipeline_cfg, head)
 
-        def grad_fn(params, rest, batch: Batch, teacher):  # no teacher: refused with stages
+        def value_and_grad(params, rest, batch: Batch, teacher):  # no teacher with stages
             del teacher
             (value, (ce_sum, moe_aux)), grads = pipelined(params, rest, batch)
             return (value, (ce_sum, moe_aux, {})), grads
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        params, rest = nnx.split_state(state.params, nnx.Param, ...)
+        params, rest = nnx.split_state(state.params, trainable, ...)
+
+        def grad_fn(params, rest, batch, micro=0):
+            key = None
+            if dropout_seed is not None:
+                key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+                key = jax.random.fold_in(key, micro)
+            with lora.dropout_key(key):
+                return value_and_grad(params, rest, batch, state.teacher)
+
         if grad_accum_steps == 1:
-            (_, (ce_sum, moe_aux, extra)), grads = grad_fn(params, rest, batch, state.teacher)
+            (_, (ce_sum, moe_aux, extra)), grads = grad_fn(params, rest, batch)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
@@ -117,13 +132,16 @@ def make_train_step(
             )
 
             def accumulate(carry, micro_batch):
-                (_, (ce, aux, more)), g = grad_fn(params, rest, micro_batch, state.teacher)
+                micro_batch, i = micro_batch
+                (_, (ce, aux, more)), g = grad_fn(params, rest, micro_batch, i)
                 return jax.tree.map(jnp.add, carry, (g, ce, more)), aux
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             extra = {"distill_kl": jnp.zeros(())} if distill else {}
             (grads, ce_sum, extra), moe_aux = jax.lax.scan(
-                accumulate, (zeros, jnp.zeros(()), extra), micro
+                accumulate,
+                (zeros, jnp.zeros(()), extra),
+                (micro, jnp.arange(grad_accum_steps)),
             )
             moe_aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe_aux)
         num_tokens = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
@@ -133,7 +151,7 @@ def make_train_step(
         if moe_aux:  # auxiliary-loss-free balancing, from this batch's expert loads
             model = nnx.merge(graphdef, params, rest)
             model.update_expert_biases({i: layer["load"] for i, layer in moe_aux.items()})
-            rest = nnx.state(model, nnx.Not(nnx.Param))
+            rest = nnx.state(model, nnx.Not(trainable))
         new_state = state.replace(
             step=state.step + 1, params=nnx.merge_state(params, rest), opt_state=opt_state
         )
