@@ -1,0 +1,312 @@
+"""What each compression lever costs in validation loss, on the shipped corpus, sized for a CPU.
+
+    nice -n 5 python -m experiments.studies.compression --workdir=/tmp/compression
+
+One float32 run of the default model shape (4 layers x 256, at a shorter context and batch) is
+the dense baseline and the teacher. Against it, at equal training steps: QAT int8 (config.quant),
+PTQ int8 / int8_w8a8 / int4 of the float run (llm.quantize), 50% magnitude and 2:4 pruning
+(config.prune). Then a small student (--student_layers x --student_width) trained from scratch and
+distilled from the teacher (config.distill) for --student_steps, plus a scratch student trained
+for the FLOPs of the distilled run with the teacher's forward charged (llm.science.flops).
+Every loss is the validation split's (held out). Writes results.json, results.md,
+quantization.png, pruning.png and distillation.png to --out_dir; `--replot` redraws the
+figures from results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import shutil
+import sys
+import time
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import default
+from llm import config as config_lib
+from llm import evaluate, quantize, train
+from llm.science import flops
+
+FLAGS = flags.FLAGS
+PTQ_MODES = ("int8", "int8_w8a8", "int4")
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", "/tmp/compression", "Scratch directory for the runs.")
+    flags.DEFINE_string("out_dir", "experiments/results/compression", "Where results go.")
+    flags.DEFINE_integer("steps", 150, "Steps of the teacher, QAT and pruned runs.")
+    flags.DEFINE_integer("student_steps", 150, "Steps of the scratch and distilled students.")
+    flags.DEFINE_integer("seq_len", 128, "Training context (tokens).")
+    flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
+    flags.DEFINE_integer("eval_batches", 16, "Validation batches per evaluation.")
+    flags.DEFINE_integer("evals", 5, "Evaluations per student run (the loss-vs-FLOPs curve).")
+    flags.DEFINE_integer("student_layers", 2, "Student depth.")
+    flags.DEFINE_integer("student_width", 128, "Student embed_dim (heads 2, SwiGLU 3x).")
+    flags.DEFINE_list("seeds", ["0"], "Seeds; every run is repeated per seed.")
+    flags.DEFINE_bool("replot", False, "Redraw --out_dir's figures from results.json.")
+
+
+def base_config(seed: int) -> ml_collections.ConfigDict:
+    """The default model at the flags' context, batch and seed."""
+    return config_lib.with_overrides(
+        default.get_config(),
+        {
+            "seed": seed, "seq_len": FLAGS.seq_len, "batch_size": FLAGS.batch_size,
+            "eval_batches": FLAGS.eval_batches, "sample_prompt": "",
+        },
+    )  # fmt: skip
+
+
+def student_overrides() -> dict:
+    width = FLAGS.student_width
+    return {
+        "model.num_layers": FLAGS.student_layers, "model.embed_dim": width,
+        "model.num_heads": 2, "model.num_kv_heads": 1, "model.mlp_dim": 3 * width,
+    }  # fmt: skip
+
+
+def train_run(config: ml_collections.ConfigDict, steps: int, evals: int, path: pathlib.Path):
+    """Trains `config` for `steps` in a fresh `path`; returns ([(step, eval_loss)], seconds)."""
+    every = max(1, math.ceil(steps / evals))
+    config = config_lib.with_overrides(
+        config,
+        {
+            "steps": steps, "log_every": min(25, steps), "eval_every": every,
+            "checkpoint_every": steps, "keep_checkpoints": 1,
+            "optimizer.warmup_steps": max(1, steps // 10),
+        },
+    )  # fmt: skip
+    shutil.rmtree(path, ignore_errors=True)
+    start = time.perf_counter()
+    train.train_and_evaluate(config, str(path))
+    seconds = time.perf_counter() - start
+    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    curve = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
+    return curve, seconds
+
+
+def seed_rows(seed: int, workdir: pathlib.Path) -> dict:
+    """Every run of one seed: {name: {"eval_loss", ...}}."""
+    workdir = workdir / f"seed{seed}"
+    base, steps = base_config(seed), FLAGS.steps
+    rows = {}
+
+    def record(name, config, n, extra=None, **kw):
+        curve, seconds = train_run(config, n, kw.get("evals", 1), workdir / name)
+        rows[name] = {"eval_loss": curve[-1][1], "curve": curve, "steps": n,
+                      "seconds": seconds, **(extra or {})}  # fmt: skip
+        logging.warning("seed %d %s: eval loss %.4f (%.0f s)", seed, name, curve[-1][1], seconds)
+
+    record("float32", base, steps)
+    teacher = workdir / "float32"
+    record("qat_int8", config_lib.with_overrides(base, {"quant.mode": "int8"}), steps)
+    for name, run in (("ptq", teacher), ("qat_int8", workdir / "qat_int8")):
+        modes = PTQ_MODES if name == "ptq" else ("int8_w8a8",)
+        for mode in modes:
+            out = workdir / f"{name}_{mode}" if name == "ptq" else workdir / f"qat_{mode}_stored"
+            shutil.rmtree(out, ignore_errors=True)
+            size = quantize.quantize_run(str(run), str(out), mode)
+            rows[out.name] = {"eval_loss": evaluate.evaluate(str(out))["eval_loss"], **size}
+    for name in ("float32", "qat_int8"):  # trained weights are stored in float32
+        ptq = rows["ptq_int8"]
+        rows[name].update(memory_after=ptq["memory_before"], disk_after=ptq["disk_before"])
+    start, end = steps // 10, steps // 2
+    prune = {"prune.start": start, "prune.end": end}
+    record("magnitude_50", config_lib.with_overrides(
+        base, {**prune, "prune.method": "magnitude", "prune.sparsity": 0.5}), steps)  # fmt: skip
+    record("nm_2_4", config_lib.with_overrides(base, {**prune, "prune.method": "2:4"}), steps)
+
+    student = config_lib.with_overrides(base, student_overrides())
+    s_steps, evals = FLAGS.student_steps, FLAGS.evals
+    record("student_scratch", student, s_steps, evals=evals)
+    distilled = config_lib.with_overrides(student, {"distill.teacher": f"workdir:{teacher}"})
+    record("student_distilled", distilled, s_steps, evals=evals)
+    record("student_scratch_equal_flops", student, round(s_steps * flop_ratio()), evals=evals)
+    return rows
+
+
+def flop_figures() -> dict:
+    """Per-token FLOPs: teacher training, student training, teacher forward (llm.science.flops)."""
+    seq = FLAGS.seq_len
+    teacher = config_lib.model_config(base_config(0))
+    student = config_lib.model_config(
+        config_lib.with_overrides(base_config(0), student_overrides())
+    )
+    return {
+        "teacher_train": flops.train_flops_per_token(teacher, seq),
+        "student_train": flops.train_flops_per_token(student, seq),
+        "teacher_forward": flops.forward_flops_per_token(teacher, seq),
+        "tokens_per_step": FLAGS.batch_size * seq,
+    }
+
+
+def flop_ratio() -> float:
+    """FLOPs of a distilled student step (teacher forward charged) over a scratch one."""
+    f = flop_figures()
+    return (f["student_train"] + f["teacher_forward"]) / f["student_train"]
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """{name: {"mean", "std", "gap_mean", "gap_std", ...}}: loss gaps against the seed's own
+    baseline (float32; the scratch student for the distilled ones), std over seeds (0 for one)."""
+    summary = {}
+    for name, first in per_seed[0].items():
+        base = "student_scratch" if name.startswith("student") else "float32"
+        losses = np.array([rows[name]["eval_loss"] for rows in per_seed])
+        gaps = losses - np.array([rows[base]["eval_loss"] for rows in per_seed])
+        summary[name] = {
+            "mean": float(losses.mean()), "std": float(losses.std(ddof=1)) if len(losses) > 1 else 0.0,
+            "gap_mean": float(gaps.mean()), "gap_std": float(gaps.std(ddof=1)) if len(gaps) > 1 else 0.0,
+            **{k: first[k] for k in ("steps", "memory_after", "disk_after") if k in first},
+        }  # fmt: skip
+    return summary
+
+
+QUANT_ROWS = {
+    "float32": "float32 (trained)",
+    "qat_int8": "QAT int8 (fake-quant training, weights kept float32)",
+    "qat_int8_w8a8_stored": "QAT int8, then stored int8 (w8a8)",
+    "ptq_int8": "PTQ int8 weights",
+    "ptq_int8_w8a8": "PTQ int8 weights + activations",
+    "ptq_int4": "PTQ int4 weights (groups of 128)",
+}
+PRUNE_ROWS = {"float32": "dense", "magnitude_50": "50% magnitude", "nm_2_4": "2:4"}
+STUDENT_ROWS = {
+    "student_scratch": "student from scratch",
+    "student_distilled": "student distilled",
+    "student_scratch_equal_flops": "student from scratch, FLOPs of the distilled run",
+}
+
+
+def student_flops(name: str, steps: int, f: dict) -> float:
+    """Total FLOPs of a student run at `steps`, the teacher's forward charged when distilled."""
+    per_token = f["student_train"] + (f["teacher_forward"] if name == "student_distilled" else 0)
+    return per_token * f["tokens_per_step"] * steps
+
+
+def write_results(result: dict, out: pathlib.Path, command: str) -> None:
+    """results.json, results.md and the figures."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    s, f, seeds = result["summary"], result["flops"], result["seeds"]
+    pm = lambda v, e: f"{v:.3f}" + (f" ± {e:.3f}" if len(seeds) > 1 else "")
+    mib = 2**20
+    lines = [
+        "# Compression: validation loss and bytes",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {result['date']}; wall time {result['wall_s'] / 60:.1f} min on a shared 2-core CPU "
+        f"(about one core free); seeds {', '.join(map(str, seeds))}"
+        + (" (mean ± std over seeds)." if len(seeds) > 1 else " (one seed: no error bars)."),
+        "",
+        (
+            f"Teacher / dense baseline: {result['model']}, {result['steps']} steps of "
+            f"{f['tokens_per_step']} tokens. Losses are nats/token on the held-out validation split."
+        ),
+        "",
+        "## Quantization (parameters of the whole model: bytes in memory, on disk)",
+        "",
+        "| variant | val loss | gap vs float32 | MiB in memory | MiB on disk |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in QUANT_ROWS.items():
+        r = s[key]
+        lines.append(f"| {label} | {pm(r['mean'], r['std'])} | {pm(r['gap_mean'], r['gap_std'])} "
+                     f"| {r['memory_after'] / mib:.2f} | {r['disk_after'] / mib:.2f} |")  # fmt: skip
+    lines += ["", "## Pruning at equal training steps", "",
+              "| variant | val loss | gap vs dense |", "|---|---|---|"]  # fmt: skip
+    for key, label in PRUNE_ROWS.items():
+        r = s[key]
+        lines.append(f"| {label} | {pm(r['mean'], r['std'])} | {pm(r['gap_mean'], r['gap_std'])} |")
+    lines += [
+        "", f"## Distillation: student {result['student']}", "",
+        "| run | steps | total GFLOP (teacher forward charged) | val loss | vs scratch |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for key, label in STUDENT_ROWS.items():
+        r = s[key]
+        total = student_flops(key, r["steps"], f) / 1e9
+        lines.append(f"| {label} | {r['steps']} | {total:.0f} | {pm(r['mean'], r['std'])} | "
+                     f"{pm(r['gap_mean'], r['gap_std'])} |")  # fmt: skip
+    teacher_train = f["teacher_train"] * f["tokens_per_step"] * result["steps"] / 1e9
+    lines += [
+        "",
+        (
+            f"Per token: student training {f['student_train'] / 1e6:.2f} MFLOP, teacher forward "
+            f"{f['teacher_forward'] / 1e6:.2f} MFLOP; the teacher's own training cost "
+            f"{teacher_train:.0f} GFLOP (not in the table; charge it only if the teacher exists for "
+            "nothing else)."
+        ),
+    ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_results(result, out)
+
+
+def plot_results(result: dict, out: pathlib.Path) -> None:
+    """quantization.png, pruning.png, distillation.png from a results dict."""
+    from llm.science import plots  # matplotlib only when plotting
+
+    s, f, seeds = result["summary"], result["flops"], result["seeds"]
+    note = f"{len(seeds)} seed(s)" + ("; error bars: std over seeds" if len(seeds) > 1 else
+                                      "; one seed: no error bars")  # fmt: skip
+    for name, rows, title in (
+        ("quantization", QUANT_ROWS, "Quantization: validation-loss gap vs float32"),
+        ("pruning", PRUNE_ROWS, "Pruning at equal steps: validation-loss gap vs dense"),
+    ):
+        keys = [k for k in rows if k != "float32"]
+        fig, ax = plots.figure(size=(7, 0.5 * len(keys) + 1.5))
+        y = np.arange(len(keys))
+        ax.barh(y, [s[k]["gap_mean"] for k in keys], xerr=[s[k]["gap_std"] for k in keys],
+                color=plots.COLORS[: len(keys)], capsize=3)  # fmt: skip
+        ax.set_yticks(y, [rows[k] for k in keys])
+        ax.invert_yaxis()
+        ax.axvline(0, color="0.3", lw=0.8)
+        ax.set(xlabel="validation loss − float32's (nats/token)", title=title)
+        plots.save(fig, out / f"{name}.png", note=note)
+
+    fig, ax = plots.figure(size=(7, 4))
+    per_seed = result["per_seed"]
+    for i, key in enumerate(STUDENT_ROWS):
+        curves = np.array([[loss for _, loss in rows[key]["curve"]] for rows in per_seed])
+        steps = np.array([step for step, _ in per_seed[0][key]["curve"]])
+        ax.errorbar(student_flops(key, steps, f), curves.mean(0),
+                    yerr=curves.std(0, ddof=1) if len(seeds) > 1 else None,
+                    fmt="o-", capsize=2, color=plots.COLORS[i], label=STUDENT_ROWS[key])  # fmt: skip
+    ax.set(xscale="log", xlabel="total training FLOPs (student + teacher forward)",
+           ylabel="validation loss (nats/token)",
+           title=f"Student {result['student']}: scratch vs distilled")  # fmt: skip
+    fig.legend(loc="outside right upper")
+    plots.save(fig, out / "distillation.png",
+               note=note + "; each line is one run, points its evaluations")  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)
+    del argv
+    out = pathlib.Path(FLAGS.out_dir)
+    if FLAGS.replot:
+        plot_results(json.loads((out / "results.json").read_text()), out)
+        return
+    command = " ".join(["python -m experiments.studies.compression", *sys.argv[1:]])
+    seeds = [int(s) for s in FLAGS.seeds]
+    start = time.perf_counter()
+    per_seed = [seed_rows(seed, pathlib.Path(FLAGS.workdir)) for seed in seeds]
+    w = FLAGS.student_width
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seeds": seeds,
+        "wall_s": time.perf_counter() - start, "steps": FLAGS.steps,
+        "model": f"4 layers x 256 (default model), seq {FLAGS.seq_len}, batch {FLAGS.batch_size}",
+        "student": f"{FLAGS.student_layers} layers x {w}", "flops": flop_figures(),
+        "summary": summarize(per_seed), "per_seed": per_seed,
+    }  # fmt: skip
+    write_results(result, out, command)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=config_lib.parse_flags)
