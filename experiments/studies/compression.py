@@ -248,25 +248,47 @@ def write_results(result: dict, out: pathlib.Path, command: str) -> None:
 
 def plot_results(result: dict, out: pathlib.Path) -> None:
     """quantization.png, pruning.png, distillation.png from a results dict."""
-    from llm.science import plots  # matplotlib only when plotting
+    from matplotlib import ticker  # matplotlib only when plotting
+
+    from llm.science import plots
 
     s, f, seeds = result["summary"], result["flops"], result["seeds"]
-    note = f"{len(seeds)} seed(s)" + ("; error bars: std over seeds" if len(seeds) > 1 else
-                                      "; one seed: no error bars")  # fmt: skip
-    for name, rows, title in (
-        ("quantization", QUANT_ROWS, "Quantization: validation-loss gap vs float32"),
-        ("pruning", PRUNE_ROWS, "Pruning at equal steps: validation-loss gap vs dense"),
+    several = len(seeds) > 1
+    note = (
+        f"{len(seeds)} seeds; error bars: std over seeds" if several else "one seed: no error bars"
+    )
+    keys = [k for k in QUANT_ROWS if k != "float32"]
+    fig, (gap, size) = plots.figure(2, 1, size=(7, 0.9 * len(QUANT_ROWS) + 2))
+    for ax, key, value, xlabel in (
+        (gap, keys, "gap_mean", "validation loss − float32's (nats/token)"),
+        (size, list(QUANT_ROWS), "disk_after", "parameters on disk (MiB)"),
     ):
-        keys = [k for k in rows if k != "float32"]
-        fig, ax = plots.figure(size=(7, 0.5 * len(keys) + 1.5))
-        y = np.arange(len(keys))
-        ax.barh(y, [s[k]["gap_mean"] for k in keys], xerr=[s[k]["gap_std"] for k in keys],
-                color=plots.COLORS[: len(keys)], capsize=3)  # fmt: skip
-        ax.set_yticks(y, [rows[k] for k in keys])
+        y = np.arange(len(key))
+        scale = 2**-20 if value == "disk_after" else 1
+        colors = [plots.COLORS[list(QUANT_ROWS).index(k)] for k in key]  # one per variant
+        ax.barh(y, [s[k][value] * scale for k in key], color=colors,
+                xerr=[s[k]["gap_std"] for k in key] if several and value == "gap_mean" else None,
+                capsize=3)  # fmt: skip
+        ax.set_yticks(y, [QUANT_ROWS[k] for k in key])
         ax.invert_yaxis()
         ax.axvline(0, color="0.3", lw=0.8)
-        ax.set(xlabel="validation loss − float32's (nats/token)", title=title)
-        plots.save(fig, out / f"{name}.png", note=note)
+        ax.set(xlabel=xlabel)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
+    fig.suptitle("Quantization: validation-loss gap and size (float32 = the trained baseline)")
+    plots.save(fig, out / "quantization.png", note=note)
+
+    keys = [k for k in PRUNE_ROWS if k != "float32"]
+    fig, ax = plots.figure(size=(6, 2.5))
+    y = np.arange(len(keys))
+    ax.barh(y, [s[k]["gap_mean"] for k in keys], color=plots.COLORS[: len(keys)],
+            xerr=[s[k]["gap_std"] for k in keys] if several else None, capsize=3)  # fmt: skip
+    ax.set_yticks(y, [PRUNE_ROWS[k] for k in keys])
+    ax.invert_yaxis()
+    ax.axvline(0, color="0.3", lw=0.8)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
+    ax.set(xlabel="validation loss − dense's (nats/token)",
+           title=f"Pruning vs dense at equal steps ({result['steps']})")  # fmt: skip
+    plots.save(fig, out / "pruning.png", note=note)
 
     fig, ax = plots.figure(size=(7, 4))
     per_seed = result["per_seed"]
@@ -274,7 +296,7 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
         curves = np.array([[loss for _, loss in rows[key]["curve"]] for rows in per_seed])
         steps = np.array([step for step, _ in per_seed[0][key]["curve"]])
         ax.errorbar(student_flops(key, steps, f), curves.mean(0),
-                    yerr=curves.std(0, ddof=1) if len(seeds) > 1 else None,
+                    yerr=curves.std(0, ddof=1) if several else None,
                     fmt="o-", capsize=2, color=plots.COLORS[i], label=STUDENT_ROWS[key])  # fmt: skip
     ax.set(xscale="log", xlabel="total training FLOPs (student + teacher forward)",
            ylabel="validation loss (nats/token)",
