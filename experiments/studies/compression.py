@@ -301,6 +301,7 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
     ax.set(xscale="log", xlabel="total training FLOPs (student + teacher forward)",
            ylabel="validation loss (nats/token)",
            title=f"Student {result['student']}: scratch vs distilled")  # fmt: skip
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # minor labels overlapped
     fig.legend(loc="outside right upper")
     plots.save(fig, out / "distillation.png",
                note=note + "; each line is one run, points its evaluations")  # fmt: skip
