@@ -109,12 +109,12 @@ def test_a_lora_dpo_run_trains_through_the_loop(tmp_path, tiny_config, tiny_run)
     """Adapters (with dropout) on tiny_run's model, accumulated over 2 micro-batches: starts at
     the reference (KL 0), evaluates, and leaves the base as init_from gave it."""
     overrides = {**LORA, "lora.dropout": 0.1, "model.scan_layers": False, "grad_accum_steps": 2}
-    config = _dpo_config(tiny_config, tiny_run, steps=2, eval_every=2, **overrides)
-    config = config_lib.with_overrides(config, {"checkpoint_every": 2})
+    config = _dpo_config(tiny_config, tiny_run, steps=3, eval_every=3, **overrides)
+    config = config_lib.with_overrides(config, {"checkpoint_every": 3})
     train.train_and_evaluate(config, str(tmp_path))
     records = {r["step"]: r for r in read_metrics(tmp_path)}
     assert records[1]["dpo/kl_to_ref"] == pytest.approx(0, abs=1e-6)  # B starts at 0
-    assert "eval_dpo/accuracy" in records[2]
+    assert "eval_dpo/accuracy" in records[3]
     trained, _ = runs.load_run(str(tmp_path))
     start, _ = runs.load_run(str(tiny_run))
     got = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(trained, nnx.Not(nnx.LoRAParam))))
