@@ -52,7 +52,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("replot", False, "Redraw --out_dir's figures from its results.json.")
 
 
-def schedule(config: ml_collections.ConfigDict, steps: int, evals: int) -> ml_collections.ConfigDict:
+def schedule(
+    config: ml_collections.ConfigDict, steps: int, evals: int
+) -> ml_collections.ConfigDict:
     """`config` for `steps` steps at the flags' shapes, evaluated `evals` times."""
     every = max(1, steps // evals)
     return config_lib.with_overrides(
@@ -113,15 +115,21 @@ def write_results(result: dict, out: pathlib.Path) -> None:
         "# Post-training: full fine-tuning vs LoRA vs QLoRA, then DPO",
         "",
         f"Command: `{result['command']}`  ",
-        f"{result['date']}, {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min; "
-        "one seed.",
+        (
+            f"{result['date']}, {result['machine']}; wall time {result['wall_seconds'] / 60:.1f} min; "
+            "one seed."
+        ),
         "",
-        f"SFT: {result['sft_steps']} steps of {result['batch_size']} x {result['seq_len']} tokens "
-        f"from the default model pretrained {result['pretrain_steps']} steps "
-        f"(its eval loss on the corpus: {result['pretrain_eval_loss']:.3f}).",
+        (
+            f"SFT: {result['sft_steps']} steps of {result['batch_size']} x {result['seq_len']} tokens "
+            f"from the default model pretrained {result['pretrain_steps']} steps "
+            f"(its eval loss on the corpus: {result['pretrain_eval_loss']:.3f})."
+        ),
         "",
-        "| method | lr | trainable params | params (MiB) | optimizer state (MiB) | "
-        "params + optimizer per device (MiB) | validation loss |",
+        (
+            "| method | lr | trainable params | params (MiB) | optimizer state (MiB) | "
+            "params + optimizer per device (MiB) | validation loss |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["sft"]:
@@ -134,9 +142,11 @@ def write_results(result: dict, out: pathlib.Path) -> None:
     d = result["dpo"]
     lines += [
         "",
-        f"DPO (all parameters, beta {d['beta']}, lr {d['learning_rate']:g}, "
-        f"{result['dpo_steps']} steps of {result['batch_size']} pairs) from the full SFT run, "
-        "on the validation pairs (step 0: the policy is the reference, every pair a tie):",
+        (
+            f"DPO (all parameters, beta {d['beta']}, lr {d['learning_rate']:g}, "
+            f"{result['dpo_steps']} steps of {result['batch_size']} pairs) from the full SFT run, "
+            "on the validation pairs (step 0: the policy is the reference, every pair a tie):"
+        ),
         "",
         "| step | preference accuracy | reward margin | KL to reference (nats/token) |",
         "|---:|---:|---:|---:|",
@@ -160,10 +170,17 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
         memory = (r["param_bytes"] + r["optimizer_bytes"]) / 2**20
         axes[0].plot(r["trainable_params"], r["eval_loss"], "o", label=r["method"])
         axes[1].plot(memory, r["eval_loss"], "o")
-    axes[0].set(xscale="log", xlabel="trainable parameters (count, log scale)",
-                ylabel="SFT validation loss (nats/response token)", title="Loss vs trained size")
-    axes[1].set(xlabel="parameters + optimizer state per device (MiB)",
-                ylabel="SFT validation loss (nats/response token)", title="Loss vs memory")
+    axes[0].set(
+        xscale="log",
+        xlabel="trainable parameters (count, log scale)",
+        ylabel="SFT validation loss (nats/response token)",
+        title="Loss vs trained size",
+    )
+    axes[1].set(
+        xlabel="parameters + optimizer state per device (MiB)",
+        ylabel="SFT validation loss (nats/response token)",
+        title="Loss vs memory",
+    )
     fig.legend(loc="outside right upper")  # fmt: skip
     plots.save(fig, out / "sft.png", note=f"{note}; {result['sft_steps']} steps each")
 
