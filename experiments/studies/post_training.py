@@ -162,14 +162,19 @@ def write_results(result: dict, out: pathlib.Path) -> None:
 
 def plot_results(result: dict, out: pathlib.Path) -> None:
     """sft.png (validation loss against trainable parameters and against memory) and dpo.png."""
-    from llm.science import plots  # matplotlib only when plotting
+    from matplotlib import ticker  # matplotlib only when plotting
+
+    from llm.science import plots
 
     note = "one seed per method"
     fig, axes = plots.figure(1, 2, size=(10, 4))
-    for r in result["sft"]:  # one point per method: no lines between unrelated runs
+    # one point per method, no lines between unrelated runs; the r=8 runs share a parameter
+    # count, so shrinking markers of different shapes keep each visible
+    for i, r in enumerate(result["sft"]):
         memory = (r["param_bytes"] + r["optimizer_bytes"]) / 2**20
-        axes[0].plot(r["trainable_params"], r["eval_loss"], "o", label=r["method"])
-        axes[1].plot(memory, r["eval_loss"], "o")
+        style = {"marker": "os^Dv"[i % 5], "ls": "none", "ms": 9 - i, "alpha": 0.85}
+        axes[0].plot(r["trainable_params"], r["eval_loss"], **style, label=r["method"])
+        axes[1].plot(memory, r["eval_loss"], **style)
     axes[0].set(
         xscale="log",
         xlabel="trainable parameters (count, log scale)",
@@ -181,7 +186,9 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
         ylabel="SFT validation loss (nats/response token)",
         title="Loss vs memory",
     )
-    fig.legend(loc="outside right upper")  # fmt: skip
+    axes[0].set_xlim(1e5, 1e7)  # whole decades labelled
+    axes[0].xaxis.set_minor_formatter(ticker.NullFormatter())  # no overlapping minor labels
+    fig.legend(loc="outside right upper")
     plots.save(fig, out / "sft.png", note=f"{note}; {result['sft_steps']} steps each")
 
     curve = result["dpo"]["curve"]
