@@ -118,6 +118,11 @@ class Template:
             done = through
         return out
 
+    def generation_prompt(self, messages: list) -> str:
+        """The chat template's text of `messages` followed by the assistant's turn opening (a
+        chat_template is needed); jinja2's TemplateError for messages the template refuses."""
+        return self._render(messages, add_generation_prompt=True)
+
     def _render(self, messages: list, add_generation_prompt: bool) -> str:
         return _compiled(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **dict(self.special)

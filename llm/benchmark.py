@@ -46,7 +46,7 @@ from llm import hf
 from llm.parallel import partitioning
 from llm.science import flops
 from llm.step_timing import Timing, compile_ours, random_batch, time_calls, time_ours
-from llm.training import loop
+from llm.training import instruments
 from llm.training.experiment import Experiment
 from llm.training.step import LOSS_IMPLS
 
@@ -281,7 +281,9 @@ def print_table(rows: list[dict], ceiling: float) -> None:
         if "stage" in row["mesh"]:
             p = row["pipeline"]
             mesh += f" ({p['schedule']} M={p['microbatches']} v={p['virtual_stages']})"
-        memory = loop.format_memory(row["memory_per_device"]).removeprefix("memory per device: ")
+        memory = instruments.format_memory(row["memory_per_device"]).removeprefix(
+            "memory per device: "
+        )
         print(
             f"{row['config']:<8} {mesh:<32} {row['ours']['ms_per_step']:>8.1f} "
             f"{row['ours']['tokens_per_second']:>9,.0f} {row['ours_over_first_layout']:>7.2f}x  "

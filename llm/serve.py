@@ -1,4 +1,4 @@
-"""An OpenAI-compatible completions endpoint backed by the continuous-batching engine.
+"""OpenAI-compatible completions and chat completions endpoints on the continuous-batching engine.
 
     python -m llm.serve --workdir=/tmp/default --port=8000
     python -m llm.serve --hf=path/to/qwen2.5-0.5b --port=8000 --api_key=secret --slots=16
@@ -8,7 +8,10 @@
 POST /v1/completions takes prompt (text, or token ids), max_tokens (default 16), temperature
 (0 = greedy), top_p, top_k, stop, seed, stream, n (1 only), model and user (ignored); any other
 field is refused. With "stream": true the answer is server-sent events, one chunk per delta, then
-`data: [DONE]`. GET /v1/models names the model. It binds 127.0.0.1 unless --host says otherwise;
+`data: [DONE]`. POST /v1/chat/completions takes messages ([{"role", "content": text}, ...])
+instead of prompt, rendered by the tokenizer's chat template (data.sft) with the assistant's turn
+opened; it answers choices[0].message (streamed: choices[0].delta chunks), and 400 when the
+tokenizer has no chat template. GET /v1/models names the model. It binds 127.0.0.1 unless --host says otherwise;
 with --api_key every request needs `Authorization: Bearer KEY` (else 401). A body over
 --max_body_bytes is 413, a bad request 400 (one message, the server keeps serving), a full queue
 429; a client that stalls sending its body or reading the stream for --timeout seconds is dropped,
@@ -27,13 +30,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jinja2
 from absl import app, flags, logging
 from aiohttp import web
 
+from data import sft
 from llm.engine import Delta, Engine, EngineConfig, QueueFull, Request
 from llm.errors import ConfigError
 from llm.runs import load_model
 
+CHAT = Callable[[list], list[int]]  # messages -> the prompt ids of the assistant's reply
 FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "n"}
 IGNORED = {"model", "user"}
 
@@ -57,26 +63,66 @@ def _number(body: dict, name: str, default: Any, integer: bool = False) -> Any:
     return value
 
 
-def parse_request(body: Any, encode: Callable[[str], list[int]], max_tokens_cap: int) -> dict:
-    """A completions body -> the engine Request's fields and `stream`; BadRequest otherwise."""
+def chat_encoder(tokenizer) -> CHAT | None:
+    """messages -> ids of the tokenizer's chat template (data.sft) rendered with the assistant's
+    turn opened, encoded as transformers' apply_chat_template does (no special tokens added);
+    None when the tokenizer has no chat template."""
+    template = sft.template_for(tokenizer)
+    if template.chat_template is None:
+        return None
+    return lambda messages: tokenizer.encode(template.generation_prompt(messages))
+
+
+def _chat_ids(messages: Any, chat: CHAT) -> list[int]:
+    """The prompt ids of well-formed `messages`; BadRequest otherwise."""
+    if not (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict)
+            and set(m) == {"role", "content"}
+            and isinstance(m["role"], str)
+            and isinstance(m["content"], str)
+            for m in messages
+        )
+    ):
+        raise BadRequest(
+            'messages must be a non-empty list of {"role": string, "content": string} objects.'
+        )
+    try:
+        return chat(messages)
+    except jinja2.TemplateError as e:  # the template's own refusal, e.g. roles out of order
+        raise BadRequest(f"the chat template cannot render these messages: {e}") from e
+
+
+def parse_request(
+    body: Any, encode: Callable[[str], list[int]], max_tokens_cap: int, chat: CHAT | None = None
+) -> dict:
+    """A completions body (with `chat`: a chat completions body, its messages rendered by it) ->
+    the engine Request's fields and `stream`; BadRequest otherwise."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object.")
-    unknown = sorted(set(body) - FIELDS - IGNORED)
+    fields = FIELDS if chat is None else FIELDS - {"prompt"} | {"messages"}
+    unknown = sorted(set(body) - fields - IGNORED)
     if unknown:
         raise BadRequest(
-            f"unknown field(s) {unknown}; this endpoint takes {sorted(FIELDS | IGNORED)}."
+            f"unknown field(s) {unknown}; this endpoint takes {sorted(fields | IGNORED)}."
         )
-    prompt = body.get("prompt")
+    prompt = body.get("prompt") if chat is None else _chat_ids(body.get("messages"), chat)
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) and chat is None:
         if not prompt:
             raise BadRequest("prompt is empty: give some text to continue.")
         ids = encode(prompt)
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
         ids = prompt
     else:
-        raise BadRequest("prompt must be a non-empty string (or a list of token ids).")
+        raise BadRequest(
+            "prompt must be a non-empty string (or a list of token ids)."
+            if chat is None
+            else "the chat template rendered these messages as no tokens."
+        )
     max_tokens = _number(body, "max_tokens", 16, integer=True)
     if max_tokens < 1:
         raise BadRequest(f"max_tokens must be an integer >= 1, got {max_tokens!r}.")
@@ -116,8 +162,10 @@ def make_app(
     max_body_bytes: int = 1 << 20,
     max_tokens_cap: int = 256,
     timeout: float = 30.0,
+    chat: CHAT | None = None,
 ) -> web.Application:
-    """The aiohttp application; its startup starts the engine's thread, its cleanup stops it."""
+    """The aiohttp application; its startup starts the engine's thread, its cleanup stops it.
+    `chat` (`chat_encoder`'s) serves /v1/chat/completions; without it that answers 400."""
 
     @web.middleware
     async def guard(request: web.Request, handler):
@@ -137,13 +185,37 @@ def make_app(
             {"object": "list", "data": [{"id": model_name, "object": "model"}]}
         )
 
+    def text_choice(text: str, finish_reason: str | None, first: bool) -> dict:
+        del first
+        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+
+    def chat_choice(text: str, finish_reason: str | None, first: bool | None) -> dict:
+        if first is None:  # the whole answer
+            return {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+            }
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        return {"index": 0, "delta": delta, "finish_reason": finish_reason}
+
     async def completions(request: web.Request) -> web.StreamResponse:
+        return await complete(request, None, "cmpl", "text_completion", text_choice)
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        if chat is None:
+            return _error(400, "this model's tokenizer has no chat template: use /v1/completions.")
+        return await complete(request, chat, "chatcmpl", "chat.completion", chat_choice)
+
+    async def complete(request, chat_ids, prefix, kind, choice_of) -> web.StreamResponse:
+        """One request of either endpoint; choice_of(text, finish_reason, first chunk or None for
+        a whole answer) -> the endpoint's choice."""
         try:
             raw = await asyncio.wait_for(request.read(), timeout)
         except TimeoutError:
             return _error(408, f"the body did not arrive within {timeout} s.")
         try:
-            fields = parse_request(json.loads(raw), encode, max_tokens_cap)
+            fields = parse_request(json.loads(raw), encode, max_tokens_cap, chat_ids)
         except json.JSONDecodeError as e:
             return _error(400, f"the body is not valid JSON: {e}.")
         except BadRequest as e:
@@ -157,7 +229,7 @@ def make_app(
             return _error(429, str(e))
         except ValueError as e:
             return _error(400, str(e))
-        head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time())}
+        head = {"id": f"{prefix}-{rid}", "object": kind, "created": int(time.time())}
         head["model"] = model_name
         finished = False
         try:
@@ -169,21 +241,22 @@ def make_app(
                 finished = True
                 if delta.finish_reason == "error":
                     return _error(500, "the engine failed on this request; retry.")
-                choice = {"text": text, "index": 0, "logprobs": None}
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens}
                 usage["total_tokens"] = prompt_tokens + tokens
                 extra = {"truncated_prompt_tokens": truncated} if truncated else {}
-                choices = [{**choice, "finish_reason": delta.finish_reason}]
+                choices = [choice_of(text, delta.finish_reason, None)]
                 return web.json_response({**head, "choices": choices, "usage": usage, **extra})
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             response.headers["Cache-Control"] = "no-cache"
             await response.prepare(request)
+            head["object"] += ".chunk" if chat_ids else ""
             try:
+                first = True
                 while not finished:
                     delta = await deltas.get()
                     finished = delta.finish_reason is not None
-                    choice = {"text": delta.text, "index": 0, "logprobs": None}
-                    event = {**head, "choices": [{**choice, "finish_reason": delta.finish_reason}]}
+                    choice = choice_of(delta.text, delta.finish_reason, first)
+                    event, first = {**head, "choices": [choice]}, False
                     await asyncio.wait_for(
                         response.write(f"data: {json.dumps(event)}\n\n".encode()), timeout
                     )
@@ -206,6 +279,7 @@ def make_app(
     application = web.Application(middlewares=[guard], client_max_size=max_body_bytes)
     application.router.add_get("/v1/models", models)
     application.router.add_post("/v1/completions", completions)
+    application.router.add_post("/v1/chat/completions", chat_completions)
     application.cleanup_ctx.append(run_engine)
     return application
 
@@ -236,6 +310,7 @@ def main(argv: list[str]) -> None:
         max_body_bytes=f.max_body_bytes,
         max_tokens_cap=f.max_tokens_cap,
         timeout=f.timeout,
+        chat=chat_encoder(tokenizer),
     )
     web.run_app(application, host=f.host, port=f.port)
 

@@ -4,8 +4,9 @@ tokenizer, with `loglikelihood`, `loglikelihood_rolling` and `generate_until`.
 Scoring sorts the requests by length, pads each batch to a fixed number of rows and to a length
 bucket (a power of two from MIN_BUCKET, at most max_length), so the jitted scorer compiles once
 per bucket; parameters and batches are placed on the mesh by the rules table, as in training.
-Generation goes through one function, `generate_tokens` (today the KV-cache sampler,
-llm.model.decode), which batches prompts of equal length.
+Generation goes through one function, `generate_tokens`: llm.engine's continuous batching over
+batch_size decode slots of max_length tokens (built at the first generation), so prompts of any
+length share a batch and a request leaves its slot at its stop sequence.
 
 Tokens as lm-eval's `hf` backend makes them: a context is encoded with the tokenizer's own special
 tokens (`bos_prefix=False`, released models) or after a bos token (`bos_prefix=True`, our runs,
@@ -33,7 +34,8 @@ from lm_eval.models.utils import (
     postprocess_generated_text,
 )
 
-from llm.model.decode import check_sampling, generate
+from llm.engine import Engine, EngineConfig, Request
+from llm.model.decode import check_sampling
 from llm.model.transformer import Transformer
 from llm.parallel import partitioning
 
@@ -201,35 +203,42 @@ class JaxLM(TemplateLM):
         return totals
 
     # Generation.
+    @functools.cached_property
+    def engine(self) -> Engine:
+        """batch_size decode slots of max_length tokens over the model (llm.engine)."""
+        return Engine(
+            nnx.merge(self.graphdef, self.state),
+            EngineConfig(slots=self.batch_size, max_len=self.max_length),
+            tokenizer=self.text_tokenizer,
+            eos_id=self.eot_token_id,
+            vocab_limit=self.text_tokenizer.vocab_size,
+        )
+
     def generate_tokens(
-        self, prompts: list[list[int]], max_new_tokens: int, sampling: dict[str, Any]
+        self, prompts: list[list[int]], until: list[list[str]], max_new: list[int], sampling: dict
     ) -> list[list[int]]:
-        """The new tokens after each of equally long `prompts`, cut at eos. The one place
-        generation happens (the KV-cache sampler today)."""
-        size = -(-len(prompts) // self.batch_size) * self.batch_size
-        padded = prompts + [prompts[-1]] * (size - len(prompts))  # fixed shapes: fewer compiles
-        model = nnx.merge(self.graphdef, self.state)
-        sharding = partitioning.batch_sharding(self.mesh, self.rules)
-        with jax.set_mesh(self.mesh), partitioning.axis_rules(self.rules):
-            tokens = generate(
-                model,
-                jax.device_put(np.array(padded, np.int32), sharding),
-                max_new_tokens=max_new_tokens,
-                rng=jax.random.key(sampling.pop("seed", self.seed)),
-                eos_id=self.eot_token_id,
-                vocab_limit=self.text_tokenizer.vocab_size,
-                **sampling,
-            )
-        new = np.asarray(tokens)[: len(prompts), len(prompts[0]) :].tolist()
-        return [
-            row[: row.index(self.eot_token_id)] if self.eot_token_id in row else row for row in new
+        """The new tokens after each prompt, up to its stop sequence (included: cut by the
+        caller, as lm-eval cuts text), max_new tokens or eos (excluded); `sampling` as _sampling
+        returns it. The one place generation happens (llm.engine)."""
+        sampling = {"seed": self.seed, **sampling}
+        requests = [
+            Request(prompt=p, max_tokens=n, stop=tuple(stop), **sampling)
+            for p, stop, n in zip(prompts, until, max_new, strict=True)
         ]
+        step = self.engine.config.max_queue
+        with jax.set_mesh(self.mesh), partitioning.axis_rules(self.rules):
+            done = [
+                c
+                for i in range(0, len(requests), step)
+                for c in self.engine.generate(requests[i : i + step])
+            ]
+        return [c.tokens for c in done]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continues each context until a stop sequence or max_gen_toks tokens; prompts longer
         than max_length - max_gen_toks keep their last tokens (as lm-eval's hf backend)."""
         eos_text = self.text_tokenizer.piece(self.eot_token_id)
-        groups: dict[tuple, list[tuple[int, list[int], list[str]]]] = {}
+        groups: dict[tuple, list[tuple[int, list[int], list[str], int]]] = {}
         for i, (context, gen_kwargs) in enumerate(req.args for req in requests):
             kwargs = normalize_gen_kwargs(gen_kwargs, DEFAULT_MAX_GEN_TOKS)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
@@ -241,21 +250,21 @@ class JaxLM(TemplateLM):
                 )
             sampling = _sampling(kwargs)
             prompt = self.tok_encode(context)[-(self.max_length - max_new) :]
-            key = (len(prompt), max_new, tuple(sorted(sampling.items())))
-            groups.setdefault(key, []).append((i, prompt, until))
+            groups.setdefault(tuple(sorted(sampling.items())), []).append(
+                (i, prompt, until, max_new)
+            )
         results = [""] * len(requests)
-        for (_, max_new, sampling), members in groups.items():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start : start + self.batch_size]
-                new = self.generate_tokens([p for _, p, _ in chunk], max_new, dict(sampling))
-                for (i, _, until), tokens in zip(chunk, new, strict=True):
-                    results[i] = postprocess_generated_text(self.tok_decode(tokens), until, None)
+        for sampling, members in groups.items():
+            index, prompts, untils, max_new = zip(*members, strict=True)
+            new = self.generate_tokens(list(prompts), list(untils), list(max_new), dict(sampling))
+            for i, until, tokens in zip(index, untils, new, strict=True):
+                results[i] = postprocess_generated_text(self.tok_decode(tokens), until, None)
         return results
 
 
 def _sampling(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """generate()'s sampling arguments of a request's remaining generation kwargs: greedy unless
-    do_sample with a temperature > 0; ValueError naming a kwarg this backend does not implement."""
+    """llm.engine.Request's sampling fields of a request's remaining generation kwargs: greedy
+    unless do_sample with a temperature > 0; ValueError naming a kwarg this backend lacks."""
     unknown = sorted(set(kwargs) - set(SAMPLING_KWARGS))
     if unknown:
         raise ValueError(

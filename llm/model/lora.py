@@ -223,8 +223,23 @@ def dropout_key(key: jax.Array | None) -> Iterator[None]:
         _DROPOUT_KEY.pop()
 
 
+_DISABLED: list[bool] = [False]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Adapters traced inside contribute nothing: the model is its (possibly quantized) base, as
+    LoRA's DPO reference (llm.training.dpo) needs, without a second copy of the weights."""
+    _DISABLED.append(True)
+    try:
+        yield
+    finally:
+        _DISABLED.pop()
+
+
 def adapter(module: nnx.Module, name: str) -> Adapter | None:
-    return getattr(module, f"{name}_lora", None)
+    """module.<name>'s adapter; None if it has none or adapters are `disabled`."""
+    return None if _DISABLED[-1] else getattr(module, f"{name}_lora", None)
 
 
 def is_adapted(module: nnx.Module, name: str) -> bool:

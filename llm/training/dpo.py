@@ -3,8 +3,9 @@
 A batch holds B pairs, "chosen_<key>" and "rejected_<key>" for each packed key ([B, L], the
 prompt weighted 0; data.sft), and "reference": the frozen reference model's state, an input of
 the same jitted step that is never differentiated. The reference is the init_from checkpoint
-(`load_reference`); `reference_logprobs` takes its parameters as an argument, so that with LoRA
-the base without adapters can be passed instead of a second model.
+(`load_reference`). With LoRA (config.lora.rank > 0) batches carry no reference: it is the
+policy itself with its adapters off (llm.model.lora.disabled), i.e. the frozen base, so no second
+model is held, and only the adapters are trained (dropout masks as in llm.training.step).
 
 With log-probabilities summed over response tokens, pi (policy) and ref, of chosen c and rejected
 r, and |c|, |r| their response lengths:
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from llm.model import lora
 from llm.parallel import partitioning
 from llm.training import init_from
 from llm.training.state import Batch, TrainState
@@ -63,6 +65,15 @@ def reference_logprobs(
     return sequence_logprobs(log_probs, _side(batch, "targets"), _side(batch, "weights")), log_probs
 
 
+def _reference(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch):
+    """`reference_logprobs` of the batch's "reference", or without one (LoRA) of `state` with
+    its adapters off."""
+    if "reference" in batch:
+        return reference_logprobs(graphdef, batch["reference"], batch)
+    with lora.disabled():
+        return reference_logprobs(graphdef, state, batch)
+
+
 def preference_losses(
     policy: jax.Array,
     reference: jax.Array,
@@ -87,8 +98,9 @@ def preference_losses(
 
 def pair_sums(graphdef, state, batch: Batch, cfg) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The summed loss of the batch's pairs and the sums of SUMS (over pairs; kl_to_ref over
-    response tokens, with the token count as "tokens")."""
-    ref_logp, ref_log_probs = reference_logprobs(graphdef, batch["reference"], batch)
+    response tokens, with the token count as "tokens"). Without a "reference" in `batch` the
+    reference is `state` with its LoRA adapters off."""
+    ref_logp, ref_log_probs = _reference(graphdef, state, batch)
     log_probs = _log_softmax(graphdef, state, batch)  # [2B, L, V]
     targets, weights = _side(batch, "targets"), _side(batch, "weights")
     logp = sequence_logprobs(log_probs, targets, weights)  # [2B]
@@ -126,19 +138,29 @@ def make_train_step(
     exp,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step on the mean preference loss of the batch's pairs (the experiment's
-    post_training config), over its grad_accum_steps micro-batches; metrics dpo/<SUMS>."""
+    post_training config), over its grad_accum_steps micro-batches; metrics dpo/<SUMS>. Only
+    `lora.trainable(exp.lora)` variables are differentiated (LoRA: the adapters)."""
     cfg, grad_accum_steps = exp.post_training, exp.grad_accum_steps
-
-    def loss_fn(params, rest, batch):
-        return pair_sums(graphdef, nnx.merge_state(params, rest), batch, cfg)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    trainable = lora.trainable(exp.lora)
+    value_and_grad = jax.value_and_grad(
+        lambda params, rest, batch: pair_sums(graphdef, nnx.merge_state(params, rest), batch, cfg),
+        has_aux=True,
+    )
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        params, rest = nnx.split_state(state.params, nnx.Param, ...)
-        reference = batch["reference"]
+        params, rest = nnx.split_state(state.params, trainable, ...)
+        reference = {k: v for k, v in batch.items() if k == "reference"}  # none with LoRA
         arrays = {k: v for k, v in batch.items() if k != "reference"}
         pairs = arrays["chosen_inputs"].shape[0]
+
+        def grad_fn(params, rest, batch, micro=0):
+            key = None
+            if exp.lora.dropout:
+                key = jax.random.fold_in(jax.random.key(exp.seed), state.step)
+                key = jax.random.fold_in(key, micro)
+            with lora.dropout_key(key):
+                return value_and_grad(params, rest, batch)
+
         if grad_accum_steps == 1:
             (_, sums), grads = grad_fn(params, rest, batch)
         else:
@@ -148,12 +170,15 @@ def make_train_step(
             )
 
             def accumulate(carry, micro_batch):
-                (_, sums), g = grad_fn(params, rest, {**micro_batch, "reference": reference})
+                micro_batch, i = micro_batch
+                (_, sums), g = grad_fn(params, rest, {**micro_batch, **reference}, i)
                 return jax.tree.map(jnp.add, carry, (g, sums)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             zero_sums = {k: jnp.zeros(()) for k in (*SUMS, "tokens")}
-            (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), micro)
+            (grads, sums), _ = jax.lax.scan(
+                accumulate, (zeros, zero_sums), (micro, jnp.arange(grad_accum_steps))
+            )
         grads = jax.tree.map(lambda g: g / pairs, grads)
         updates, opt_state = tx.update(grads, state.opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -199,7 +224,10 @@ def load_reference(exp, state: nnx.State, shardings) -> nnx.State:
 
 def loop_parts(exp, setup, put: Callable[[dict], Batch]):
     """What llm.training.loop swaps in for a preference run: `put` whose device batches also carry
-    the reference model's state (`load_reference`), the eval step and `evaluate`."""
-    reference = load_reference(exp, setup.state.params, setup.shardings.params)
+    the reference model's state (`load_reference`; none with LoRA: the base is the reference),
+    the eval step and `evaluate`."""
     eval_step = jax.jit(make_eval_step(setup.graphdef, exp.post_training))
+    if exp.lora.rank:
+        return put, eval_step, evaluate
+    reference = load_reference(exp, setup.state.params, setup.shardings.params)
     return lambda batch: {**put(batch), "reference": reference}, eval_step, evaluate

@@ -100,11 +100,6 @@ class Experiment:
         patterns.validate_fits(self.model, self.seq_len)
         self.lora.check_model(self.model)
         check(
-            not (self.lora.rank and self.post_training.format == "preference"),
-            "config.lora with post_training.format=preference: DPO's step does not train "
-            "adapters yet (llm.training.dpo); set lora.rank=0 or use format=sft.",
-        )
-        check(
             not (self.lora.rank and (self.prune.method != "none" or self.distill.enabled)),
             "config.lora with config.prune or config.distill: both act on the full weights the "
             "adapters freeze; set lora.rank=0, or prune.method=none and distill.teacher=''.",

@@ -60,9 +60,7 @@ def test_decode_alignment_last_query_sees_last_key():
     assert not m.CausalMask().dense(6, 4)[:2].any()  # q_seq > kv_seq: first rows see nothing.
 
 
-@pytest.mark.parametrize(
-    "mask,fn", [c for c in CASES if not c[0].has_block_sparse], ids=_case_id
-)
+@pytest.mark.parametrize("mask,fn", [c for c in CASES if not c[0].has_block_sparse], ids=_case_id)
 @pytest.mark.parametrize("q_seq,kv_seq", SHAPES)
 def test_predicate_on_jnp_grid_equals_dense(mask, fn, q_seq, kv_seq):
     del fn

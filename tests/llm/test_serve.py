@@ -1,10 +1,13 @@
 """llm.serve: a real HTTP client over the loopback gets the sampler's completion, streamed or
-not; the API key, the body cap and bad input are refused while the server keeps serving; a
-client that leaves mid-stream frees its slot."""
+not, and for chat messages the completion of transformers' apply_chat_template rendering; the API
+key, the body cap, bad input, malformed messages and a tokenizer without a chat template are
+refused while the server keeps serving; a client that leaves mid-stream frees its slot."""
 
 import asyncio
+import contextlib
 import http.client
 import json
+import shutil
 import socket
 import threading
 import time
@@ -24,13 +27,47 @@ from llm.model.decode import generate
 from llm.model.transformer import Transformer
 
 KEY = "test-key"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def server(hf_tokenizer_dir):
-    """(port, engine, model, tokenizer) of a server on 127.0.0.1 run by a thread of this process."""
-    tokenizer = HFTokenizer(hf_tokenizer_dir)
+def chat_tokenizer_dir(hf_tokenizer_dir, tmp_path_factory):
+    """hf_tokenizer_dir with CHAT_TEMPLATE in its tokenizer_config.json."""
+    directory = tmp_path_factory.mktemp("chat_tokenizer")
+    shutil.copytree(hf_tokenizer_dir, directory, dirs_exist_ok=True)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+@contextlib.contextmanager
+def running(app):
+    """The port of `app` served on 127.0.0.1 by a thread of this process."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield runner.addresses[0][1]
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(chat_tokenizer_dir):
+    """(port, engine, model, tokenizer) of a server on 127.0.0.1 run by a thread of this process;
+    its tokenizer has CHAT_TEMPLATE."""
+    tokenizer = HFTokenizer(chat_tokenizer_dir)
     cfg = ModelConfig(
         vocab_size=512, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
         max_seq_len=64,
@@ -46,27 +83,18 @@ def server(hf_tokenizer_dir):
         vocab_limit=tokenizer.vocab_size,
     )
     app = serve.make_app(
-        engine, tokenizer.encode, api_key=KEY, max_body_bytes=2048, max_tokens_cap=48, timeout=5
-    )
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield port, engine, model, tokenizer
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=30)
+        engine, tokenizer.encode, api_key=KEY, max_body_bytes=2048, max_tokens_cap=48, timeout=5,
+        chat=serve.chat_encoder(tokenizer),
+    )  # fmt: skip
+    with running(app) as port:
+        yield port, engine, model, tokenizer
 
 
-def post(port, body, headers=AUTH):
-    """-> (status, parsed JSON or the raw text) of POST /v1/completions over a real connection."""
+def post(port, body, headers=AUTH, path="/v1/completions"):
+    """-> (status, parsed JSON or the raw text) of a POST to `path` over a real connection."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    connection.request("POST", "/v1/completions", body=data, headers=headers)
+    connection.request("POST", path, body=data, headers=headers)
     response = connection.getresponse()
     raw = response.read().decode()
     connection.close()
@@ -151,3 +179,57 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server, monkeypatch):
     assert engine.finished["cancelled"] == before + 1
     assert engine.load() == (0, 0)
     assert post(port, {"prompt": "The", "max_tokens": 2})[0] == 200
+
+
+def test_chat_completion_and_stream_over_http(server, chat_tokenizer_dir):
+    import transformers
+
+    port, _, model, tokenizer = server
+    messages = [
+        {"role": "system", "content": "Answer in Python terms."},
+        {"role": "user", "content": "The list type"},
+    ]
+    rendered = transformers.AutoTokenizer.from_pretrained(chat_tokenizer_dir).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    assert rendered.endswith("<|assistant|>\n")
+    body = {"messages": messages, "max_tokens": 10, "temperature": 0}
+    status, answer = post(port, body, path="/v1/chat/completions")
+    assert status == 200, answer
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["finish_reason"]
+    message = answer["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": greedy_text(model, tokenizer, rendered, 10)}
+    assert answer["usage"]["prompt_tokens"] == len(tokenizer.encode(rendered))
+
+    status, raw = post(port, {**body, "stream": True}, path="/v1/chat/completions")
+    assert status == 200
+    events = [line[len("data: ") :] for line in raw.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == message["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == answer["choices"][0]["finish_reason"]
+
+
+def test_malformed_chat_requests_are_400(server, hf_tokenizer_dir):
+    port = server[0]
+    good = {"messages": [{"role": "user", "content": "def f"}], "max_tokens": 2}
+    for body, message in [
+        ({"max_tokens": 2}, "messages must be a non-empty list"),
+        ({**good, "messages": []}, "messages must be a non-empty list"),
+        ({**good, "messages": [{"role": "user", "content": 3}]}, "messages must be"),
+        ({**good, "messages": [{"role": "user"}]}, "messages must be"),
+        ({**good, "messages": [{"role": "robot", "content": "x"}]}, "unknown role robot"),
+        ({**good, "prompt": "x"}, "unknown field(s) ['prompt']"),
+    ]:
+        got, answer = post(port, body, path="/v1/chat/completions")
+        assert got == 400 and message in answer["error"]["message"], answer
+    assert post(port, good, path="/v1/chat/completions")[0] == 200
+
+    plain = HFTokenizer(hf_tokenizer_dir)  # no chat template
+    assert serve.chat_encoder(plain) is None
+    engine = Engine(server[2], EngineConfig(slots=1, max_len=64), tokenizer=plain)
+    with running(serve.make_app(engine, plain.encode, chat=None)) as other:
+        got, answer = post(other, good, headers={}, path="/v1/chat/completions")
+    assert got == 400 and "no chat template" in answer["error"]["message"], answer

@@ -1,8 +1,7 @@
 """llm.harness.lm.JaxLM against plain references: loglikelihood is the sum of the log-softmax
 of the model's logits on the continuation (truncated from the left past max_length), rolling
-log-likelihood scores every token once in lm-eval's windows, generate_until is the KV-cache
-greedy output (KV-cache sampler; here against full
-forward passes) cut at the stop sequence."""
+log-likelihood scores every token once in lm-eval's windows, generate_until is the engine's
+greedy output (llm.engine; here against full forward passes) cut at the stop sequence."""
 
 import functools
 

@@ -7,7 +7,7 @@ import pytest
 from llm import config as config_lib
 from llm import train
 from llm.parallel import partitioning
-from llm.training import checkpoint, loop
+from llm.training import checkpoint, instruments, loop
 from llm.training.metrics import read_metrics
 
 
@@ -66,7 +66,7 @@ def test_memory_report_shrinks_parameters_by_the_fsdp_factor(tiny_config):
             }
             compiled = loop.compile_train_step(config_lib.resolve(config), setup, abstract_batch)
             reports[fsdp] = partitioning.memory_report(setup.state, compiled)
-    print({k: loop.format_memory(v) for k, v in reports.items()})
+    print({k: instruments.format_memory(v) for k, v in reports.items()})
     assert reports[8]["params"] * 8 == reports[1]["params"]
     assert reports[8]["optimizer"] < reports[1]["optimizer"] / 7  # mu, nu split; the count is not
     assert reports[1]["temp"] > 0
