@@ -276,7 +276,12 @@ def qmatmul(x2: jax.Array, w2: jax.Array, mode: str, real: bool | None = None) -
 
 
 def _spec(module: nnx.Module, name: str) -> tuple[str, tuple[int, ...]]:
-    return WEIGHTS[(type(module).__name__, name)]
+    """WEIGHTS' entry for module.<name>, found by its class or the class it extends (the
+    native sparse attention layer projects q, k, v and o as Attention does)."""
+    for cls in type(module).__mro__:
+        if (cls.__name__, name) in WEIGHTS:
+            return WEIGHTS[(cls.__name__, name)]
+    raise KeyError((type(module).__name__, name))
 
 
 def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
