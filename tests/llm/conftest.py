@@ -70,3 +70,29 @@ def tiny_run(tmp_path_factory, tiny_config_shared) -> pathlib.Path:
     directory = tmp_path_factory.mktemp("tiny_run")
     train.train_and_evaluate(tiny_config_shared, str(directory))
     return directory
+
+
+@pytest.fixture
+def train_until_first_save(monkeypatch):
+    """train_until_first_save(config, workdir): trains until the first checkpoint is complete,
+    then dies there (as kill -9 would right after it), leaving the run to be resumed."""
+    from llm import train
+    from llm.training import checkpoint
+
+    class Interrupted(Exception):
+        pass
+
+    save = checkpoint.save
+
+    def save_then_die(manager, state, **kwargs):
+        save(manager, state, **kwargs)
+        manager.wait_until_finished()
+        raise Interrupted
+
+    def run(config, workdir: str) -> None:
+        with monkeypatch.context() as patch:
+            patch.setattr(checkpoint, "save", save_then_die)
+            with pytest.raises(Interrupted):
+                train.train_and_evaluate(config, workdir)
+
+    return run

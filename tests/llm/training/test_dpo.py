@@ -19,7 +19,7 @@ from llm import config as config_lib
 from llm import train
 from llm.errors import ConfigError
 from llm.model.transformer import Transformer
-from llm.training import checkpoint, dpo
+from llm.training import dpo
 from llm.training.metrics import read_metrics
 from llm.training.state import TrainState
 
@@ -173,12 +173,8 @@ def _dpo_config(config, source, **overrides):
     )
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_a_resumed_dpo_run_matches_an_uninterrupted_one(
-    tmp_path, tiny_config, tiny_run, monkeypatch
+    tmp_path, tiny_config, tiny_run, train_until_first_save
 ):
     config = _dpo_config(tiny_config, tiny_run, steps=4, checkpoint_every=2, eval_every=4)
     train.train_and_evaluate(config, str(tmp_path / "full"))
@@ -187,18 +183,8 @@ def test_a_resumed_dpo_run_matches_an_uninterrupted_one(
     assert {"eval_dpo/accuracy", "eval_dpo/reward_margin"} <= set(expected[4])
     assert expected[1]["dpo/kl_to_ref"] == pytest.approx(0, abs=1e-6)  # starts at the reference
 
-    save = checkpoint.save
-
-    def save_then_die(manager, state, **kwargs):  # dies right after its step-2 save
-        save(manager, state, **kwargs)
-        manager.wait_until_finished()
-        raise Interrupted
-
     config = config_lib.with_overrides(config, {"eval_every": 0})  # no eval step to compile
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(Interrupted):
-        train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(checkpoint, "save", save)
+    train_until_first_save(config, str(tmp_path / "resumed"))
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
     records = read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in records] == [1, 2, 3, 4]

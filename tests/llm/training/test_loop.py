@@ -62,10 +62,6 @@ def test_checkpoint_round_trip(tmp_path, tiny_config):
     np.testing.assert_array_equal(only_params["embed"][...], params["embed"][...])
 
 
-class Interrupted(Exception):
-    pass
-
-
 MUP = {  # muP off its base width, logging the activation sizes
     "model.parametrization": "mup",
     "model.mup_base_width": 32,
@@ -74,24 +70,16 @@ MUP = {  # muP off its base width, logging the activation sizes
 
 
 @pytest.mark.parametrize("overrides", [{}, MUP], ids=["sp", "mup"])
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_config, monkeypatch, overrides):
+def test_resumed_run_matches_an_uninterrupted_one(
+    tmp_path, tiny_config, train_until_first_save, overrides
+):
     tiny_config = config_lib.with_overrides(tiny_config, overrides)
     full = train.train_and_evaluate(tiny_config, str(tmp_path / "full"))
     expected = {r["step"]: r for r in read_metrics(tmp_path / "full")}
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert "eval_loss" in full
 
-    save = checkpoint.save
-
-    def save_then_die(manager, state, **kwargs):  # the run dies right after its step-3 save
-        save(manager, state, **kwargs)
-        manager.wait_until_finished()
-        raise Interrupted
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(Interrupted):
-        train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(checkpoint, "save", save)
+    train_until_first_save(tiny_config, str(tmp_path / "resumed"))
     train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
 
     records = read_metrics(tmp_path / "resumed")

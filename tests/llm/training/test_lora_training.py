@@ -11,7 +11,7 @@ from llm import config as config_lib
 from llm import lora as lora_cmd
 from llm import runs, train
 from llm.model import lora
-from llm.training import checkpoint, loop
+from llm.training import loop
 from llm.training.metrics import read_metrics
 from llm.training.optimizer import make_optimizer
 
@@ -23,10 +23,6 @@ LORA = {
     "lora.quantize": "int8",
     "lora.targets": ("q", "v", "o", "gate", "down"),
 }
-
-
-class Interrupted(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +66,10 @@ def test_base_is_frozen_and_only_adapters_have_optimizer_state(lora_run, lora_co
 
 
 def test_resumed_lora_run_matches_an_uninterrupted_one(
-    tmp_path, lora_run, lora_config, monkeypatch
+    tmp_path, lora_run, lora_config, train_until_first_save
 ):
     expected = {r["step"]: r["loss"] for r in read_metrics(lora_run)}
-    save = checkpoint.save
-
-    def save_then_die(manager, state, **kwargs):  # the run dies right after its step-3 save
-        save(manager, state, **kwargs)
-        manager.wait_until_finished()
-        raise Interrupted
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(Interrupted):
-        train.train_and_evaluate(lora_config, str(tmp_path))
-    monkeypatch.setattr(checkpoint, "save", save)
+    train_until_first_save(lora_config, str(tmp_path))
     train.train_and_evaluate(lora_config, str(tmp_path))
     assert {r["step"]: r["loss"] for r in read_metrics(tmp_path)} == expected  # bit-identical
     resumed, _ = runs.load_run(str(tmp_path))

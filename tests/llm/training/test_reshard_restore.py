@@ -7,12 +7,8 @@ import pytest
 from llm import config as config_lib
 from llm import train
 from llm.parallel import partitioning
-from llm.training import checkpoint, instruments, loop
+from llm.training import instruments, loop
 from llm.training.metrics import read_metrics
-
-
-class Interrupted(Exception):
-    pass
 
 
 def with_mesh(config, **sizes):
@@ -20,21 +16,13 @@ def with_mesh(config, **sizes):
     return config_lib.with_overrides(config, {f"mesh.{axis}": n for axis, n in sizes.items()})
 
 
-def test_save_under_fsdp_resume_under_tensor_and_data(tmp_path, tiny_config, monkeypatch):
+def test_save_under_fsdp_resume_under_tensor_and_data(
+    tmp_path, tiny_config, train_until_first_save
+):
     train.train_and_evaluate(with_mesh(tiny_config, data=8), str(tmp_path / "full"))
     expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
 
-    save = checkpoint.save
-
-    def save_then_die(manager, state, **kwargs):  # the fsdp=8 run dies after its step-3 save
-        save(manager, state, **kwargs)
-        manager.wait_until_finished()
-        raise Interrupted
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(Interrupted):
-        train.train_and_evaluate(with_mesh(tiny_config, fsdp=8), str(tmp_path / "resharded"))
-    monkeypatch.setattr(checkpoint, "save", save)
+    train_until_first_save(with_mesh(tiny_config, fsdp=8), str(tmp_path / "resharded"))
     train.train_and_evaluate(with_mesh(tiny_config, data=4, tensor=2), str(tmp_path / "resharded"))
 
     records = read_metrics(tmp_path / "resharded")
