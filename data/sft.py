@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -154,6 +154,16 @@ def template_for(tokenizer) -> Template:
         token = token.get("content") if isinstance(token, dict) else token
         special.append((name, token or ""))
     return Template(source, tuple(special))
+
+
+def chat_encoder(tokenizer) -> Callable[[list], list[int]] | None:
+    """messages -> ids of the tokenizer's chat template rendered with the assistant's turn opened,
+    encoded as transformers' apply_chat_template does (no special tokens added); None when the
+    tokenizer has no chat template. The template's refusals are jinja2.TemplateError."""
+    template = template_for(tokenizer)
+    if template.chat_template is None:
+        return None
+    return lambda messages: tokenizer.encode(template.generation_prompt(messages))
 
 
 def tokenize(segments: list, tokenizer) -> tuple[list[int], list[float]]:

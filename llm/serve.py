@@ -34,7 +34,7 @@ import jinja2
 from absl import app, flags, logging
 from aiohttp import web
 
-from data import sft
+from data.sft import chat_encoder
 from llm.engine import Delta, Engine, EngineConfig, QueueFull, Request
 from llm.errors import ConfigError
 from llm.runs import load_model
@@ -61,16 +61,6 @@ def _number(body: dict, name: str, default: Any, integer: bool = False) -> Any:
         kind = "an integer" if integer else "a number"
         raise BadRequest(f"{name} must be {kind}, got {value!r}.")
     return value
-
-
-def chat_encoder(tokenizer) -> CHAT | None:
-    """messages -> ids of the tokenizer's chat template (data.sft) rendered with the assistant's
-    turn opened, encoded as transformers' apply_chat_template does (no special tokens added);
-    None when the tokenizer has no chat template."""
-    template = sft.template_for(tokenizer)
-    if template.chat_template is None:
-        return None
-    return lambda messages: tokenizer.encode(template.generation_prompt(messages))
 
 
 def _chat_ids(messages: Any, chat: CHAT) -> list[int]:
@@ -165,7 +155,7 @@ def make_app(
     chat: CHAT | None = None,
 ) -> web.Application:
     """The aiohttp application; its startup starts the engine's thread, its cleanup stops it.
-    `chat` (`chat_encoder`'s) serves /v1/chat/completions; without it that answers 400."""
+    `chat` (data.sft.chat_encoder's) serves /v1/chat/completions; without it that answers 400."""
 
     @web.middleware
     async def guard(request: web.Request, handler):

@@ -1,6 +1,8 @@
 """Shared fixtures for the llm tests: a tiny real-text corpus and a tiny training config."""
 
+import json
 import pathlib
+import shutil
 
 import pytest
 
@@ -21,6 +23,25 @@ def text_dir(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> pathlib.Path:
     return tmp_path_factory.mktemp("tfds")
+
+
+CHAT_TEMPLATE = (  # a template of the usual shape: roles checked, the assistant's turn opened
+    "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(hf_tokenizer_dir, tmp_path_factory) -> pathlib.Path:
+    """hf_tokenizer_dir (tests/conftest.py) with CHAT_TEMPLATE in its tokenizer_config.json."""
+    directory = tmp_path_factory.mktemp("chat_tokenizer")
+    shutil.copytree(hf_tokenizer_dir, directory, dirs_exist_ok=True)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
 
 
 TINY = {  # the tiny config's overrides of experiments/default.py

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import http.client
 import json
-import shutil
 import socket
 import threading
 import time
@@ -19,6 +18,7 @@ import pytest
 from aiohttp import web
 from flax import nnx
 
+from data import sft
 from data.hf_tokenizer import HFTokenizer
 from llm import serve
 from llm.engine import Engine, EngineConfig
@@ -27,24 +27,7 @@ from llm.model.decode import generate
 from llm.model.transformer import Transformer
 
 KEY = "test-key"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
-    "<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer_dir(hf_tokenizer_dir, tmp_path_factory):
-    """hf_tokenizer_dir with CHAT_TEMPLATE in its tokenizer_config.json."""
-    directory = tmp_path_factory.mktemp("chat_tokenizer")
-    shutil.copytree(hf_tokenizer_dir, directory, dirs_exist_ok=True)
-    config = json.loads((directory / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
 
 
 @contextlib.contextmanager
@@ -66,7 +49,7 @@ def running(app):
 @pytest.fixture(scope="module")
 def server(chat_tokenizer_dir):
     """(port, engine, model, tokenizer) of a server on 127.0.0.1 run by a thread of this process;
-    its tokenizer has CHAT_TEMPLATE."""
+    its tokenizer has a chat template (tests/llm/conftest.py)."""
     tokenizer = HFTokenizer(chat_tokenizer_dir)
     cfg = ModelConfig(
         vocab_size=512, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
@@ -84,7 +67,7 @@ def server(chat_tokenizer_dir):
     )
     app = serve.make_app(
         engine, tokenizer.encode, api_key=KEY, max_body_bytes=2048, max_tokens_cap=48, timeout=5,
-        chat=serve.chat_encoder(tokenizer),
+        chat=sft.chat_encoder(tokenizer),
     )  # fmt: skip
     with running(app) as port:
         yield port, engine, model, tokenizer
@@ -228,7 +211,7 @@ def test_malformed_chat_requests_are_400(server, hf_tokenizer_dir):
     assert post(port, good, path="/v1/chat/completions")[0] == 200
 
     plain = HFTokenizer(hf_tokenizer_dir)  # no chat template
-    assert serve.chat_encoder(plain) is None
+    assert sft.chat_encoder(plain) is None
     engine = Engine(server[2], EngineConfig(slots=1, max_len=64), tokenizer=plain)
     with running(serve.make_app(engine, plain.encode, chat=None)) as other:
         got, answer = post(other, good, headers={}, path="/v1/chat/completions")
