@@ -19,7 +19,8 @@ eval_len tokens; max_seq_len is eval_len, RoPE has no table, so positions past t
 are computed, not clipped): loss per position bucket (position within the row's document piece,
 i.e. the context the token actually sees; llm/science/probes.py), and passkey retrieval by
 ranking the true key among --candidates at --passkey_lens. Writes results.json, results.md,
-position_loss.png and passkey.png to --out_dir; `--replot` redraws the figures from results.json.
+position_loss.png and passkey.png to --out_dir; `--replot` rewrites the table and figures from
+results.json.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from experiments import default
 from experiments.studies.sparse_vs_dense import wilson_interval
 from llm import config as config_lib
 from llm import runs, train
+from llm.model.config import RopeScaling
 from llm.model.transformer import Transformer
 from llm.science import flops, probes
 
@@ -75,7 +77,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("trials", 10, "Passkey prompts per (length, depth).")
     flags.DEFINE_integer("candidates", 5, "Keys ranked per prompt (chance = 1 / candidates).")
     flags.DEFINE_integer("seed", 0, "Seed of initialization and data order (one seed per call).")
-    flags.DEFINE_bool("replot", False, "Redraw --out_dir's figures from results.json.")
+    flags.DEFINE_bool("replot", False, "Rewrite --out_dir's table and figures from results.json.")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -109,7 +111,8 @@ def continuations(pretrained: pathlib.Path) -> dict[str, dict]:
     }  # fmt: skip
     cfg = config_lib.model_config(base_config())
     budget = flops.train_flops_per_token(cfg, FLAGS.long_len) * FLAGS.long_len * long["batch_size"]
-    control_steps = flops.steps_for_budget(cfg, budget * FLAGS.steps, FLAGS.batch_size, FLAGS.short_len)
+    budget *= FLAGS.steps  # FLOPs of one long continuation
+    control_steps = flops.steps_for_budget(cfg, budget, FLAGS.batch_size, FLAGS.short_len)
     return {
         "control": {
             "init_from": long["init_from"], "optimizer.learning_rate": FLAGS.continue_lr,
@@ -145,10 +148,9 @@ def train_run(overrides: dict, path: pathlib.Path) -> dict:
     }  # fmt: skip
 
 
-def with_rope(model: Transformer, overrides: dict) -> Transformer:
-    """`model`'s weights under another RoPE (the `model.rope_*` overrides), untrained."""
-    config = config_lib.with_overrides(base_config(), overrides)
-    cfg = dataclasses.replace(model.cfg, rope_scaling=config_lib.model_config(config).rope_scaling)
+def with_rope(model: Transformer, rope_scaling: RopeScaling) -> Transformer:
+    """`model`'s weights under another RoPE scaling, untrained."""
+    cfg = dataclasses.replace(model.cfg, rope_scaling=rope_scaling)
     other = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     nnx.update(other, nnx.state(model))
     return other
@@ -197,9 +199,11 @@ def measure(workdir: pathlib.Path) -> dict:
         start = time.perf_counter()
         model, _ = runs.load_run(str(workdir / ("pretrained" if name.startswith("pre") else name)))
         if name == "pretrained_yarn":
-            model = with_rope(model, scaling("yarn"))
+            yarn = config_lib.with_overrides(base_config(), scaling("yarn"))
+            model = with_rope(model, config_lib.model_config(yarn).rope_scaling)
             rows[name] = {"overrides": scaling("yarn")}
-        rows[name].update(probe(model, tokenizer, eval_data), probe_seconds=time.perf_counter() - start)
+        rows[name].update(probe(model, tokenizer, eval_data))
+        rows[name]["probe_seconds"] = time.perf_counter() - start
         logging.warning("%s probed in %.0f s", name, rows[name]["probe_seconds"])
     return rows
 
@@ -228,16 +232,18 @@ def write_results(result: dict, out: pathlib.Path) -> None:
         "over seeds.",
         "",
         f"Default model (4 layers x 256), pretrained {first['steps']} steps at context {short} "
-        f"({first['tokens']:,} tokens); each long continuation the same steps and tokens at {long}. "
+        f"({first['tokens']:,} tokens); each long continuation the same steps and tokens at "
+        f"{long}. "
         f"Losses: nats/token on the held-out validation split, packed in rows of {f['eval_len']}.",
         "",
-        "| model | steps x batch x context | GFLOP trained | loss 0-" + f"{short} | loss {short}-{long} "
-        f"| loss {long}-{f['eval_len']} | "
+        f"| model | steps x batch x context | GFLOP trained | loss 0-{short} "
+        f"| loss {short}-{long} | loss {long}-{f['eval_len']} | "
         + " | ".join(f"passkey @{n} (chance {1 / f['candidates']:.2f})" for n in lengths) + " |",
         "|---|---|---|---|---|---|" + "---|" * len(lengths),
     ]
     for name, r in rows.items():
-        bands = [bucket_mean(r, lo, hi) for lo, hi in ((0, short), (short, long), (long, f["eval_len"]))]
+        bands = [bucket_mean(r, lo, hi)
+                 for lo, hi in ((0, short), (short, long), (long, f["eval_len"]))]  # fmt: skip
         trained = (f"{r['steps']} x {r['batch_size']} x {r['seq_len']}" if "steps" in r else "—")
         gflop = f"{r['flops'] / 1e9:.0f}" if "flops" in r else "—"
         lines.append(
@@ -249,21 +255,25 @@ def write_results(result: dict, out: pathlib.Path) -> None:
     header = [f"{s}- ({t:,.0f})" for s, t in zip(starts, first["position_tokens"])]
     lines += ["| model | " + " | ".join(header) + " |", "|---" * (len(starts) + 1) + "|"]
     for name, r in rows.items():
-        lines.append(f"| {LABELS[name]} | " + " | ".join(f"{v:.3f}" for v in r["position_loss"]) + " |")
+        losses = " | ".join(f"{v:.3f}" for v in r["position_loss"])
+        lines.append(f"| {LABELS[name]} | {losses} |")
     cells = [(p["context_len"], p["depth"], p["needle_distance"]) for p in first["passkey"]]
     lines += ["", f"Passkey accuracy per (length, depth), mean needle distance in tokens; "
               f"{f['trials']} trials each:", ""]  # fmt: skip
     lines.append("| model | " + " | ".join(f"{n}@{d} ({s:.0f})" for n, d, s in cells) + " |")
     lines.append("|---" * (len(cells) + 1) + "|")
     for name, r in rows.items():
-        lines.append(f"| {LABELS[name]} | " + " | ".join(f"{p['accuracy']:.2f}" for p in r["passkey"]) + " |")
+        accuracies = " | ".join(f"{p['accuracy']:.2f}" for p in r["passkey"])
+        lines.append(f"| {LABELS[name]} | {accuracies} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_results(result, out)
 
 
 def bucket_mean(row: dict, lo: int, hi: int) -> float:
     """Token-weighted mean loss of the buckets starting in [lo, hi)."""
-    starts, loss, tokens = (np.array(row[k]) for k in ("position_starts", "position_loss", "position_tokens"))
+    starts, loss, tokens = (
+        np.array(row[k]) for k in ("position_starts", "position_loss", "position_tokens")
+    )
     keep = (starts >= lo) & (starts < hi) & (tokens > 0)
     return float((loss[keep] * tokens[keep]).sum() / tokens[keep].sum()) if keep.any() else math.nan
 
@@ -285,7 +295,7 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
         ax.annotate(what, (x, 1), xycoords=("data", "axes fraction"), rotation=90, va="top",
                     ha="right", fontsize=7, color="gray")  # fmt: skip
     ax.set(xlabel="position in document (tokens, bucket centre)",
-           ylabel="validation loss (nats/token)", yscale="log",
+           ylabel="validation loss (nats/token)",
            title=f"Loss per position, evaluated in rows of {f['eval_len']} tokens")  # fmt: skip
     fig.legend(loc="outside right upper")
     plots.save(fig, out / "position_loss.png", note=note + "; dashed: never extended")
@@ -315,7 +325,7 @@ def main(argv: list[str]) -> None:
     del argv
     out = pathlib.Path(FLAGS.out_dir)
     if FLAGS.replot:
-        plot_results(json.loads((out / "results.json").read_text()), out)
+        write_results(json.loads((out / "results.json").read_text()), out)
         return
     start = time.perf_counter()
     rows = measure(pathlib.Path(FLAGS.workdir))

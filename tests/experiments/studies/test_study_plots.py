@@ -60,6 +60,7 @@ def test_moe_figure_names_its_series_and_ticks(monkeypatch):
     [
         ("moe_vs_dense", "--out", ["loss_vs_flops.png"]),
         ("sparse_vs_dense", "--out_dir", ["position_loss.png", "passkey.png"]),
+        ("long_context", "--out_dir", ["position_loss.png", "passkey.png"]),
     ],
 )
 def test_replot_from_committed_results(tmp_path, study, out_flag, figures):
