@@ -317,7 +317,8 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
                ylim=(-0.02, 1.02), title=f"prompts of {length} tokens")  # fmt: skip
     fig.legend(*np.atleast_1d(axes)[0].get_legend_handles_labels(), loc="outside right upper")
     plots.save(fig, out / "passkey.png", note=f"{note}; error bars: 95% Wilson interval of "
-               f"{f['trials']} trials; points are needle depths, not joined")  # fmt: skip
+               f"{f['trials']} trials; a point per needle depth, not joined; series shifted sideways "
+               "to stay visible")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
