@@ -106,7 +106,7 @@ def scaling(kind: str) -> dict:
 def continuations(pretrained: pathlib.Path) -> dict[str, dict]:
     """name -> overrides of each run continuing from the pretrained checkpoint."""
     long = {
-        "seq_len": FLAGS.long_len, "batch_size": round(FLAGS.batch_size / factor()),
+        "seq_len": FLAGS.long_len, "batch_size": FLAGS.batch_size // int(factor()),
         "init_from": f"workdir:{pretrained}", "optimizer.learning_rate": FLAGS.continue_lr,
     }  # fmt: skip
     cfg = config_lib.model_config(base_config())
@@ -317,8 +317,8 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
                ylim=(-0.02, 1.02), title=f"prompts of {length} tokens")  # fmt: skip
     fig.legend(*np.atleast_1d(axes)[0].get_legend_handles_labels(), loc="outside right upper")
     plots.save(fig, out / "passkey.png", note=f"{note}; error bars: 95% Wilson interval of "
-               f"{f['trials']} trials; a point per needle depth, not joined; series shifted sideways "
-               "to stay visible")  # fmt: skip
+               f"{f['trials']} trials; a point per needle depth, not joined; series shifted "
+               "sideways to stay visible")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -328,6 +328,15 @@ def main(argv: list[str]) -> None:
     if FLAGS.replot:
         write_results(json.loads((out / "results.json").read_text()), out)
         return
+    short, long = FLAGS.short_len, FLAGS.long_len
+    if long % short or FLAGS.batch_size % (long // short) or FLAGS.eval_len < long:
+        print(
+            "error: need --long_len a multiple of --short_len, --batch_size a multiple of their "
+            "ratio (the long runs' batch is batch_size / ratio: equal tokens) and --eval_len >= "
+            f"--long_len; got {short}, {long}, {FLAGS.batch_size}, {FLAGS.eval_len}.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     start = time.perf_counter()
     rows = measure(pathlib.Path(FLAGS.workdir))
     result = {
