@@ -2,10 +2,6 @@
 loaded; a Hugging Face model samples with its own tokenizer, and --chat renders the prompt exactly
 as transformers' apply_chat_template(..., add_generation_prompt=True) does."""
 
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +14,6 @@ from llm.model.config import ModelConfig
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
 
-ROOT = pathlib.Path(__file__).parents[2]
-
-
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -29,28 +22,10 @@ ROOT = pathlib.Path(__file__).parents[2]
         (["--system=Be brief."], "error: --system is a chat turn: pass --chat with it."),
     ],
 )
-def test_mistakes_exit_2_with_one_line(tmp_path, flags, message):
-    done = subprocess.run(
-        [sys.executable, "-m", "llm.sample", f"--workdir={tmp_path / 'none'}", *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+def test_mistakes_exit_2_with_one_line(run_module, tmp_path, flags, message):
+    done = run_module("llm.sample", f"--workdir={tmp_path / 'none'}", *flags)
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr and "Traceback" not in done.stderr
-
-
-def run_sample(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "llm.sample", *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def tiny_model() -> Transformer:
@@ -60,15 +35,17 @@ def tiny_model() -> Transformer:
     return Transformer(cfg, rngs=nnx.Rngs(0))
 
 
-def test_a_hugging_face_model_samples_with_its_own_tokenizer(tmp_path, hf_tokenizer_dir):
+def test_a_hugging_face_model_samples_with_its_own_tokenizer(
+    run_module, tmp_path, hf_tokenizer_dir
+):
     hf.save(tiny_model(), str(tmp_path / "hf"), tokenizer=HFTokenizer(hf_tokenizer_dir))
     prompt = "The list type"
     flags = [f"--hf={tmp_path / 'hf'}", f"--prompt={prompt}", "--max_new_tokens=4"]
-    done = run_sample(*flags, "--greedy")
+    done = run_module("llm.sample", *flags, "--greedy")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(prompt)
 
-    chat = run_sample(*flags, "--chat")  # its tokenizer has no chat template
+    chat = run_module("llm.sample", *flags, "--chat")  # its tokenizer has no chat template
     assert chat.returncode == 2 and "Traceback" not in chat.stderr, chat.stderr[-2000:]
     assert chat.stderr.strip().splitlines()[-1].startswith(
         "error: --chat needs a chat template, and the tokenizer"
@@ -102,12 +79,14 @@ def test_chat_without_a_template_is_refused(hf_tokenizer_dir):
         sample.prompt_ids(tokenizer, tokenizer.encode_prompt, "hi", chat=True)
 
 
-def test_chat_samples_the_reply_to_the_rendered_prompt(tmp_path, chat_tokenizer_dir):
+def test_chat_samples_the_reply_to_the_rendered_prompt(
+    run_module, tmp_path, chat_tokenizer_dir
+):
     model, tokenizer = tiny_model(), HFTokenizer(chat_tokenizer_dir)
     hf.save(model, str(tmp_path / "hf"), tokenizer=tokenizer)
     prompt, system = "The list type", "Answer in Python terms."
-    done = run_sample(
-        f"--hf={tmp_path / 'hf'}", f"--prompt={prompt}", "--chat", f"--system={system}",
+    done = run_module(
+        "llm.sample", f"--hf={tmp_path / 'hf'}", f"--prompt={prompt}", "--chat", f"--system={system}",
         "--greedy", "--max_new_tokens=6",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
