@@ -86,8 +86,8 @@ def test_chat_samples_the_reply_to_the_rendered_prompt(
     hf.save(model, str(tmp_path / "hf"), tokenizer=tokenizer)
     prompt, system = "The list type", "Answer in Python terms."
     done = run_module(
-        "llm.sample", f"--hf={tmp_path / 'hf'}", f"--prompt={prompt}", "--chat", f"--system={system}",
-        "--greedy", "--max_new_tokens=6",
+        "llm.sample", f"--hf={tmp_path / 'hf'}", f"--prompt={prompt}", "--chat",
+        f"--system={system}", "--greedy", "--max_new_tokens=6",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
