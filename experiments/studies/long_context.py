@@ -2,7 +2,7 @@
 recipes, and measure what each model does with positions up to twice the long context.
 
     python -m experiments.studies.long_context --workdir=/tmp/long_context  # ~45 min, shared CPU
-    python -m experiments.studies.long_context --steps=1000 --batch_size=16 --trials=32  # to see more
+    python -m experiments.studies.long_context --steps=1000 --batch_size=16 --trials=32  # larger
 
 The default model (experiments/default.py) is pretrained at --short_len. From its checkpoint
 (config.init_from: same weights, fresh optimizer) four runs continue at --long_len for the same
