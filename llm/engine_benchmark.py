@@ -18,6 +18,7 @@ one-at-a-time ones. CPU figures are CPU figures, not accelerator performance.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -37,6 +38,24 @@ PROMPT_LENGTHS = ((8, 0.35), (16, 0.3), (32, 0.2), (128, 0.15))  # (tokens, shar
 OUTPUT_LENGTHS = ((8, 0.45), (16, 0.4), (128, 0.15))
 
 
+class Compilations:
+    """Counts XLA compilations (a jax.monitoring listener, registered by main) and those that
+    happen inside `timed()` sections, which must be none for the figures to be fair."""
+
+    count = timed = 0
+
+    @classmethod
+    def listen(cls, event: str, duration: float, **kwargs) -> None:
+        cls.count += event == "/jax/core/compile/backend_compile_duration"
+
+    @classmethod
+    @contextlib.contextmanager
+    def timed(cls):
+        before = cls.count
+        yield
+        cls.timed += cls.count - before
+
+
 def skewed_mix(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
     """n (prompt ids, max_tokens) drawn from PROMPT_LENGTHS x OUTPUT_LENGTHS."""
     rng = np.random.default_rng(seed)
@@ -47,9 +66,14 @@ def skewed_mix(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]
     return [(rng.integers(1, vocab, p).tolist(), o) for p, o in zip(prompts, outputs)]
 
 
-def _greedy(model, prompts: np.ndarray, new: int) -> np.ndarray:
+def _greedy(model, prompts: np.ndarray, new: int, lengths=None) -> np.ndarray:
     out = generate(
-        model, jnp.asarray(prompts), max_new_tokens=new, rng=jax.random.key(0), greedy=True
+        model,
+        jnp.asarray(prompts),
+        max_new_tokens=new,
+        rng=jax.random.key(0),
+        greedy=True,
+        prompt_lengths=lengths,
     )
     return np.asarray(out)[:, prompts.shape[1] :]
 
@@ -59,15 +83,17 @@ def one_at_a_time(model, mix) -> tuple[list[list[int]], list[float]]:
     for shape in {(len(p), n) for p, n in mix}:  # compile every shape first
         _greedy(model, np.zeros((1, shape[0]), np.int32), shape[1])
     start, outputs, done = time.perf_counter(), [], []
-    for prompt, new in mix:
-        outputs.append(_greedy(model, np.array([prompt], np.int32), new)[0].tolist())
-        done.append(time.perf_counter() - start)
+    with Compilations.timed():
+        for prompt, new in mix:
+            outputs.append(_greedy(model, np.array([prompt], np.int32), new)[0].tolist())
+            done.append(time.perf_counter() - start)
     return outputs, done
 
 
-def static_batches(model, mix, size: int) -> list[float]:
-    """Batches of `size` in arrival order, padded to their longest prompt and output -> finish
-    times (a request finishes with its batch)."""
+def static_batches(model, mix, size: int) -> tuple[list[list[int]], list[float]]:
+    """Batches of `size` in arrival order, left-padded to their longest prompt (the padding
+    masked), every row decoding the batch's largest max_tokens -> (each request's first
+    max_tokens tokens, finish times: a request finishes with its batch)."""
     batches = [mix[i : i + size] for i in range(0, len(mix), size)]
 
     def padded(batch):
@@ -75,15 +101,17 @@ def static_batches(model, mix, size: int) -> list[float]:
         rows = np.zeros((len(batch), width), np.int32)
         for row, (prompt, _) in zip(rows, batch):
             row[width - len(prompt) :] = prompt  # left-padded: every row's last token at the end
-        return rows, max(n for _, n in batch)
+        return rows, max(n for _, n in batch), [len(p) for p, _ in batch]
 
-    for rows, new in {(r.shape, n): (r, n) for r, n in map(padded, batches)}.values():
-        _greedy(model, rows, new)  # compile
-    start, done = time.perf_counter(), []
-    for batch in batches:
-        _greedy(model, *padded(batch))
-        done += [time.perf_counter() - start] * len(batch)
-    return done
+    for rows, new, lengths in {(r.shape, n): (r, n, l) for r, n, l in map(padded, batches)}.values():
+        _greedy(model, rows, new, lengths)  # compile
+    start, outputs, done = time.perf_counter(), [], []
+    with Compilations.timed():
+        for batch in batches:
+            out = _greedy(model, *padded(batch))
+            done += [time.perf_counter() - start] * len(batch)
+            outputs += [row[:n].tolist() for row, (_, n) in zip(out, batch)]
+    return outputs, done
 
 
 def engine_run(model, mix, config: EngineConfig) -> tuple[list[list[int]], list[float]]:
@@ -104,7 +132,9 @@ def engine_run(model, mix, config: EngineConfig) -> tuple[list[list[int]], list[
         Request(p, max_tokens=n, greedy=True, on_delta=finish_time(i))
         for i, (p, n) in enumerate(mix)
     ]
-    return [c.tokens for c in engine.generate(requests)], done
+    with Compilations.timed():
+        completions = engine.generate(requests)
+    return [c.tokens for c in completions], done
 
 
 def report(name: str, tokens: int, done: list[float], base: float | None) -> tuple[str, float]:
@@ -119,6 +149,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    jax.monitoring.register_event_duration_secs_listener(Compilations.listen)
     if f.workdir or f.hf:
         model, _, _ = load_model(f.workdir, f.hf)
     else:
@@ -137,7 +168,7 @@ def main(argv: list[str]) -> None:
     rounds = []  # the ways interleaved, so a change in the machine's load hits them alike
     for _ in range(f.repeats):
         single, single_done = one_at_a_time(model, mix)
-        static_done = static_batches(model, mix, f.slots)
+        static, static_done = static_batches(model, mix, f.slots)
         tokens, engine_done = engine_run(model, mix, config)
         rounds.append((single_done, static_done, engine_done))
     single_done, static_done, engine_done = (min(r, key=max) for r in zip(*rounds))  # fastest
@@ -147,8 +178,10 @@ def main(argv: list[str]) -> None:
     print(report("one at a time", total, single_done, static_rate)[0])
     print(static_line)
     print(report(f"engine, {f.slots} slots", total, engine_done, static_rate)[0])
-    same = sum(a == b for a, b in zip(tokens, single))
-    print(f"engine tokens equal to one-at-a-time: {same}/{len(mix)} requests")
+    for name, way in (("static", static), ("engine", tokens)):
+        same = sum(a == b for a, b in zip(way, single))
+        print(f"{name} tokens equal to one-at-a-time: {same}/{len(mix)} requests")
+    print(f"compilations while timing: {Compilations.timed}")
 
 
 if __name__ == "__main__":
