@@ -42,7 +42,7 @@ class Compilations:
     """Counts XLA compilations (a jax.monitoring listener, registered by main) and those that
     happen inside `timed()` sections, which must be none for the figures to be fair."""
 
-    count = timed = 0
+    count = while_timing = 0
 
     @classmethod
     def listen(cls, event: str, duration: float, **kwargs) -> None:
@@ -53,7 +53,7 @@ class Compilations:
     def timed(cls):
         before = cls.count
         yield
-        cls.timed += cls.count - before
+        cls.while_timing += cls.count - before
 
 
 def skewed_mix(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -181,7 +181,7 @@ def main(argv: list[str]) -> None:
     for name, way in (("static", static), ("engine", tokens)):
         same = sum(a == b for a, b in zip(way, single))
         print(f"{name} tokens equal to one-at-a-time: {same}/{len(mix)} requests")
-    print(f"compilations while timing: {Compilations.timed}")
+    print(f"compilations while timing: {Compilations.while_timing}")
 
 
 if __name__ == "__main__":
