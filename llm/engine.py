@@ -186,6 +186,7 @@ class Engine:
                 self._run_prefill(0, np.zeros((1, chunk), np.int32), 0, 0, length)
             for rows in self._rows:
                 tokens = self._run_decode(rows, length)
+        self._cache = slot_decode.move(self._cache, np.int32(0), np.int32(0))
         tokens.block_until_ready()
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
@@ -224,6 +225,8 @@ class Engine:
             for slot in range(len(self._slots)):
                 if self._slots[slot] is None and self._queue:
                     self._admit(slot, self._queue.popleft())
+            if not self._queue:
+                self._compact()
         waiting = [
             s for s, j in enumerate(self._slots) if j is not None and j.filled < len(j.prompt)
         ]
@@ -238,6 +241,22 @@ class Engine:
         self._slots[slot] = job
         self._index[slot] = 0
         self._sampling.admit(slot, job.request)
+
+    def _compact(self) -> None:
+        """Moves requests from the highest slots into free lower ones, so decode steps compute
+        fewer rows once nothing waits to take those slots."""
+        while None in self._slots:
+            free, last = self._slots.index(None), max(
+                (s for s, j in enumerate(self._slots) if j is not None), default=-1
+            )
+            if last < free:
+                return
+            self._cache = slot_decode.move(self._cache, np.int32(last), np.int32(free))
+            self._slots[free], self._slots[last] = self._slots[last], None
+            self._next[free], self._index[free], self._index[last] = (
+                self._next[last], self._index[last], 0
+            )
+            self._sampling.move(last, free)
 
     def _prefill(self, slot: int) -> None:
         job, start = self._slots[slot], self._slots[slot].filled

@@ -101,6 +101,11 @@ class SlotSampling:
     def clear(self, slot: int) -> None:
         self.rows.greedy[slot], self.rows.temperature[slot] = True, 1.0
 
+    def move(self, src: int, dst: int) -> None:
+        for field in self.rows:
+            field[dst] = field[src]
+        self.clear(src)
+
     def first(self, n: int) -> slot_decode.Sampling:
         """The first n slots' rows, on the device."""
         return slot_decode.Sampling(*(jnp.asarray(field[:n]) for field in self.rows))

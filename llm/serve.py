@@ -11,8 +11,8 @@ field is refused. With "stream": true the answer is server-sent events, one chun
 `data: [DONE]`. POST /v1/chat/completions takes messages ([{"role", "content": text}, ...])
 instead of prompt, rendered by the tokenizer's chat template (data.sft) with the assistant's turn
 opened; it answers choices[0].message (streamed: choices[0].delta chunks), and 400 when the
-tokenizer has no chat template. GET /v1/models names the model. It binds 127.0.0.1 unless --host says otherwise;
-with --api_key every request needs `Authorization: Bearer KEY` (else 401). A body over
+tokenizer has no chat template. GET /v1/models names the model. It binds 127.0.0.1 unless --host
+says otherwise; with --api_key every request needs `Authorization: Bearer KEY` (else 401). A body over
 --max_body_bytes is 413, a bad request 400 (one message, the server keeps serving), a full queue
 429; a client that stalls sending its headers or body or reading the stream for --timeout seconds
 is dropped, and a client that goes away frees its slot.

@@ -111,3 +111,10 @@ def decode(graphdef, state, cache, tokens, index, sampling: Sampling, vocab_limi
         n: jax.lax.dynamic_update_slice(cache[n], x, (0,) * 5) for n, x in (("k", k), ("v", v))
     }
     return sample_rows(logits, sampling, vocab_limit), cache
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def move(cache, src, dst):
+    """The cache with slot `src`'s keys and values copied into slot `dst` (int32[] each)."""
+    row = lambda x: jax.lax.dynamic_slice_in_dim(x, src, 1, axis=1)
+    return {n: jax.lax.dynamic_update_slice_in_dim(x, row(x), dst, 1) for n, x in cache.items()}
