@@ -179,8 +179,9 @@ class Engine:
     # The engine's own thread (or generate's caller).
 
     def warmup(self) -> None:
-        """Compiles every shape the engine runs (prefill and decode at each cache length), so no
-        request waits for a compilation. Call while no request is in a slot."""
+        """Compiles every shape the engine runs (prefill at each cache length and chunk size,
+        decode at each length and row count, the slot move), so no request waits for a
+        compilation. Call while no request is in a slot."""
         for length in self._lengths:
             for chunk in self._chunks:
                 self._run_prefill(0, np.zeros((1, chunk), np.int32), 0, 0, length)
@@ -212,7 +213,8 @@ class Engine:
         return completions
 
     def step(self) -> bool:
-        """Admits, prefills one chunk, decodes one token per generating slot. False when idle."""
+        """Admits (or, with none queued, moves requests into lower slots), prefills one chunk,
+        decodes one token per generating slot. False when idle."""
         with self._cv:
             cancelled, self._cancelled = self._cancelled, set()
             for job in [j for j in self._queue if j.id in cancelled]:
