@@ -8,12 +8,15 @@ arriving at once, greedy, no end-of-sequence token, so every way produces exactl
 request: equal outputs). The ways:
   one at a time  llm.model.decode.generate per request (batch of one, exact lengths)
   static         generate on batches of --slots requests in arrival order, prompts left-padded to
-                 the batch's longest, every row decoding the batch's largest max_tokens
+                 the batch's longest (the padding masked), every row decoding the batch's largest
+                 max_tokens
   engine         llm.engine: --slots decode slots, chunked prefill, requests join as others leave
-Compilation is excluded (every shape is run once before timing); the three ways run --repeats
-times, interleaved, and each way's fastest round is shown. Prints tokens/s (generated tokens
-only), per-request latency (arrival to last token) and whether the engine's tokens equal the
-one-at-a-time ones. CPU figures are CPU figures, not accelerator performance.
+Compilation is excluded (every shape is run once before timing, and compilations inside the timed
+sections are counted: there must be none); the three ways run --repeats times, interleaved, and
+each way's fastest round is shown, with its least CPU time (this process's, steadier than wall
+time on a shared machine). Prints tokens/s (generated tokens only), per-request latency (arrival
+to last token) and whether static batching's and the engine's tokens equal the one-at-a-time
+ones. CPU figures are CPU figures, not accelerator performance.
 """
 
 from __future__ import annotations
