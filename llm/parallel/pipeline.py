@@ -4,11 +4,17 @@ executing a schedule table (llm.parallel.schedules) with a `scan` over its ticks
 The stacked layers (model.scan_layers; logical axis "layers", placed on "stage" by the rules
 table) split into S·v chunks; the embedding runs before them (its gradient after), the output
 head and loss on the stage holding the last chunk. Per tick, each stage runs its op under
-`jax.shard_map` (manual over "stage" only, so data/fsdp/tensor sharding still applies inside): a
-forward keeps its `jax.vjp` residuals in a slot until the schedule runs its backward, so a
-stage's memory follows the schedule (GPipe holds M microbatches in flight, 1F1B at most S).
-Activations move forward and gradients backward with `ppermute`. Parameters that are residuals
-are not copied into slots.
+`jax.shard_map` (manual over "stage" only, so data/fsdp/tensor/expert sharding still applies
+inside, MoE all-to-alls included): a forward keeps its `jax.vjp` residuals in a slot until the
+schedule runs its backward, so a stage's memory follows the schedule (GPipe holds M microbatches
+in flight, 1F1B at most S). A split backward (zb_h1) runs the same `vjp` twice from the slot: I
+keeps only the input gradient, W only the weight gradient (XLA drops the unused half; W
+recomputes the input gradients inside a chunk of several layers). Activations move forward and
+gradients backward with `ppermute`. Parameters that are residuals are not copied into slots.
+
+MoE chunks add their auxiliary losses to the loss per microbatch (the step's weighting) and
+return their routing values, averaged over the microbatches: the same as one device with
+gradient accumulation over the same microbatches.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -36,7 +43,7 @@ AXIS = "stage"
 class PipelineConfig:
     """config.pipeline: the schedule run when mesh.stage > 1 (ignored at mesh.stage = 1)."""
 
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zb_h1
     microbatches: int = 4  # M, microbatches per (accumulation) batch
     virtual_stages: int = 1  # v, chunks per stage (interleaved_1f1b only, >= 2)
 
@@ -51,7 +58,7 @@ class PipelineConfig:
         check(
             interleaved or self.virtual_stages == 1,
             f"config.pipeline.virtual_stages={self.virtual_stages} needs "
-            "pipeline.schedule=interleaved_1f1b (gpipe and 1f1b have one chunk per stage): set "
+            "pipeline.schedule=interleaved_1f1b (the others have one chunk per stage): set "
             "virtual_stages=1 or the interleaved schedule.",
         )
         check(
@@ -158,9 +165,10 @@ def make_value_and_grad(
     cfg: PipelineConfig,
     head_loss: Callable[[Transformer, jax.Array, dict], tuple[jax.Array, jax.Array]],
 ):
-    """(params, rest, batch) -> ((loss_sum, (ce_sum, {})), grads), as jax.value_and_grad of the
-    step's loss, pipelined over the mesh's stage axis. head_loss(model, hidden after the final
-    norm, microbatch) -> (summed loss, summed cross-entropy)."""
+    """(params, rest, batch) -> ((loss_sum, (ce_sum, MoE values {layer: {name: value}})), grads),
+    as jax.value_and_grad of the step's loss, pipelined over the mesh's stage axis.
+    head_loss(model, hidden after the final norm, microbatch) -> (summed loss, summed
+    cross-entropy)."""
 
     def value_and_grad(params: nnx.State, rest: nnx.State, batch: dict):
         mesh = jax.sharding.get_abstract_mesh()
@@ -306,52 +314,40 @@ def make_value_and_grad(
 
             def op_fn(kind):
                 def run(carry, m, j, slot):
+                    send_x = send_dy = zeros
+                    if kind == schedules.IDLE:
+                        return carry, send_x, send_dy
                     carry = dict(carry, stash=dict(carry["stash"]))
+                    phase, pool = schedules.phase_and_pool(kind)
                     mb = jax.tree.map(lambda x: x[m], micro)
                     chunk, fixed = chunk_of(j)
-                    send_x = send_dy = zeros
+                    known = (chunk, head) if pool == "last" else (chunk,)
                     one = jnp.ones((), jnp.float32)  # the cotangent of a summed loss
-                    if kind in (schedules.F_FIRST, schedules.F_MID):
-                        pool = "first" if kind == schedules.F_FIRST else "mid"
-                        x = x_first[m] if pool == "first" else carry["x"]["mid"][slot]
-                        (send_x, penalty), vjp_fn, aux = f_mid((chunk,), x, mb, fixed)
-                        stash(carry, pool, slot, vjp_fn, (chunk,))
-                        add_forward(carry, j, penalty, aux)
-                    elif kind == schedules.F_LAST:
-                        x = carry["x"]["last"][slot]
-                        loss, vjp_fn, (ce, aux) = f_last((chunk, head), x, mb, fixed)
-                        stash(carry, "last", slot, vjp_fn, (chunk, head))
+                    if phase == "F":
+                        if pool == "last":
+                            x = carry["x"]["last"][slot]
+                            loss, vjp_fn, (ce, aux) = f_last(known, x, mb, fixed)
+                            carry["ce"] = carry["ce"] + ce
+                        else:
+                            x = x_first[m] if pool == "first" else carry["x"]["mid"][slot]
+                            (send_x, loss), vjp_fn, aux = f_mid(known, x, mb, fixed)
+                        stash(carry, pool, slot, vjp_fn, known)
                         add_forward(carry, j, loss, aux)
-                        carry["ce"] = carry["ce"] + ce
-                    elif kind == schedules.B_FIRST:
-                        vjp_fn = restore(carry, "first", slot, (chunk,))
-                        d_chunk, dx = vjp_fn((carry["dy"]["first"][slot], one))
-                        add_grad(carry, j, d_chunk)
+                        return carry, send_x, send_dy
+                    vjp_fn = restore(carry, pool, slot, known)
+                    *d_known, dx = vjp_fn(one if pool == "last" else (carry["dy"][pool][slot], one))
+                    if phase != "I":  # B or W: the weight gradient (I's is never computed)
+                        add_grad(carry, j, *d_known)
+                    if phase != "W" and pool == "first":  # B or I: the input gradient
                         carry["dx_first"] = carry["dx_first"].at[m].set(dx)
-                    elif kind == schedules.B_MID:
-                        vjp_fn = restore(carry, "mid", slot, (chunk,))
-                        d_chunk, send_dy = vjp_fn((carry["dy"]["mid"][slot], one))
-                        add_grad(carry, j, d_chunk)
-                    elif kind == schedules.B_LAST:
-                        vjp_fn = restore(carry, "last", slot, (chunk, head))
-                        d_chunk, d_head, send_dy = vjp_fn(one)
-                        add_grad(carry, j, d_chunk, d_head)
+                    elif phase != "W":
+                        send_dy = dx
                     return carry, send_x, send_dy
 
                 return run
 
-            present = {
-                schedules.F_FIRST: "first",
-                schedules.F_MID: "mid",
-                schedules.F_LAST: "last",
-                schedules.B_FIRST: "first",
-                schedules.B_MID: "mid",
-                schedules.B_LAST: "last",
-            }
-            branches = [
-                op_fn(k if k == schedules.IDLE or sizes[present[k]] else schedules.IDLE)
-                for k in range(7)
-            ]
+            present = set(np.unique(table.tables["kind"]).tolist())  # the others: never traced
+            branches = [op_fn(k if k in present else schedules.IDLE) for k in schedules.KINDS]
 
             def tick(carry, row):
                 row = {k: x[stage] for k, x in row.items()}
