@@ -1,0 +1,198 @@
+"""The IsoFLOP study under muP against sp: do the fitted exponents move when every width trains at
+a learning rate transferred from a proxy, and do the fits agree better with N counted without the
+embedding table (most of these tiny models)?
+
+    B="(1e12, 2e12)"  # the grid both parametrizations run (the committed study adds 4e12, 8e12)
+    python -m experiments.studies.sweep --sweep=experiments/scaling/isoflop_small.py \
+        --workdir=/tmp/isoflop_sp --sweep.budgets="$B"
+    python -m experiments.studies.sweep --sweep=experiments/scaling/isoflop_mup.py \
+        --workdir=/tmp/isoflop_mup --sweep.budgets="$B"
+    python -m experiments.studies.mup_isoflop --sp_runs=/tmp/isoflop_sp/runs.csv \
+        --mup_runs=/tmp/isoflop_mup/runs.csv --budgets=1e12,2e12
+
+Fits approaches 1-3 (llm.science.scaling) with N = total and N = non-embedding parameters to: the
+committed sp study (--committed, all its budgets), sp and mup rerun now on --budgets. The
+committed runs on --budgets are compared with the rerun sp ones (do they still reproduce?).
+Writes to --out: results.json (every fit), results.md (the tables), sp_runs.csv and mup_runs.csv,
+exponents.png and isoflop.png (`--replot` redraws them from results.json). One seed per run.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+from absl import app, flags
+
+from llm import config as config_lib
+from llm.science import scaling
+
+N_COLUMNS = ("params", "non_embedding_params")
+APPROACHES = ("approach1", "approach2", "approach3")
+MARKERS = "os^D"  # one per set of runs in the exponent plot
+
+
+def restrict(table: scaling.Table, budgets: list[float]) -> scaling.Table:
+    """The rows of `table` whose run has one of `budgets`."""
+    keep = np.isclose(table["budget"][:, None], np.array(budgets)[None, :], rtol=1e-6).any(axis=1)
+    return scaling.select(table, keep)
+
+
+def fit_grid(tables: dict[str, scaling.Table], bootstrap: int, seed: int) -> dict:
+    """fit_all of each table (name -> runs) with each N column: {name: {n_column: fit}}."""
+    return {
+        name: {col: scaling.fit_all(t, col, bootstrap=bootstrap, seed=seed) for col in N_COLUMNS}
+        for name, t in tables.items()
+    }
+
+
+def exponent(fit: dict, approach: str, key: str = "a") -> dict | None:
+    """{"value", "ci95"} of exponent `key` of one approach's fit, or None where it was skipped."""
+    entry = fit[approach].get(key)
+    return entry if isinstance(entry, dict) and "value" in entry else None
+
+
+def reproduction(committed: scaling.Table, rerun: scaling.Table) -> dict:
+    """The largest |loss difference| over the (run, step) rows the two tables share."""
+    old = {(r, s): x for r, s, x in zip(committed["run"], committed["step"], committed["loss"])}
+    diffs = [abs(x - old[(r, s)]) for r, s, x in zip(rerun["run"], rerun["step"], rerun["loss"])
+             if (r, s) in old]  # fmt: skip
+    return {"rows": len(diffs), "max_abs_loss_difference": max(diffs) if diffs else None}
+
+
+def _cell(entry: dict | None) -> str:
+    if entry is None:
+        return "skipped"
+    low, high = entry.get("ci95", (None, None))
+    return f"{entry['value']:.3f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None else "")
+
+
+def tables_md(results: dict) -> str:
+    """The exponent table (a of N* ∝ C^a per approach, α and β of approach 3) and the agreement
+    table (spread of a over approaches; |a_mup - a_sp| per approach on the shared grid)."""
+    lines = ["| runs | N | a: approach 1 | a: approach 2 | a: approach 3 | α | β |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for name, by_column in results["fits"].items():
+        for col, fit in by_column.items():
+            cells = [_cell(exponent(fit, a)) for a in APPROACHES]
+            cells += [_cell(fit["approach3"].get(k)) for k in ("alpha", "beta")]
+            lines.append(f"| {name} | {col} | " + " | ".join(cells) + " |")
+    lines += ["", "| N | spread of a over approaches: sp | mup | abs(a_mup - a_sp): 1 | 2 | 3 |"]
+    lines.append("|---|---|---|---|---|---|")
+    for col, row in results["agreement"].items():
+        cells = [row["spread"][p] for p in ("sp", "mup")] + [row["mup_minus_sp"][a] for a in APPROACHES]
+        lines.append(f"| {col} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def agreement(sp: dict, mup: dict) -> dict:
+    """Per N column: the spread (max - min) of a over the approaches of each parametrization, and
+    |a_mup - a_sp| per approach (None where a fit was skipped)."""
+    out = {}
+    for col in N_COLUMNS:
+        a = {p: {ap: exponent(f[col], ap) for ap in APPROACHES} for p, f in (("sp", sp), ("mup", mup))}
+        values = {p: [e["value"] for e in row.values() if e] for p, row in a.items()}
+        out[col] = {
+            "spread": {p: max(v) - min(v) if len(v) > 1 else None for p, v in values.items()},
+            "mup_minus_sp": {
+                ap: abs(a["mup"][ap]["value"] - a["sp"][ap]["value"])
+                if a["mup"][ap] and a["sp"][ap]
+                else None
+                for ap in APPROACHES
+            },
+        }
+    return out
+
+
+def plot(results: dict, finals: dict[str, scaling.Table], out: pathlib.Path) -> None:
+    """exponents.png: a per approach with its 95% interval, per N column and set of runs;
+    isoflop.png: final loss against N per budget, sp and mup on the shared grid."""
+    from llm.science import plots  # matplotlib only when plotting
+
+    fig, axes = plots.figure(1, len(N_COLUMNS), size=(5 * len(N_COLUMNS), 3.8))
+    names = list(results["fits"])
+    for ax, col in zip(axes, N_COLUMNS, strict=True):
+        for i, name in enumerate(names):
+            for j, ap in enumerate(APPROACHES):
+                e = exponent(results["fits"][name][col], ap)
+                if e is None:
+                    continue
+                x = j + (i - (len(names) - 1) / 2) * 0.2
+                if e.get("ci95") and None not in e["ci95"]:  # a bootstrap interval need not
+                    ax.vlines(x, *e["ci95"], color=plots.COLORS[i])  # contain its point
+                ax.plot([x], [e["value"]], MARKERS[i], color=plots.COLORS[i])
+            ax.plot([], [], MARKERS[i], color=plots.COLORS[i], label=name)  # one legend entry
+        ax.set_xticks(range(len(APPROACHES)), ["approach 1", "approach 2", "approach 3"])
+        ax.set(title=f"N = {col}", ylabel="a in N* ∝ C^a (95% interval)", ylim=(-0.5, 1.5))
+        ax.axhline(0.5, color="0.7", lw=0.8, zorder=0)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(names))
+    plots.save(fig, out / "exponents.png", note="one seed per run; bars: 95% intervals (t for approaches 1-2, "
+               "bootstrap for 3); gray line: a = 0.5")
+
+    fig, axes = plots.figure(1, len(N_COLUMNS), size=(5 * len(N_COLUMNS), 3.8))
+    shared = ["sp", "mup"]
+    for ax, col in zip(axes, N_COLUMNS, strict=True):
+        for k, budget in enumerate(sorted(set(finals[shared[0]]["budget"]))):
+            for i, name in enumerate(shared):
+                t = restrict(finals[name], [budget])
+                order = np.argsort(t[col])
+                ax.plot(t[col][order], t["loss"][order], "o-" if i == 0 else "s--",
+                        color=plots.COLORS[k], label=f"{name.split(',')[0]}, C = {plots.power_of_ten(budget)}")  # fmt: skip
+        ax.set(xscale="log", xlabel=f"N ({col})", ylabel="final eval loss (nats/token)")
+        ax.set_title("IsoFLOP profiles")
+        ax.tick_params(axis="x", which="minor", labelbottom=False)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper")
+    plots.save(fig, out / "isoflop.png", note="one seed per run; a line joins one budget's runs")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    if not (f.sp_runs and f.mup_runs and f.budgets):
+        raise app.UsageError("--sp_runs=, --mup_runs= (runs.csv files) and --budgets= are required.")
+    budgets, out = [float(b) for b in f.budgets], pathlib.Path(f.out)
+    committed = scaling.read_runs(f.committed)
+    sp, mup = (restrict(scaling.read_runs(path), budgets) for path in (f.sp_runs, f.mup_runs))
+    tables = {
+        "sp, committed (4 budgets)": committed,
+        "sp, committed (--budgets)": restrict(committed, budgets),
+        "sp": sp,
+        "mup": mup,
+    }
+    if f.replot:
+        results = json.loads((out / "results.json").read_text())
+        plot(results, {k: scaling.final_rows(t) for k, t in tables.items()}, out)
+        return
+    results = {"budgets": budgets, "fits": fit_grid(tables, f.bootstrap, f.seed)}
+    results["agreement"] = agreement(results["fits"]["sp"], results["fits"]["mup"])
+    results["sp_reproduction"] = reproduction(committed, sp)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(scaling.to_json(results) + "\n")
+    (out / "results.md").write_text(tables_md(results))
+    for name, path in (("sp", f.sp_runs), ("mup", f.mup_runs)):
+        if pathlib.Path(path).resolve() != (out / f"{name}_runs.csv").resolve():
+            shutil.copyfile(path, out / f"{name}_runs.csv")
+    plot(results, {k: scaling.final_rows(t) for k, t in tables.items()}, out)
+    print((out / "results.md").read_text())
+    print(f"sp rerun against the committed runs: {results['sp_reproduction']}")
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("sp_runs", None, "runs.csv of the sp sweep (experiments.studies.sweep).")
+    flags.DEFINE_string("mup_runs", None, "runs.csv of the muP sweep.")
+    flags.DEFINE_string(
+        "committed", "experiments/scaling/results/runs.csv", "runs.csv of the committed study."
+    )
+    flags.DEFINE_list("budgets", None, "The budgets (FLOPs) both are fitted on, e.g. 1e12,2e12.")
+    flags.DEFINE_string("out", "experiments/results/mup/isoflop", "Where the results go.")
+    flags.DEFINE_integer("bootstrap", 200, "Bootstrap fits for approach 3's intervals.")
+    flags.DEFINE_integer("seed", 0, "Seed of the bootstrap resampling.")
+    flags.DEFINE_bool("replot", False, "Redraw the figures from --out's results.json; no fits.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=config_lib.parse_flags)
