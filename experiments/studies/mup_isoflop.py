@@ -2,19 +2,20 @@
 a learning rate transferred from a proxy, and do the fits agree better with N counted without the
 embedding table (most of these tiny models)?
 
-    B="(1e12, 2e12)"  # the grid both parametrizations run (the committed study adds 4e12, 8e12)
+    B="(5e11, 1e12)"  # the grid both parametrizations run (the committed study: 1e12 to 8e12)
     python -m experiments.studies.sweep --sweep=experiments/scaling/isoflop_small.py \
         --workdir=/tmp/isoflop_sp --sweep.budgets="$B"
     python -m experiments.studies.sweep --sweep=experiments/scaling/isoflop_mup.py \
         --workdir=/tmp/isoflop_mup --sweep.budgets="$B"
     python -m experiments.studies.mup_isoflop --sp_runs=/tmp/isoflop_sp/runs.csv \
-        --mup_runs=/tmp/isoflop_mup/runs.csv --budgets=1e12,2e12
+        --mup_runs=/tmp/isoflop_mup/runs.csv --budgets=5e11,1e12
 
-Fits approaches 1-3 (llm.science.scaling) with N = total and N = non-embedding parameters to: the
-committed sp study (--committed, all its budgets), sp and mup rerun now on --budgets. The
-committed runs on --budgets are compared with the rerun sp ones (do they still reproduce?).
-Writes to --out: results.json (every fit), results.md (the tables), sp_runs.csv and mup_runs.csv,
-exponents.png and isoflop.png (`--replot` redraws them from results.json). One seed per run.
+Fits approaches 1-3 (llm.science.scaling) with N = total and N = non-embedding parameters to the
+sp and mup runs on --budgets, and sets them beside the committed study's fits (--committed_fits:
+`python -m llm.scaling` outputs, one per N column). The sp runs are compared with the committed
+ones they share (do they still reproduce?). Writes to --out: results.json (every fit),
+results.md (the tables), sp_runs.csv and mup_runs.csv, exponents.png and isoflop.png (`--replot`
+redraws them from results.json). One seed per run.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from llm.science import scaling
 
 N_COLUMNS = ("params", "non_embedding_params")
 APPROACHES = ("approach1", "approach2", "approach3")
-MARKERS = "os^D"  # one per set of runs in the exponent plot
+MARKERS = "os^"  # one per set of runs in the exponent plot
 
 
 def restrict(table: scaling.Table, budgets: list[float]) -> scaling.Table:
@@ -82,8 +83,10 @@ def tables_md(results: dict) -> str:
     lines += ["", "| N | spread of a over approaches: sp | mup | abs(a_mup - a_sp): 1 | 2 | 3 |"]
     lines.append("|---|---|---|---|---|---|")
     for col, row in results["agreement"].items():
-        cells = [row["spread"][p] for p in ("sp", "mup")] + [row["mup_minus_sp"][a] for a in APPROACHES]
-        lines.append(f"| {col} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
+        cells = [row["spread"][p] for p in ("sp", "mup")]
+        cells += [row["mup_minus_sp"][a] for a in APPROACHES]
+        text = ["—" if c is None else f"{c:.3f}" for c in cells]
+        lines.append(f"| {col} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -92,7 +95,8 @@ def agreement(sp: dict, mup: dict) -> dict:
     |a_mup - a_sp| per approach (None where a fit was skipped)."""
     out = {}
     for col in N_COLUMNS:
-        a = {p: {ap: exponent(f[col], ap) for ap in APPROACHES} for p, f in (("sp", sp), ("mup", mup))}
+        fits = {"sp": sp[col], "mup": mup[col]}
+        a = {p: {ap: exponent(fit, ap) for ap in APPROACHES} for p, fit in fits.items()}
         values = {p: [e["value"] for e in row.values() if e] for p, row in a.items()}
         out[col] = {
             "spread": {p: max(v) - min(v) if len(v) > 1 else None for p, v in values.items()},
@@ -107,8 +111,8 @@ def agreement(sp: dict, mup: dict) -> dict:
 
 
 def plot(results: dict, finals: dict[str, scaling.Table], out: pathlib.Path) -> None:
-    """exponents.png: a per approach with its 95% interval, per N column and set of runs;
-    isoflop.png: final loss against N per budget, sp and mup on the shared grid."""
+    """exponents.png: a per approach with its 95% interval, per N column and set of fits;
+    isoflop.png: final loss against N per budget of `finals` (sp and mup: their last rows)."""
     from llm.science import plots  # matplotlib only when plotting
 
     fig, axes = plots.figure(1, len(N_COLUMNS), size=(5 * len(N_COLUMNS), 3.8))
@@ -128,18 +132,18 @@ def plot(results: dict, finals: dict[str, scaling.Table], out: pathlib.Path) -> 
         ax.set(title=f"N = {col}", ylabel="a in N* ∝ C^a (95% interval)", ylim=(-0.5, 1.5))
         ax.axhline(0.5, color="0.7", lw=0.8, zorder=0)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(names))
-    plots.save(fig, out / "exponents.png", note="one seed per run; bars: 95% intervals (t for approaches 1-2, "
-               "bootstrap for 3); gray line: a = 0.5")
+    note = "one seed per run; bars: 95% intervals (t: approaches 1, 2; bootstrap: 3); gray: a = 0.5"
+    plots.save(fig, out / "exponents.png", note=note)
 
     fig, axes = plots.figure(1, len(N_COLUMNS), size=(5 * len(N_COLUMNS), 3.8))
-    shared = ["sp", "mup"]
     for ax, col in zip(axes, N_COLUMNS, strict=True):
-        for k, budget in enumerate(sorted(set(finals[shared[0]]["budget"]))):
-            for i, name in enumerate(shared):
+        for k, budget in enumerate(sorted(set(finals["sp"]["budget"]))):
+            for name in ("sp", "mup"):
                 t = restrict(finals[name], [budget])
                 order = np.argsort(t[col])
-                ax.plot(t[col][order], t["loss"][order], "o-" if i == 0 else "s--",
-                        color=plots.COLORS[k], label=f"{name.split(',')[0]}, C = {plots.power_of_ten(budget)}")  # fmt: skip
+                label = f"{name}, C = {plots.power_of_ten(budget)}"
+                style = "o-" if name == "sp" else "s--"
+                ax.plot(t[col][order], t["loss"][order], style, color=plots.COLORS[k], label=label)
         ax.set(xscale="log", xlabel=f"N ({col})", ylabel="final eval loss (nats/token)")
         ax.set_title("IsoFLOP profiles")
         ax.tick_params(axis="x", which="minor", labelbottom=False)
@@ -152,30 +156,28 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     if not (f.sp_runs and f.mup_runs and f.budgets):
-        raise app.UsageError("--sp_runs=, --mup_runs= (runs.csv files) and --budgets= are required.")
+        raise app.UsageError("--sp_runs=, --mup_runs= (runs.csv files), --budgets= are required.")
     budgets, out = [float(b) for b in f.budgets], pathlib.Path(f.out)
-    committed = scaling.read_runs(f.committed)
     sp, mup = (restrict(scaling.read_runs(path), budgets) for path in (f.sp_runs, f.mup_runs))
-    tables = {
-        "sp, committed (4 budgets)": committed,
-        "sp, committed (--budgets)": restrict(committed, budgets),
-        "sp": sp,
-        "mup": mup,
-    }
+    finals = {"sp": scaling.final_rows(sp), "mup": scaling.final_rows(mup)}
     if f.replot:
-        results = json.loads((out / "results.json").read_text())
-        plot(results, {k: scaling.final_rows(t) for k, t in tables.items()}, out)
+        plot(json.loads((out / "results.json").read_text()), finals, out)
         return
-    results = {"budgets": budgets, "fits": fit_grid(tables, f.bootstrap, f.seed)}
+    committed = {}
+    for path in f.committed_fits:
+        fit = json.loads(pathlib.Path(path).read_text())
+        committed[fit["n_column"]] = fit
+    results = {"budgets": budgets, "fits": {"sp, committed (4 budgets)": committed}}
+    results["fits"] |= fit_grid({"sp": sp, "mup": mup}, f.bootstrap, f.seed)
     results["agreement"] = agreement(results["fits"]["sp"], results["fits"]["mup"])
-    results["sp_reproduction"] = reproduction(committed, sp)
+    results["sp_reproduction"] = reproduction(scaling.read_runs(f.committed_runs), sp)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(scaling.to_json(results) + "\n")
     (out / "results.md").write_text(tables_md(results))
     for name, path in (("sp", f.sp_runs), ("mup", f.mup_runs)):
         if pathlib.Path(path).resolve() != (out / f"{name}_runs.csv").resolve():
             shutil.copyfile(path, out / f"{name}_runs.csv")
-    plot(results, {k: scaling.final_rows(t) for k, t in tables.items()}, out)
+    plot(results, finals, out)
     print((out / "results.md").read_text())
     print(f"sp rerun against the committed runs: {results['sp_reproduction']}")
 
@@ -184,7 +186,12 @@ def define_flags() -> None:
     flags.DEFINE_string("sp_runs", None, "runs.csv of the sp sweep (experiments.studies.sweep).")
     flags.DEFINE_string("mup_runs", None, "runs.csv of the muP sweep.")
     flags.DEFINE_string(
-        "committed", "experiments/scaling/results/runs.csv", "runs.csv of the committed study."
+        "committed_runs", "experiments/scaling/results/runs.csv", "The committed study's runs."
+    )
+    flags.DEFINE_list(
+        "committed_fits",
+        [f"experiments/scaling/results/{d}fit.json" for d in ("", "non_embedding/")],
+        "The committed study's fit.json files (llm.scaling), one per N column.",
     )
     flags.DEFINE_list("budgets", None, "The budgets (FLOPs) both are fitted on, e.g. 1e12,2e12.")
     flags.DEFINE_string("out", "experiments/results/mup/isoflop", "Where the results go.")
