@@ -36,8 +36,12 @@ MARKERS = "os^"  # one per set of runs in the exponent plot
 
 
 def restrict(table: scaling.Table, budgets: list[float]) -> scaling.Table:
-    """The rows of `table` whose run has one of `budgets`."""
+    """The rows of `table` whose run has one of `budgets` and has finished (a row with `final`
+    true, where the table says)."""
     keep = np.isclose(table["budget"][:, None], np.array(budgets)[None, :], rtol=1e-6).any(axis=1)
+    if "final" in table:
+        finished = set(table["run"][table["final"] == "True"])
+        keep &= np.isin(table["run"], list(finished))
     return scaling.select(table, keep)
 
 

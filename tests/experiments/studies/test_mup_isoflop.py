@@ -10,7 +10,7 @@ from experiments.studies import mup_isoflop
 def table(losses, budgets=(5e11, 1e12, 2e12), widths=(32, 64)) -> dict:
     """Two widths per budget, two evaluations per run; `losses` in that order."""
     rows = [
-        (b, w, step, f"c{b:.0e}_w{w}")
+        (b, w, step, f"c{b:.0e}_w{w}".replace("+", ""))
         for b in budgets
         for w in widths
         for step in (1, 2)
@@ -49,6 +49,10 @@ def test_restrict_and_reproduction():
     result = mup_isoflop.reproduction(committed, rerun)
     assert result["rows"] == 8  # the rows they share, matched by run and step
     assert result["max_abs_loss_difference"] == pytest.approx(0.11)  # the last 2e12 row
+    unfinished = {**committed, "final": np.where(committed["step"] == 2, "True", "False")}
+    unfinished["final"][-1] = "False"  # the last run (2e12, w64) has not reached its last step
+    kept = mup_isoflop.restrict(unfinished, [1e12, 2e12])
+    assert sorted(set(kept["run"])) == ["c1e12_w32", "c1e12_w64", "c2e12_w32"]
 
 
 def test_agreement_and_tables():
