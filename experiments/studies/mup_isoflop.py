@@ -20,6 +20,8 @@ redraws them from results.json). One seed per run.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
 import pathlib
 import shutil
@@ -46,11 +48,19 @@ def restrict(table: scaling.Table, budgets: list[float]) -> scaling.Table:
 
 
 def fit_grid(tables: dict[str, scaling.Table], bootstrap: int, seed: int) -> dict:
-    """fit_all of each table (name -> runs) with each N column: {name: {n_column: fit}}."""
-    return {
-        name: {col: scaling.fit_all(t, col, bootstrap=bootstrap, seed=seed) for col in N_COLUMNS}
-        for name, t in tables.items()
-    }
+    """fit_all of each table (name -> runs) with each N column, in parallel processes:
+    {name: {n_column: fit}}."""
+    jobs = [(name, col) for name in tables for col in N_COLUMNS]
+    with concurrent.futures.ProcessPoolExecutor(len(jobs)) as pool:
+        fits = pool.map(
+            functools.partial(scaling.fit_all, bootstrap=bootstrap, seed=seed),
+            [tables[name] for name, _ in jobs],
+            [col for _, col in jobs],
+        )
+        results = {name: {} for name in tables}
+        for (name, col), fit in zip(jobs, fits, strict=True):
+            results[name][col] = fit
+    return results
 
 
 def exponent(fit: dict, approach: str, key: str = "a") -> dict | None:
