@@ -145,7 +145,7 @@ def plot(results: dict, finals: dict[str, scaling.Table], out: pathlib.Path) -> 
         ax.set_xticks(range(len(APPROACHES)), ["approach 1", "approach 2", "approach 3"])
         ax.set(title=f"N = {col}", ylabel="a in N* ∝ C^a (95% interval)", ylim=(-0.5, 1.5))
         ax.axhline(0.5, color="0.7", lw=0.8, zorder=0)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(names))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncol=len(names))
     note = "one seed per run; bars: 95% intervals (t: approaches 1, 2; bootstrap: 3); gray: a = 0.5"
     plots.save(fig, out / "exponents.png", note=note)
 
