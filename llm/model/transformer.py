@@ -79,11 +79,12 @@ class Transformer(nnx.Module):
             pdt,
         )
         if cfg.scan_layers:  # one Block whose parameters are stacked along a leading "layers" axis
+            moe = cfg.moe.num_experts > 0  # then every layer is MoE (config validation)
 
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def stacked_blocks(rngs: nnx.Rngs) -> Block:
-                return Block(cfg, rngs=rngs)
+                return Block(cfg, rngs=rngs, moe=moe)
 
             self.blocks = stacked_blocks(rngs)
         else:
@@ -189,7 +190,7 @@ class Transformer(nnx.Module):
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
 
-            def body(carry, layer):  # dense blocks only (config validation): aux is {} or RMS
+            def body(carry, layer):  # aux: {} (dense), MoE values and/or RMS, stacked by the scan
                 x, kv = carry
                 layer_state, i = layer
                 x, new, layer_aux = block_fn(graphdef, layer_state, x, layer_cache(kv, i))
@@ -211,6 +212,9 @@ class Transformer(nnx.Module):
 
     def update_expert_biases(self, loads: dict[int, jax.Array]) -> None:
         """One auxiliary-loss-free balancing step (llm.model.moe) of each MoE layer, from its load [E]."""
+        if self.cfg.scan_layers:  # every layer MoE, biases stacked [layers, E]
+            self.blocks.mlp.update_bias(jnp.stack([loads[i] for i in range(self.cfg.num_layers)]))
+            return
         for i, load in loads.items():
             self.blocks[i].mlp.update_bias(load)
 
@@ -229,15 +233,17 @@ def _block_fn(cfg: ModelConfig, positions, segment_ids, record_rms: bool = False
 
 def apply_stacked_blocks(
     cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, x, positions, segment_ids
-) -> jax.Array:
-    """x: [B, L, D] through the dense blocks of `state`, parameters stacked [n, ...] (a run of
-    consecutive layers of a scan_layers model: a pipeline stage, llm.parallel.pipeline)."""
+) -> tuple[jax.Array, dict]:
+    """x: [B, L, D] through the blocks of `state`, parameters stacked [n, ...] (a run of
+    consecutive layers of a scan_layers model: a pipeline stage, llm.parallel.pipeline) -> x and
+    the blocks' auxiliary values stacked {name: [n, ...]} (MoE; {} for dense blocks)."""
     block_fn = _block_fn(cfg, positions, segment_ids)
 
     def body(x, layer_state):
-        return block_fn(graphdef, layer_state, x, None)[0], None
+        x, _, aux = block_fn(graphdef, layer_state, x, None)
+        return x, aux
 
-    return jax.lax.scan(body, x, state)[0]
+    return jax.lax.scan(body, x, state)
 
 
 def init_cache(
