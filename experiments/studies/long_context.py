@@ -42,7 +42,6 @@ from absl import app, flags, logging
 from flax import nnx
 
 from experiments import default
-from experiments.studies.sparse_vs_dense import wilson_interval
 from llm import config as config_lib
 from llm import runs, train
 from llm.model.config import RopeScaling
@@ -309,7 +308,7 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
             cells = sorted((p["needle_distance"], p["accuracy"]) for p in r["passkey"]
                            if p["context_len"] == length)  # fmt: skip
             distance, accuracy = (np.array(c) for c in zip(*cells))
-            low, high = wilson_interval(accuracy, f["trials"])
+            low, high = probes.wilson_interval(accuracy, f["trials"])
             dodge = (i - (len(names) - 1) / 2) * length / 60  # overlapping series stay visible
             ax.errorbar(distance + dodge, accuracy, yerr=[accuracy - low, high - accuracy], fmt="o",
                         capsize=2, color=plots.COLORS[i], label=LABELS[name])  # fmt: skip

@@ -199,18 +199,6 @@ def write_results(rows: list[dict], out: pathlib.Path, command: str, wall: float
     plot_results(rows, out)
 
 
-def wilson_interval(accuracy: np.ndarray, trials: int, z: float = 1.96) -> np.ndarray:
-    """The 95% Wilson score interval of a binomial proportion: [2, ...] (low, high); unlike the
-    normal approximation it is not empty at an accuracy of 0 or 1."""
-    centre = (accuracy + z**2 / (2 * trials)) / (1 + z**2 / trials)
-    half = (
-        z
-        / (1 + z**2 / trials)
-        * np.sqrt(accuracy * (1 - accuracy) / trials + z**2 / (4 * trials**2))
-    )
-    return np.stack([centre - half, centre + half])
-
-
 def plot_results(rows: list[dict], out: pathlib.Path) -> None:
     """position_loss.png and passkey.png from the rows (as measured, or read from results.json)."""
     from llm.science import plots  # matplotlib only when plotting
@@ -236,7 +224,7 @@ def plot_results(rows: list[dict], out: pathlib.Path) -> None:
             cells = sorted((p["needle_distance"], p["accuracy"]) for p in r["passkey"]
                            if p["context_len"] == length)  # fmt: skip
             distance, accuracy = (np.array(c) for c in zip(*cells))
-            low, high = wilson_interval(accuracy, FLAGS.trials)
+            low, high = probes.wilson_interval(accuracy, FLAGS.trials)
             dodge = (i - (len(rows) - 1) / 2) * length / 80  # overlapping series stay visible
             ax.errorbar(distance + dodge, accuracy, yerr=[accuracy - low, high - accuracy],
                         fmt="o-", capsize=2, label=r["schedule"])  # fmt: skip

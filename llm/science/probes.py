@@ -166,3 +166,15 @@ def passkey_retrieval(
                 }
             )
     return rows
+
+
+def wilson_interval(accuracy: np.ndarray, trials: int, z: float = 1.96) -> np.ndarray:
+    """The 95% Wilson score interval of a binomial proportion: [2, ...] (low, high); unlike the
+    normal approximation it is not empty at an accuracy of 0 or 1."""
+    centre = (accuracy + z**2 / (2 * trials)) / (1 + z**2 / trials)
+    half = (
+        z
+        / (1 + z**2 / trials)
+        * np.sqrt(accuracy * (1 - accuracy) / trials + z**2 / (4 * trials**2))
+    )
+    return np.stack([centre - half, centre + half])

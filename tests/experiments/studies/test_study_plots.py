@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments.studies import moe_vs_dense, mup_transfer, sparse_vs_dense
-from llm.science import plots
+from experiments.studies import moe_vs_dense, mup_transfer
+from llm.science import plots, probes
 
 RESULTS = pathlib.Path(__file__).resolve().parents[3] / "experiments" / "results"
 
@@ -22,7 +22,7 @@ RESULTS = pathlib.Path(__file__).resolve().parents[3] / "experiments" / "results
 @pytest.mark.parametrize("trials", [16, 5])
 def test_wilson_interval_matches_scipy(trials):
     successes = np.arange(trials + 1)
-    low, high = sparse_vs_dense.wilson_interval(successes / trials, trials)
+    low, high = probes.wilson_interval(successes / trials, trials)
     for k, lo, hi in zip(successes, low, high):
         expected = stats.binomtest(int(k), trials).proportion_ci(0.95, method="wilson")
         np.testing.assert_allclose([lo, hi], [expected.low, expected.high], atol=1e-4)
