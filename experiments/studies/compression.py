@@ -34,7 +34,7 @@ from llm.science import flops
 
 FLAGS = flags.FLAGS
 PTQ_MODES = ("int8", "int8_w8a8", "int4")
-GROUPS = ("prune", "quant", "distill")
+GROUPS = ("prune", "ptq", "qat", "distill")
 
 
 def define_flags() -> None:
@@ -54,6 +54,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("merge", False, "Keep the runs already in --out_dir's results.json (same "
                       "flags required) and add these; the table covers all.")
     flags.DEFINE_bool("reuse", False, "A run already finished in --workdir is read, not redone.")
+    flags.DEFINE_list("only", [], "Of --groups' training runs, only these (e.g. nm_2_4); the "
+                      "float32 baseline always.")
     flags.DEFINE_bool("replot", False, "Redraw --out_dir's figures from results.json.")
 
 
@@ -106,6 +108,8 @@ def seed_rows(seed: int, workdir: pathlib.Path, groups: list[str]) -> dict:
     rows = {}
 
     def record(name, config, n, extra=None, **kw):
+        if FLAGS.only and name not in (*FLAGS.only, "float32"):
+            return
         curve, seconds = train_run(config, n, kw.get("evals", 1), workdir / name)
         rows[name] = {"eval_loss": curve[-1][1], "curve": curve, "steps": n,
                       "seconds": seconds, **(extra or {})}  # fmt: skip
@@ -119,8 +123,16 @@ def seed_rows(seed: int, workdir: pathlib.Path, groups: list[str]) -> dict:
         record("magnitude_50", config_lib.with_overrides(
             base, {**prune, "prune.method": "magnitude", "prune.sparsity": 0.5}), steps)  # fmt: skip
         record("nm_2_4", config_lib.with_overrides(base, {**prune, "prune.method": "2:4"}), steps)
-    if "quant" in groups:
-        quant_rows(base, workdir, record, rows)
+    if "ptq" in groups:
+        ptq_rows(workdir / "float32", {mode: f"ptq_{mode}" for mode in PTQ_MODES}, rows)
+        rows["float32"].update(  # trained weights are stored in float32
+            memory_after=rows["ptq_int8"]["memory_before"], disk_after=rows["ptq_int8"]["disk_before"]
+        )
+    if "qat" in groups:
+        record("qat_int8", config_lib.with_overrides(base, {"quant.mode": "int8"}), steps)
+        ptq_rows(workdir / "qat_int8", {"int8_w8a8": "qat_int8_w8a8_stored"}, rows)
+        stored = rows["qat_int8_w8a8_stored"]  # trained weights are stored in float32
+        rows["qat_int8"].update(memory_after=stored["memory_before"], disk_after=stored["disk_before"])
     if "distill" in groups:
         student = config_lib.with_overrides(base, student_overrides())
         s_steps, evals = FLAGS.student_steps, FLAGS.evals
@@ -131,20 +143,13 @@ def seed_rows(seed: int, workdir: pathlib.Path, groups: list[str]) -> dict:
     return rows
 
 
-def quant_rows(base, workdir: pathlib.Path, record, rows: dict) -> None:
-    """QAT int8, then PTQ of the float32 run (int8, int8_w8a8, int4) and of the QAT run (w8a8)."""
-    teacher = workdir / "float32"
-    record("qat_int8", config_lib.with_overrides(base, {"quant.mode": "int8"}), FLAGS.steps)
-    for name, run in (("ptq", teacher), ("qat_int8", workdir / "qat_int8")):
-        modes = PTQ_MODES if name == "ptq" else ("int8_w8a8",)
-        for mode in modes:
-            out = workdir / f"{name}_{mode}" if name == "ptq" else workdir / f"qat_{mode}_stored"
-            shutil.rmtree(out, ignore_errors=True)
-            size = quantize.quantize_run(str(run), str(out), mode)
-            rows[out.name] = {"eval_loss": evaluate.evaluate(str(out))["eval_loss"], **size}
-    for name in ("float32", "qat_int8"):  # trained weights are stored in float32
-        ptq = rows["ptq_int8"]
-        rows[name].update(memory_after=ptq["memory_before"], disk_after=ptq["disk_before"])
+def ptq_rows(run: pathlib.Path, names: dict[str, str], rows: dict) -> None:
+    """`run` quantized by llm.quantize in each mode of `names` and evaluated: rows[names[mode]]."""
+    for mode, name in names.items():
+        out = run.parent / name
+        shutil.rmtree(out, ignore_errors=True)
+        size = quantize.quantize_run(str(run), str(out), mode)
+        rows[name] = {"eval_loss": evaluate.evaluate(str(out))["eval_loss"], **size}
 
 
 def flop_figures() -> dict:
@@ -182,8 +187,9 @@ def summarize(per_seed: list[dict]) -> dict:
         summary[name] = {
             "mean": float(losses.mean()), "std": std(losses), "n": len(have),
             "gap_mean": float(gaps.mean()), "gap_std": std(gaps),
-            **{k: have[-1][name][k] for k in ("steps", "memory_after", "disk_after")
-               if k in have[-1][name]},
+            **{k: [rows[name][k] for rows in have if k in rows[name]][-1]
+               for k in ("steps", "memory_after", "disk_after")
+               if any(k in rows[name] for rows in have)},
         }  # fmt: skip
     return summary
 
