@@ -90,7 +90,8 @@ def train_run(config: ml_collections.ConfigDict, steps: int, evals: int, path: p
         },
     )  # fmt: skip
     metrics, seconds = path / "metrics.jsonl", 0.0
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if FLAGS.reuse and metrics.exists() else []
+    done = FLAGS.reuse and metrics.exists()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if done else []
     if not any(r["step"] == steps and "eval_loss" in r for r in records):  # not finished: train
         shutil.rmtree(path, ignore_errors=True)
         start = time.perf_counter()
@@ -125,14 +126,15 @@ def seed_rows(seed: int, workdir: pathlib.Path, groups: list[str]) -> dict:
         record("nm_2_4", config_lib.with_overrides(base, {**prune, "prune.method": "2:4"}), steps)
     if "ptq" in groups:
         ptq_rows(workdir / "float32", {mode: f"ptq_{mode}" for mode in PTQ_MODES}, rows)
-        rows["float32"].update(  # trained weights are stored in float32
-            memory_after=rows["ptq_int8"]["memory_before"], disk_after=rows["ptq_int8"]["disk_before"]
-        )
+        ptq = rows["ptq_int8"]  # the trained weights are stored in float32
+        rows["float32"].update(memory_after=ptq["memory_before"], disk_after=ptq["disk_before"])
     if "qat" in groups:
         record("qat_int8", config_lib.with_overrides(base, {"quant.mode": "int8"}), steps)
         ptq_rows(workdir / "qat_int8", {"int8_w8a8": "qat_int8_w8a8_stored"}, rows)
-        stored = rows["qat_int8_w8a8_stored"]  # trained weights are stored in float32
-        rows["qat_int8"].update(memory_after=stored["memory_before"], disk_after=stored["disk_before"])
+        stored = rows["qat_int8_w8a8_stored"]  # the trained weights are stored in float32
+        rows["qat_int8"].update(
+            memory_after=stored["memory_before"], disk_after=stored["disk_before"]
+        )
     if "distill" in groups:
         student = config_lib.with_overrides(base, student_overrides())
         s_steps, evals = FLAGS.student_steps, FLAGS.evals
@@ -223,7 +225,8 @@ def write_results(per_seed: dict, out: pathlib.Path, command: str, wall_s: float
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seeds": list(per_seed),
         "command": command, "wall_s": wall_s, "load": os.getloadavg()[1], "steps": FLAGS.steps,
         "model": f"4 layers x 256 (default model), seq {FLAGS.seq_len}, batch {FLAGS.batch_size}",
-        "student": f"{FLAGS.student_layers} layers x {FLAGS.student_width}", "flops": flop_figures(),
+        "student": f"{FLAGS.student_layers} layers x {FLAGS.student_width}",
+        "flops": flop_figures(),
         "summary": summarize(list(per_seed.values())), "per_seed": list(per_seed.values()),
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +239,8 @@ def write_results(per_seed: dict, out: pathlib.Path, command: str, wall_s: float
         "",
         f"Command: `{command}`  ",
         f"Date: {result['date']}; wall time {result['wall_s'] / 60:.1f} min on a shared 2-core CPU "
-        f"(load ~{result['load']:.0f} when written); seeds {', '.join(map(str, seeds))}: mean ± std over the seeds "
+        f"(load ~{result['load']:.0f} when written); seeds {', '.join(map(str, seeds))}: "
+        "mean ± std over the seeds "
         "that have the run (column n; no ± where n = 1). Gaps are taken within a seed.",
         "",
         (
@@ -362,13 +366,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--groups: unknown {unknown}; choose from {GROUPS}.")
     earlier = json.loads((out / "results.json").read_text()) if FLAGS.merge else {}
     if earlier and earlier["steps"] != FLAGS.steps:
-        raise app.UsageError(f"--merge: results.json has --steps={earlier['steps']}; rerun with it.")
+        raise app.UsageError(f"--merge: results.json has --steps={earlier['steps']}: use it.")
     merged = dict(zip(earlier.get("seeds", []), earlier.get("per_seed", [])))
     if earlier:
-        command += f" (merged with: {earlier.get('command', 'python -m experiments.studies.compression')})"
+        command += f" (merged with: {earlier.get('command', 'an earlier run')})"
     start = time.perf_counter()
     for seed in seeds:  # a run done again replaces the earlier one; results after each seed
-        merged[seed] = {**merged.get(seed, {}), **seed_rows(seed, pathlib.Path(FLAGS.workdir), groups)}
+        new = seed_rows(seed, pathlib.Path(FLAGS.workdir), groups)
+        merged[seed] = {**merged.get(seed, {}), **new}
         write_results(merged, out, command, earlier.get("wall_s", 0) + time.perf_counter() - start)
     print((out / "results.md").read_text())
 

@@ -129,7 +129,8 @@ def test_post_training_quantized_logits(weights, mode, float_logits):
     model = tiny(targets="attention,mlp,head", mode=mode, weights=weights)  # same init as ref
     quant.quantize_model(model, model.cfg.quant)
     w_up, scale = model.blocks[0].mlp.w_up[...], model.blocks[0].mlp.w_up_scale[...]
-    assert w_up.dtype == jnp.int8 and model.embed[...].dtype == jnp.int8  # tied head
+    stored = jnp.int8 if weights == "int8" else jnp.uint8  # int4: packed two a byte
+    assert w_up.dtype == stored and model.embed[...].dtype == stored  # tied head
     float_w_up = np.asarray(tiny().blocks[0].mlp.w_up[...])
     expected = ref_int(float_w_up, 0, 8) if weights == "int8" else ref_int4_groups(float_w_up, 32)
     np.testing.assert_allclose(
