@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +12,28 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def run_module():
+    """`run_module("llm.sample", "--flag=...")` runs `python -m llm.sample --flag=...` from the
+    repository root (or `cwd`) and returns the finished process, output captured as text; a
+    non-zero exit status is the test's to check."""
+
+    def run(module: str, *args: str, cwd=ROOT, env=None, timeout: int = 300):
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    return run
 
 
 @pytest.fixture(scope="session")

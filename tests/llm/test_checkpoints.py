@@ -3,8 +3,6 @@ named with its file and exit status 1; a usage mistake is one line and exit stat
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 
 import jax.numpy as jnp
@@ -15,17 +13,7 @@ from llm.training import checkpoint
 from llm.training.state import TrainState
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "llm.checkpoints", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
-def test_steps_of_a_run_with_their_losses(tiny_run):
+def test_steps_of_a_run_with_their_losses(run_module, tiny_run):
     started = time.time()
     steps = checkpoints.list_steps(tiny_run)
     records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
@@ -38,7 +26,7 @@ def test_steps_of_a_run_with_their_losses(tiny_run):
         assert (s.loss, s.eval_loss) == (by_step[s.step]["loss"], by_step[s.step]["eval_loss"])
         assert s.problem is None
 
-    result = _cli(f"--workdir={tiny_run}")
+    result = run_module("llm.checkpoints", f"--workdir={tiny_run}")
     assert result.returncode == 0, result.stderr
     rows = result.stdout.splitlines()
     assert (
@@ -58,7 +46,7 @@ def test_steps_of_a_run_with_their_losses(tiny_run):
         ("delete", "opt_state/_METADATA"),  # missing metadata
     ],
 )
-def test_damaged_step_is_named_and_fails(tiny_run, tmp_path, damage, file):
+def test_damaged_step_is_named_and_fails(run_module, tiny_run, tmp_path, damage, file):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     target = min((run / "checkpoints" / "6").glob(file + "*"))
@@ -68,7 +56,7 @@ def test_damaged_step_is_named_and_fails(tiny_run, tmp_path, damage, file):
         target.unlink()
     (run / "checkpoints" / "9.orbax-checkpoint-tmp-1").mkdir()
 
-    result = _cli(f"--workdir={run}")
+    result = run_module("llm.checkpoints", f"--workdir={run}")
     assert result.returncode == 1, result.stderr
     lines = result.stdout.splitlines()
     assert lines[2].endswith("ok") and lines[3].endswith("FAILED")
@@ -76,7 +64,8 @@ def test_damaged_step_is_named_and_fails(tiny_run, tmp_path, damage, file):
     assert f"file {target}" in lines[4]
     assert lines[5].startswith("9.orbax-checkpoint-tmp-1: a partial save, not committed")
 
-    listed = _cli(f"--workdir={run}", "--noverify")  # lists without reading arrays
+    # --noverify lists without reading arrays
+    listed = run_module("llm.checkpoints", f"--workdir={run}", "--noverify")
     assert listed.returncode == 0 and "FAILED" not in listed.stdout, listed.stdout
 
 
@@ -110,15 +99,15 @@ def test_verify_finds_non_finite_values_and_a_wrong_step(tmp_path):
         (["--workdir=/tmp", "--nosuchflag"], "nosuchflag"),
     ],
 )
-def test_usage_mistakes_are_one_line(args, message):
-    result = _cli(*args)
+def test_usage_mistakes_are_one_line(run_module, args, message):
+    result = run_module("llm.checkpoints", *args)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_a_run_without_checkpoints_is_one_line(tmp_path):
+def test_a_run_without_checkpoints_is_one_line(run_module, tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    result = _cli(f"--workdir={tmp_path}")
+    result = run_module("llm.checkpoints", f"--workdir={tmp_path}")
     assert result.returncode == 2
     assert result.stderr == f"error: no checkpoint in {tmp_path}/checkpoints yet.\n"

@@ -1,8 +1,6 @@
 """Each user mistake ends with one clear message naming the problem and the fix."""
 
 import pathlib
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -226,31 +224,20 @@ ROOT = pathlib.Path(__file__).parents[2]
         (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
     ],
 )
-def test_command_line_mistakes_exit_with_a_message_not_a_traceback(tmp_path, flags, message):
+def test_command_line_mistakes_exit_with_a_message_not_a_traceback(
+    run_module, tmp_path, flags, message
+):
     """One `error:` line and exit status 2; run from outside the repository, so the default
     config is found from the package, not the working directory."""
-    result = subprocess.run(
-        [sys.executable, "-m", "llm.train", f"--workdir={tmp_path / 'run'}", *flags],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_module("llm.train", f"--workdir={tmp_path / 'run'}", *flags, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 
-def test_scaling_with_a_missing_csv_exits_with_a_message(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "llm.scaling", f"--runs={tmp_path / 'missing.csv'}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def test_scaling_with_a_missing_csv_exits_with_a_message(run_module, tmp_path):
+    result = run_module("llm.scaling", f"--runs={tmp_path / 'missing.csv'}")
     assert result.returncode == 2
     assert (
         result.stderr
@@ -268,15 +255,8 @@ def test_a_short_run_needs_only_its_steps():
         config_lib.resolve(explicit)
 
 
-def test_help_lists_the_config_fields_with_defaults_and_comments(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "llm.train", "--help"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def test_help_lists_the_config_fields_with_defaults_and_comments(run_module, tmp_path):
+    result = run_module("llm.train", "--help", cwd=tmp_path)
     text = " ".join(result.stdout.split())  # absl wraps the help text (and exits 1 after it)
     assert "model.num_layers = 4 # transformer blocks" in text
     assert "model.moe.top_k = 2 # experts per token" in text

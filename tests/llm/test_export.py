@@ -2,8 +2,6 @@
 whose model and tokenizer transformers loads and runs exactly like ours."""
 
 import json
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,14 +64,8 @@ def test_export_of_a_step_loads_in_transformers(run_dir, tmp_path):
     "run, message",
     [("@9", "no checkpoint of step 9"), ("@x", "must be a checkpoint step number"), ("/none", "")],
 )
-def test_export_mistakes_are_one_line(run_dir, tmp_path, run, message):
+def test_export_mistakes_are_one_line(run_module, run_dir, tmp_path, run, message):
     workdir = f"{run_dir}{run}" if run.startswith("@") else run
-    result = subprocess.run(
-        [sys.executable, "-m", "llm.export", f"--workdir={workdir}", f"--out={tmp_path / 'o'}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_module("llm.export", f"--workdir={workdir}", f"--out={tmp_path / 'o'}")
     assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr

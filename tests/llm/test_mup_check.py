@@ -1,8 +1,6 @@
 """llm.mup_check: at tiny widths, a few Adam steps make sp's activations grow with width while
 muP's stay flat; the command writes its figure and statistics, and refuses bad input in a line."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -50,9 +48,8 @@ def test_plot_is_written(tmp_path, results):
         (["--widths=64,128", "--config.model.mup_readout=zeros"], "mup_readout='zeros'"),
     ],
 )
-def test_bad_input_is_one_line(args, message):
-    command = [sys.executable, "-m", "llm.mup_check", "--steps=1", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+def test_bad_input_is_one_line(run_module, args, message):
+    result = run_module("llm.mup_check", "--steps=1", *args)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]

@@ -3,8 +3,6 @@ one legend entry per run, an image is written; a mistake is one line and exit st
 
 import json
 import shutil
-import subprocess
-import sys
 
 import matplotlib.image
 import matplotlib.pyplot as plt
@@ -12,16 +10,6 @@ import numpy as np
 import pytest
 
 from llm import plot
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "llm.plot", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -58,9 +46,9 @@ def test_curves_are_the_runs_records(tiny_run, resumed_run):
     plt.close(fig)
 
 
-def test_cli_writes_the_figure(tiny_run, resumed_run, tmp_path):
+def test_cli_writes_the_figure(run_module, tiny_run, resumed_run, tmp_path):
     out = tmp_path / "curves.png"
-    result = _cli(f"--workdir={tiny_run}", f"--out={out}", str(resumed_run))
+    result = run_module("llm.plot", f"--workdir={tiny_run}", f"--out={out}", str(resumed_run))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"wrote {out}:") and "2 run(s)" in result.stdout
     image = matplotlib.image.imread(out)
@@ -77,14 +65,14 @@ def test_cli_writes_the_figure(tiny_run, resumed_run, tmp_path):
         (["--workdir=EMPTY", "--out=OUT"], "has no complete record yet"),
     ],
 )
-def test_mistakes_are_one_line(tiny_run, tmp_path, args, message):
+def test_mistakes_are_one_line(run_module, tiny_run, tmp_path, args, message):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo')  # cut by a kill
     out = tmp_path / "x.png"
     args = [
         a.replace("RUN", str(tiny_run)).replace("EMPTY", str(tmp_path)).replace("OUT", str(out))
         for a in args
     ]
-    result = _cli(*args)
+    result = run_module("llm.plot", *args)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
