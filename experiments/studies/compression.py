@@ -296,6 +296,9 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
     from llm.science import plots
 
     s, f, seeds = result["summary"], result["flops"], result["seeds"]
+    def spread(key) -> float:  # no error bar from one seed
+        return s[key]["gap_std"] if s[key]["n"] > 1 else np.nan
+
     def note(keys) -> str:
         n = sorted({s[k]["n"] for k in keys})
         seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
@@ -311,9 +314,9 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
         scale = 2**-20 if value == "disk_after" else 1
         colors = [plots.COLORS[list(QUANT_ROWS).index(k)] for k in key]  # one per variant
         ax.barh(y, [s[k][value] * scale for k in key], color=colors,
-                xerr=[s[k]["gap_std"] for k in key] if value == "gap_mean" else None,
+                xerr=[spread(k) for k in key] if value == "gap_mean" else None,
                 capsize=3)  # fmt: skip
-        ax.set_yticks(y, [QUANT_ROWS[k] for k in key])
+        ax.set_yticks(y, [f"{QUANT_ROWS[k]} (n={s[k]['n']})" for k in key])
         ax.invert_yaxis()
         ax.axvline(0, color="0.3", lw=0.8)
         ax.set(xlabel=xlabel)
@@ -325,8 +328,8 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
     fig, ax = plots.figure(size=(6, 2.5))
     y = np.arange(len(keys))
     ax.barh(y, [s[k]["gap_mean"] for k in keys], color=plots.COLORS[: len(keys)],
-            xerr=[s[k]["gap_std"] for k in keys], capsize=3)  # fmt: skip
-    ax.set_yticks(y, [PRUNE_ROWS[k] for k in keys])
+            xerr=[spread(k) for k in keys], capsize=3)  # fmt: skip
+    ax.set_yticks(y, [f"{PRUNE_ROWS[k]} (n={s[k]['n']})" for k in keys])
     ax.invert_yaxis()
     ax.axvline(0, color="0.3", lw=0.8)
     ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
