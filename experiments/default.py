@@ -168,9 +168,10 @@ def get_config() -> ml_collections.ConfigDict:
         ("layers", "stage"),
     )
     # Pipeline parallelism (llm.parallel.pipeline; README), used when mesh.stage > 1 with
-    # model.scan_layers=True; bubble fraction (S-1)/(v·M+S-1).
+    # model.scan_layers=True; bubble fraction (S-1)/(v·M+S-1), zb_h1's (S-1)/(3M+S-1).
     c.pipeline = ml_collections.ConfigDict()
-    c.pipeline.schedule = "1f1b"  # gpipe | 1f1b (<= S microbatches in flight) | interleaved_1f1b
+    # gpipe | 1f1b (<= S microbatches in flight) | interleaved_1f1b | zb_h1 (zero bubble)
+    c.pipeline.schedule = "1f1b"
     c.pipeline.microbatches = 4  # M per step (per accumulation step); 1f1b needs M >= mesh.stage
     c.pipeline.virtual_stages = 1  # v: layer chunks per stage; interleaved_1f1b only (>= 2)
 

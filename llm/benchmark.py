@@ -74,6 +74,14 @@ CONFIGS: dict[str, dict] = {
     "dense_active": {"model.mlp_dim": 2 * 384},
     "dense_total": {"model.mlp_dim": 8 * 384},
     "default_chunked_loss": {"loss.impl": "chunked"},
+    # The default's 4 layers at a quarter of the tokens and half the width: pipelined layouts
+    # compile one scan of the schedule's ticks per layout, which the default size makes slow.
+    "small": {
+        "seq_len": 64,
+        "model.embed_dim": 128,
+        "model.mlp_dim": 384,
+        "model.vocab_size": 1024,
+    },
 }
 MATMUL_SIZE = 2048
 # --mesh=stage=4,schedule=1f1b,microbatches=8: config.pipeline's fields in a layout.

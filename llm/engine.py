@@ -6,8 +6,10 @@
 Each step admits queued requests into free slots, writes one chunk of one waiting prompt into its
 slot (chunked prefill), then decodes one token for every generating slot; a request leaves its
 slot when it meets its stop sequence, the end-of-sequence token, its max_tokens, or is cancelled,
-and the next queued request takes the slot at the following step. The device work is
-llm.model.slot_decode (two compiled shapes); this module is the host-side bookkeeping.
+and the next queued request takes the slot at the following step (the lowest free slot, so a
+decode step computes the first few slots only). The device work is llm.model.slot_decode (a few
+compiled shapes); llm.engine_requests holds what one request asks for (checks, sampling settings,
+stop sequences); this module is the host-side bookkeeping.
 `generate` drives the steps itself; a server runs `serve_forever` in a thread and talks to it
 through `submit` / `cancel` (thread-safe), receiving each request's `Delta`s on its callback.
 """
@@ -18,17 +20,27 @@ import collections
 import dataclasses
 import itertools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
 
+from llm.engine_requests import (
+    Completion,
+    Delta,
+    Request,
+    SlotSampling,
+    check_request,
+    cut_at_stop,
+    deliverable,
+    detokenize,
+)
 from llm.errors import check, is_int
 from llm.model import slot_decode
-from llm.model.decode import check_sampling
 from llm.model.transformer import Transformer
 
 TRUNCATE = ("refuse", "left")
@@ -58,42 +70,6 @@ class EngineConfig:
             f"--truncate must be one of {TRUNCATE} (what to do with a prompt longer than the "
             f"context allows), got {self.truncate!r}.",
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """One completion: prompt token ids and how to continue them. temperature 0 = greedy."""
-
-    prompt: Sequence[int]
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    greedy: bool = False
-    stop: Sequence[str] = ()  # text that ends the completion (excluded); needs a tokenizer
-    seed: int = 0
-    on_delta: Callable[[Delta], None] | None = None  # called on the engine's thread
-
-
-@dataclasses.dataclass(frozen=True)
-class Delta:
-    """What a request produced since its last delta; the last one has a finish_reason:
-    "stop" (stop sequence or end-of-sequence token), "length", "cancelled" or "error"."""
-
-    text: str
-    tokens: tuple[int, ...]
-    finish_reason: str | None = None
-
-
-@dataclasses.dataclass
-class Completion:
-    """A finished request: the generated ids (the end-of-sequence token excluded) and text."""
-
-    tokens: list[int]
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    truncated: int  # prompt tokens dropped from the left (truncate="left")
 
 
 class QueueFull(RuntimeError):
@@ -136,8 +112,13 @@ class Engine:
         self.max_len = config.max_len or model.cfg.max_seq_len
         chunk = config.prefill_chunk
         length = -(-self.max_len // chunk) * chunk  # a last chunk never writes past the cache
-        # The lengths calls attend over: the chunk doubled up to the whole cache.
+        # The lengths calls attend over: the chunk doubled up to the whole cache; the rows a
+        # decode step computes: powers of two up to the slots; a prompt's last piece is padded to
+        # the chunk halved down to 8 tokens.
         self._lengths = sorted({min(chunk * 2**i, length) for i in range(length.bit_length())})
+        self._rows = sorted({min(2**i, config.slots) for i in range(config.slots.bit_length() + 1)})
+        halves = {chunk >> i for i in range(chunk.bit_length())}
+        self._chunks = sorted({chunk} | {c for c in halves if c >= 8})
         self._graphdef, self._state = nnx.split(model)
         self._new_cache = lambda: slot_decode.init_slots(model.cfg, config.slots, length)
         self._cache = self._new_cache()
@@ -150,21 +131,16 @@ class Engine:
         s = config.slots  # per-slot device inputs, kept on the host
         self._next = np.zeros(s, np.int32)  # the token each slot feeds at its next decode step
         self._index = np.zeros(s, np.int32)  # its position
-        self._sampling = slot_decode.Sampling(
-            np.ones(s, np.float32),
-            np.zeros(s, np.int32),
-            np.ones(s, np.float32),
-            np.ones(s, bool),
-            np.zeros(s, np.uint32),
-            np.zeros(s, np.int32),
-        )
+        self._sampling = SlotSampling(s)
 
     # Thread-safe entry points.
 
     def submit(self, request: Request) -> tuple[int, int, int]:
         """Queues a request -> (its id, prompt tokens kept, tokens truncated from the left).
         ValueError for a request that cannot run, QueueFull when the queue is full."""
-        prompt, truncated = self._check(request)
+        prompt, truncated = check_request(
+            request, self.max_len, self.config.truncate, self.tokenizer is not None
+        )
         with self._cv:
             if len(self._queue) >= self.config.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are already waiting; retry later.")
@@ -203,33 +179,15 @@ class Engine:
     # The engine's own thread (or generate's caller).
 
     def warmup(self) -> None:
-        """Compiles every shape the engine runs (prefill and decode at each cache length), so no
-        request waits for a compilation. Call while no request is in a slot."""
-        chunk = self.config.prefill_chunk
-        sampling = slot_decode.Sampling(*(jnp.asarray(f) for f in self._sampling))
+        """Compiles every shape the engine runs (prefill at each cache length and chunk size,
+        decode at each length and row count, the slot move), so no request waits for a
+        compilation. Call while no request is in a slot."""
         for length in self._lengths:
-            _, self._cache = slot_decode.prefill(
-                self._graphdef,
-                self._state,
-                self._cache,
-                jnp.zeros((1, chunk), jnp.int32),
-                np.int32(0),
-                np.int32(length - chunk),
-                np.int32(0),
-                self._slot_sampling(0),
-                vocab_limit=self.vocab_limit,
-                length=length,
-            )
-            tokens, self._cache = slot_decode.decode(
-                self._graphdef,
-                self._state,
-                self._cache,
-                jnp.zeros(self.config.slots, jnp.int32),
-                jnp.zeros(self.config.slots, jnp.int32),
-                sampling,
-                vocab_limit=self.vocab_limit,
-                length=length,
-            )
+            for chunk in self._chunks:
+                self._run_prefill(0, np.zeros((1, chunk), np.int32), 0, 0, length)
+            for rows in self._rows:
+                tokens = self._run_decode(rows, length)
+        self._cache = slot_decode.move(self._cache, np.int32(0), np.int32(0))
         tokens.block_until_ready()
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
@@ -255,7 +213,8 @@ class Engine:
         return completions
 
     def step(self) -> bool:
-        """Admits, prefills one chunk, decodes one token per generating slot. False when idle."""
+        """Admits (or, with none queued, moves requests into lower slots), prefills one chunk,
+        decodes one token per generating slot. False when idle."""
         with self._cv:
             cancelled, self._cancelled = self._cancelled, set()
             for job in [j for j in self._queue if j.id in cancelled]:
@@ -268,6 +227,8 @@ class Engine:
             for slot in range(len(self._slots)):
                 if self._slots[slot] is None and self._queue:
                     self._admit(slot, self._queue.popleft())
+            if not self._queue:
+                self._compact()
         waiting = [
             s for s, j in enumerate(self._slots) if j is not None and j.filled < len(j.prompt)
         ]
@@ -278,49 +239,48 @@ class Engine:
             self._decode(generating)
         return bool(waiting or generating)
 
-    def _check(self, request: Request) -> tuple[list[int], int]:
-        """The prompt to run (truncated from the left if so configured) and the count dropped."""
-        r, prompt = request, list(request.prompt)
-        if not prompt:
-            raise ValueError("the prompt is empty: give at least one token.")
-        if not (is_int(r.max_tokens) and r.max_tokens >= 1):
-            raise ValueError(f"max_tokens must be an integer >= 1, got {r.max_tokens!r}.")
-        check_sampling(
-            r.max_tokens, r.temperature, r.top_k, r.top_p, r.greedy or r.temperature == 0
-        )
-        if r.stop and self.tokenizer is None:
-            raise ValueError("stop sequences need the engine's tokenizer.")
-        room = self.max_len - r.max_tokens  # prompt tokens that fit
-        if len(prompt) <= room:
-            return prompt, 0
-        if self.config.truncate == "refuse" or room < 1:
-            raise ValueError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({r.max_tokens}) exceeds the context "
-                f"of {self.max_len} tokens; shorten the prompt or lower max_tokens (prompts are "
-                f"refused, not truncated{'' if room < 1 else '; --truncate=left cuts them'})."
-            )
-        return prompt[-room:], len(prompt) - room
-
     def _admit(self, slot: int, job: _Job) -> None:
-        r = job.request
-        greedy = r.greedy or r.temperature == 0
         self._slots[slot] = job
         self._index[slot] = 0
-        for field, value in zip(
-            self._sampling,
-            (1.0 if greedy else r.temperature, r.top_k, r.top_p, greedy, r.seed % 2**32, 0),
-        ):
-            field[slot] = value
+        self._sampling.admit(slot, job.request)
 
-    def _slot_sampling(self, slot: int) -> slot_decode.Sampling:
-        return slot_decode.Sampling(*(field[slot : slot + 1] for field in self._sampling))
+    def _compact(self) -> None:
+        """Moves requests from the highest slots into free lower ones, so decode steps compute
+        fewer rows once nothing waits to take those slots."""
+        while None in self._slots:
+            free, last = self._slots.index(None), max(
+                (s for s, j in enumerate(self._slots) if j is not None), default=-1
+            )
+            if last < free:
+                return
+            self._cache = slot_decode.move(self._cache, np.int32(last), np.int32(free))
+            self._slots[free], self._slots[last] = self._slots[last], None
+            self._next[free], self._index[free], self._index[last] = (
+                self._next[last], self._index[last], 0
+            )
+            self._sampling.move(last, free)
 
     def _prefill(self, slot: int) -> None:
-        job, chunk = self._slots[slot], self.config.prefill_chunk
-        start = job.filled
-        piece = job.prompt[start : start + chunk]
-        tokens = np.zeros((1, chunk), np.int32)
+        job, start = self._slots[slot], self._slots[slot].filled
+        piece = job.prompt[start : start + self.config.prefill_chunk]
+        tokens = np.zeros((1, next(c for c in self._chunks if c >= len(piece))), np.int32)
         tokens[0, : len(piece)] = piece
+        length = self._length(start + tokens.shape[1])
+        token = self._run_prefill(slot, tokens, start, len(piece) - 1, length)
+        job.filled += len(piece)
+        self._index[slot] = job.filled  # an idle slot's decode row writes past what it holds
+        if job.filled == len(job.prompt):
+            self._take(slot, int(token))
+
+    def _decode(self, slots: list[int]) -> None:
+        rows = next(r for r in self._rows if r > max(slots))
+        # Every row writes at its index: a prefilling slot's too (past what it holds).
+        tokens = np.asarray(self._run_decode(rows, self._length(int(self._index[:rows].max()) + 1)))
+        for slot in slots:
+            self._take(slot, int(tokens[slot]))
+
+    def _run_prefill(self, slot: int, tokens: np.ndarray, start: int, last: int, length: int):
+        """tokens [1, c] into `slot` at start.. -> the token sampled after position start+last."""
         token, self._cache = slot_decode.prefill(
             self._graphdef,
             self._state,
@@ -328,31 +288,27 @@ class Engine:
             jnp.asarray(tokens),
             np.int32(slot),
             np.int32(start),
-            np.int32(len(piece) - 1),
-            self._slot_sampling(slot),
+            np.int32(last),
+            self._sampling.at(slot),
             vocab_limit=self.vocab_limit,
-            length=self._length(start + chunk),
+            length=length,
         )
-        job.filled += len(piece)
-        self._index[slot] = job.filled  # an idle slot's decode row writes past what it holds
-        if job.filled == len(job.prompt):
-            self._take(slot, int(token))
+        return token
 
-    def _decode(self, slots: list[int]) -> None:
+    def _run_decode(self, rows: int, length: int) -> jax.Array:
+        """One decode step of the first `rows` slots -> their tokens int32[rows]."""
         tokens, self._cache = slot_decode.decode(
             self._graphdef,
             self._state,
             self._cache,
-            jnp.asarray(self._next),
-            jnp.asarray(self._index),
-            slot_decode.Sampling(*(jnp.asarray(f) for f in self._sampling)),
+            jnp.asarray(self._next[:rows]),
+            jnp.asarray(self._index[:rows]),
+            self._sampling.first(rows),
             vocab_limit=self.vocab_limit,
-            # Every row writes at its index: a prefilling slot's too (past what it holds).
-            length=self._length(int(self._index.max()) + 1),
+            length=length,
+            rows=rows,
         )
-        tokens = np.asarray(tokens)
-        for slot in slots:
-            self._take(slot, int(tokens[slot]))
+        return tokens
 
     def _length(self, needed: int) -> int:
         """The shortest compiled cache length holding `needed` positions."""
@@ -366,32 +322,20 @@ class Engine:
         job.tokens.append(token)
         reason = "length" if len(job.tokens) == job.request.max_tokens else None
         if self.tokenizer is not None:
-            job.text = self._detokenize(job)
-            cuts = [i for i in (job.text.find(s) for s in job.request.stop) if i >= 0]
-            if cuts:
-                job.text, reason = job.text[: min(cuts)], "stop"
+            job.text, stopped = cut_at_stop(
+                detokenize(self.tokenizer, job.prompt, job.tokens), job.request.stop
+            )
+            reason = "stop" if stopped else reason
         if reason is not None:
             return self._finish(slot, reason)
         self._next[slot] = token
         self._index[slot] = len(job.prompt) + len(job.tokens) - 1
-        self._sampling.count[slot] = len(job.tokens)
+        self._sampling.rows.count[slot] = len(job.tokens)
         self._emit(job, None)
 
-    def _detokenize(self, job: _Job) -> str:
-        """The generated text, decoded after a few prompt tokens so word boundaries come out as
-        the tokenizer writes them mid-text (sentencepiece drops a leading space)."""
-        context = job.prompt[-4:]
-        return self.tokenizer.decode(context + job.tokens)[len(self.tokenizer.decode(context)) :]
-
     def _emit(self, job: _Job, finish_reason: str | None) -> None:
-        """Delivers the new tokens and text; while running, text that may still become a stop
-        sequence or an incomplete character is held back."""
-        end = len(job.text)
-        if finish_reason is None:
-            hold = max((len(s) - 1 for s in job.request.stop), default=0)
-            end = max(job.sent, end - hold)
-            while end > job.sent and job.text[end - 1] == "\ufffd":
-                end -= 1
+        """Delivers the new tokens and the text that may be streamed (`deliverable`)."""
+        end = deliverable(job.text, job.sent, job.request.stop, finish_reason is not None)
         delta = Delta(job.text[job.sent : end], tuple(job.tokens[job.sent_tokens :]), finish_reason)
         job.sent, job.sent_tokens = end, len(job.tokens)
         if job.request.on_delta is not None:
@@ -400,8 +344,7 @@ class Engine:
     def _finish(self, slot: int, reason: str) -> None:
         job, self._slots[slot] = self._slots[slot], None
         self.finished[reason] += 1
-        self._sampling.greedy[slot] = True  # idle rows keep all-greedy steps on the fast path
-        self._sampling.temperature[slot] = 1.0
+        self._sampling.clear(slot)
         self._index[slot] = 0
         self._emit(job, reason)
 

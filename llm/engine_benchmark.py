@@ -8,16 +8,20 @@ arriving at once, greedy, no end-of-sequence token, so every way produces exactl
 request: equal outputs). The ways:
   one at a time  llm.model.decode.generate per request (batch of one, exact lengths)
   static         generate on batches of --slots requests in arrival order, prompts left-padded to
-                 the batch's longest, every row decoding the batch's largest max_tokens
+                 the batch's longest (the padding masked), every row decoding the batch's largest
+                 max_tokens
   engine         llm.engine: --slots decode slots, chunked prefill, requests join as others leave
-Compilation is excluded (every shape is run once before timing); the three ways run --repeats
-times, interleaved, and each way's fastest round is shown. Prints tokens/s (generated tokens
-only), per-request latency (arrival to last token) and whether the engine's tokens equal the
-one-at-a-time ones. CPU figures are CPU figures, not accelerator performance.
+Compilation is excluded (every shape is run once before timing, and compilations inside the timed
+sections are counted: there must be none); the three ways run --repeats times, interleaved, and
+each way's fastest round is shown, with its least CPU time (this process's, steadier than wall
+time on a shared machine). Prints tokens/s (generated tokens only), per-request latency (arrival
+to last token) and whether static batching's and the engine's tokens equal the one-at-a-time
+ones. CPU figures are CPU figures, not accelerator performance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -37,6 +41,27 @@ PROMPT_LENGTHS = ((8, 0.35), (16, 0.3), (32, 0.2), (128, 0.15))  # (tokens, shar
 OUTPUT_LENGTHS = ((8, 0.45), (16, 0.4), (128, 0.15))
 
 
+class Meter:
+    """Over the timed sections: XLA compilations (a jax.monitoring listener, registered by main),
+    which must be none, and this process's CPU seconds (`cpu`: the last section's), a steadier
+    measure than wall time on a machine other jobs share."""
+
+    compilations = compiled_while_timing = 0
+    cpu = 0.0
+
+    @classmethod
+    def listen(cls, event: str, duration: float, **kwargs) -> None:
+        cls.compilations += event == "/jax/core/compile/backend_compile_duration"
+
+    @classmethod
+    @contextlib.contextmanager
+    def timed(cls):
+        before, start = cls.compilations, time.process_time()
+        yield
+        cls.cpu = time.process_time() - start
+        cls.compiled_while_timing += cls.compilations - before
+
+
 def skewed_mix(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
     """n (prompt ids, max_tokens) drawn from PROMPT_LENGTHS x OUTPUT_LENGTHS."""
     rng = np.random.default_rng(seed)
@@ -47,9 +72,14 @@ def skewed_mix(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]
     return [(rng.integers(1, vocab, p).tolist(), o) for p, o in zip(prompts, outputs)]
 
 
-def _greedy(model, prompts: np.ndarray, new: int) -> np.ndarray:
+def _greedy(model, prompts: np.ndarray, new: int, lengths=None) -> np.ndarray:
     out = generate(
-        model, jnp.asarray(prompts), max_new_tokens=new, rng=jax.random.key(0), greedy=True
+        model,
+        jnp.asarray(prompts),
+        max_new_tokens=new,
+        rng=jax.random.key(0),
+        greedy=True,
+        prompt_lengths=lengths,
     )
     return np.asarray(out)[:, prompts.shape[1] :]
 
@@ -59,15 +89,17 @@ def one_at_a_time(model, mix) -> tuple[list[list[int]], list[float]]:
     for shape in {(len(p), n) for p, n in mix}:  # compile every shape first
         _greedy(model, np.zeros((1, shape[0]), np.int32), shape[1])
     start, outputs, done = time.perf_counter(), [], []
-    for prompt, new in mix:
-        outputs.append(_greedy(model, np.array([prompt], np.int32), new)[0].tolist())
-        done.append(time.perf_counter() - start)
+    with Meter.timed():
+        for prompt, new in mix:
+            outputs.append(_greedy(model, np.array([prompt], np.int32), new)[0].tolist())
+            done.append(time.perf_counter() - start)
     return outputs, done
 
 
-def static_batches(model, mix, size: int) -> list[float]:
-    """Batches of `size` in arrival order, padded to their longest prompt and output -> finish
-    times (a request finishes with its batch)."""
+def static_batches(model, mix, size: int) -> tuple[list[list[int]], list[float]]:
+    """Batches of `size` in arrival order, left-padded to their longest prompt (the padding
+    masked), every row decoding the batch's largest max_tokens -> (each request's first
+    max_tokens tokens, finish times: a request finishes with its batch)."""
     batches = [mix[i : i + size] for i in range(0, len(mix), size)]
 
     def padded(batch):
@@ -75,15 +107,18 @@ def static_batches(model, mix, size: int) -> list[float]:
         rows = np.zeros((len(batch), width), np.int32)
         for row, (prompt, _) in zip(rows, batch):
             row[width - len(prompt) :] = prompt  # left-padded: every row's last token at the end
-        return rows, max(n for _, n in batch)
+        return rows, max(n for _, n in batch), [len(p) for p, _ in batch]
 
-    for rows, new in {(r.shape, n): (r, n) for r, n in map(padded, batches)}.values():
-        _greedy(model, rows, new)  # compile
-    start, done = time.perf_counter(), []
-    for batch in batches:
-        _greedy(model, *padded(batch))
-        done += [time.perf_counter() - start] * len(batch)
-    return done
+    shapes = {(rows.shape, new): (rows, new, n) for rows, new, n in map(padded, batches)}
+    for rows, new, lengths in shapes.values():
+        _greedy(model, rows, new, lengths)  # compile
+    start, outputs, done = time.perf_counter(), [], []
+    with Meter.timed():
+        for batch in batches:
+            out = _greedy(model, *padded(batch))
+            done += [time.perf_counter() - start] * len(batch)
+            outputs += [row[:n].tolist() for row, (_, n) in zip(out, batch)]
+    return outputs, done
 
 
 def engine_run(model, mix, config: EngineConfig) -> tuple[list[list[int]], list[float]]:
@@ -104,21 +139,28 @@ def engine_run(model, mix, config: EngineConfig) -> tuple[list[list[int]], list[
         Request(p, max_tokens=n, greedy=True, on_delta=finish_time(i))
         for i, (p, n) in enumerate(mix)
     ]
-    return [c.tokens for c in engine.generate(requests)], done
+    with Meter.timed():
+        completions = engine.generate(requests)
+    return [c.tokens for c in completions], done
 
 
-def report(name: str, tokens: int, done: list[float], base: float | None) -> tuple[str, float]:
-    rate = tokens / max(done)
+def report(name: str, tokens: int, done: list[float], cpu: float, base) -> tuple[str, tuple]:
+    """A table row; `base`: static batching's (tokens/s, tokens per CPU second) or None."""
+    rates = (tokens / max(done), tokens / cpu)
     lat = np.percentile(done, [50, 99]) * 1000
-    speed = f"{rate / base:.2f}x" if base else "1.00x"
-    line = f"| {name} | {rate:,.0f} | {speed} | {lat[0]:,.0f} | {lat[1]:,.0f} | {max(done):.2f} |"
-    return line, rate
+    vs = [f"{r / b:.2f}x" for r, b in zip(rates, base or rates)]
+    line = (
+        f"| {name} | {rates[0]:,.0f} | {vs[0]} | {lat[0]:,.0f} | {lat[1]:,.0f} | {max(done):.2f} "
+        f"| {cpu:.2f} | {vs[1]} |"
+    )
+    return line, rates
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    jax.monitoring.register_event_duration_secs_listener(Meter.listen)
     if f.workdir or f.hf:
         model, _, _ = load_model(f.workdir, f.hf)
     else:
@@ -135,20 +177,39 @@ def main(argv: list[str]) -> None:
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; {jax.devices()[0].device_kind}"
     )
     rounds = []  # the ways interleaved, so a change in the machine's load hits them alike
-    for _ in range(f.repeats):
+    for i in range(f.repeats):
         single, single_done = one_at_a_time(model, mix)
-        static_done = static_batches(model, mix, f.slots)
+        single_cpu = Meter.cpu
+        static, static_done = static_batches(model, mix, f.slots)
+        static_cpu = Meter.cpu
         tokens, engine_done = engine_run(model, mix, config)
-        rounds.append((single_done, static_done, engine_done))
-    single_done, static_done, engine_done = (min(r, key=max) for r in zip(*rounds))  # fastest
-    print("| way | tokens/s | vs static | latency p50 (ms) | p99 (ms) | all done (s) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    static_line, static_rate = report(f"static batches of {f.slots}", total, static_done, None)
-    print(report("one at a time", total, single_done, static_rate)[0])
+        rounds.append(
+            ((single_done, single_cpu), (static_done, static_cpu), (engine_done, Meter.cpu))
+        )
+        print(
+            f"round {i + 1}: all done in {max(single_done):.2f} / {max(static_done):.2f} / "
+            f"{max(engine_done):.2f} s (one / static / engine), engine vs static "
+            f"{max(static_done) / max(engine_done):.2f}x (CPU {static_cpu / Meter.cpu:.2f}x); "
+            f"load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+    # Each way's fastest round (wall time), and its least CPU time over the rounds.
+    (single_done, static_done, engine_done), (single_cpu, static_cpu, engine_cpu) = zip(
+        *((min((d for d, _ in way), key=max), min(c for _, c in way)) for way in zip(*rounds))
+    )
+    print(
+        "| way | tokens/s | vs static | latency p50 (ms) | p99 (ms) | all done (s) | CPU s "
+        "| vs static (CPU) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    static_line, base = report(f"static batches of {f.slots}", total, static_done, static_cpu, None)
+    print(report("one at a time", total, single_done, single_cpu, base)[0])
     print(static_line)
-    print(report(f"engine, {f.slots} slots", total, engine_done, static_rate)[0])
-    same = sum(a == b for a, b in zip(tokens, single))
-    print(f"engine tokens equal to one-at-a-time: {same}/{len(mix)} requests")
+    print(report(f"engine, {f.slots} slots", total, engine_done, engine_cpu, base)[0])
+    for name, way in (("static", static), ("engine", tokens)):
+        same = sum(a == b for a, b in zip(way, single))
+        print(f"{name} tokens equal to one-at-a-time: {same}/{len(mix)} requests")
+    print(f"compilations while timing: {Meter.compiled_while_timing}")
 
 
 if __name__ == "__main__":

@@ -108,11 +108,21 @@ def model_type(cfg: ModelConfig) -> str:
     return "mistral" if set(cfg.layer_patterns) == {"sliding"} else "llama"
 
 
+def check_mappable(cfg: ModelConfig) -> None:
+    """ConfigError where our parameters have no HF names: stacked MoE layers (layers x experts)."""
+    check(
+        not (cfg.scan_layers and cfg.moe.num_experts),
+        "scan_layers=True is not supported with MoE layers in Hugging Face checkpoints (stacked "
+        "experts have no name mapping): load, save or export MoE models with scan_layers=False.",
+    )
+
+
 def hf_names(path: tuple, cfg: ModelConfig) -> tuple[str | list[str], int | None]:
     """HF name of our parameter at `path`, or a list of names when ours stacks them on axis 0
     (layers under scan_layers, or experts), and its in-axes."""
     if path[0] != "blocks":
         return TOP[path]
+    check_mappable(cfg)
     block = BLOCK | POST_NORM_BLOCK if cfg.post_norms else BLOCK
     if cfg.scan_layers:  # ("blocks", "attn", "wq"): [num_layers, ...]
         name, n_in = block[path[1:]]
@@ -259,6 +269,7 @@ def config_from_hf(hf: dict, *, dtype: str, scan_layers: bool) -> ModelConfig:
 
 def check_saveable(cfg: ModelConfig) -> None:
     """ConfigError where the HF architecture of `cfg` would compute something else."""
+    check_mappable(cfg)
     m, kind = cfg.moe, model_type(cfg)
     every_layer = all(m.is_moe_layer(i) for i in range(cfg.num_layers))
     layer_types = set(cfg.layer_patterns)

@@ -11,11 +11,11 @@ field is refused. With "stream": true the answer is server-sent events, one chun
 `data: [DONE]`. POST /v1/chat/completions takes messages ([{"role", "content": text}, ...])
 instead of prompt, rendered by the tokenizer's chat template (data.sft) with the assistant's turn
 opened; it answers choices[0].message (streamed: choices[0].delta chunks), and 400 when the
-tokenizer has no chat template. GET /v1/models names the model. It binds 127.0.0.1 unless --host says otherwise;
-with --api_key every request needs `Authorization: Bearer KEY` (else 401). A body over
+tokenizer has no chat template. GET /v1/models names the model. It binds 127.0.0.1 unless --host
+says otherwise; with --api_key every request needs `Authorization: Bearer KEY` (else 401). A body over
 --max_body_bytes is 413, a bad request 400 (one message, the server keeps serving), a full queue
-429; a client that stalls sending its body or reading the stream for --timeout seconds is dropped,
-and a client that goes away frees its slot.
+429; a client that stalls sending its headers or body or reading the stream for --timeout seconds
+is dropped, and a client that goes away frees its slot.
 """
 
 from __future__ import annotations
@@ -151,6 +151,13 @@ def parse_request(
         "seed": _number(body, "seed", 0, integer=True) % 2**32,
         "stream": stream,
     }
+
+
+def connection_settings(timeout: float) -> dict[str, Any]:
+    """aiohttp's per-connection settings (web.run_app, web.AppRunner): a client that has not sent
+    a whole request line and headers `timeout` seconds after connecting, or after its previous
+    answer, is disconnected (aiohttp's keep-alive timer runs from the connection's start)."""
+    return {"keepalive_timeout": timeout}
 
 
 def make_app(
@@ -312,7 +319,7 @@ def main(argv: list[str]) -> None:
         timeout=f.timeout,
         chat=chat_encoder(tokenizer),
     )
-    web.run_app(application, host=f.host, port=f.port)
+    web.run_app(application, host=f.host, port=f.port, **connection_settings(f.timeout))
 
 
 if __name__ == "__main__":

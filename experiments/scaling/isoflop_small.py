@@ -6,6 +6,8 @@
 
 Shape rule: width w in `widths`, depth = max(1, round(w / 64)), heads = w / 16 (head_dim 16, no
 GQA), mlp_dim = 3 w.
+Every run has the sweep's parametrization and peak learning rate (README "muP": tune on a proxy,
+transfer); isoflop_mup.py is this grid under muP.
 Each run trains for budget / (FLOPs per token x batch_size x seq_len) steps (llm.science.flops); runs
 shorter than `min_steps` are left out. At ~0.06 TFLOP/s on a 2-core CPU a run takes < ~1 minute.
 """
@@ -31,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.min_steps = 20
     c.evals_per_run = 4  # evaluated checkpoints per run (approach 1's training curves)
     c.warmup_fraction = 0.1
+    c.learning_rate = 3e-3  # peak learning rate of every run (experiments/default.py's)
+    c.parametrization = "sp"  # sp | mup (llm.model.mup)
+    c.mup_base_width = 64  # mup: the proxy's embed_dim, where learning_rate was tuned
+    c.mup_base_head_dim = 16  # mup: the proxy's head_dim (the shape rule keeps head_dim 16)
     # Overrides common to all runs (dotted config fields).
     c.overrides = {
         "batch_size": 8,

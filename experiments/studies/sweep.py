@@ -8,6 +8,12 @@ is in its metrics.jsonl is not rerun. With --print_commands, DIR/commands.sh get
 `python -m llm.train` command per run instead. Either way DIR/runs.csv collects every run's
 evaluations so far: params, non_embedding_params, active_params, tokens, flops, loss (eval loss),
 and config columns.
+
+A sweep config (experiments/scaling/isoflop_small.py) has: base (a config file), budgets, shapes
+(model fields per size), min_steps, evals_per_run, warmup_fraction, learning_rate (the peak),
+parametrization (sp | mup) with mup_base_width and mup_base_head_dim, and overrides (dotted config
+fields common to every run). Every run is checked before any is trained: a mistake is one line
+and exit status 2.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import csv
 import dataclasses
 import pathlib
 import shlex
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -42,9 +49,22 @@ class Run:
         return self.overrides["steps"]
 
 
+def common_overrides(sweep: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The overrides every run of `sweep` shares: its own, its learning rate and parametrization."""
+    mup = {"model.mup_base_width": sweep.mup_base_width}
+    mup["model.mup_base_head_dim"] = sweep.mup_base_head_dim
+    return {
+        **sweep.overrides,
+        "optimizer.learning_rate": sweep.learning_rate,
+        "model.parametrization": sweep.parametrization,
+        **(mup if sweep.parametrization == "mup" else {}),
+    }
+
+
 def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
-    """One run per (budget, shape) with at least `min_steps` steps, its steps set by the budget."""
-    common = dict(sweep.overrides)
+    """One run per (budget, shape) with at least `min_steps` steps, its steps set by the budget;
+    each run's config is resolved (ConfigError on a mistake) before any is trained."""
+    common = common_overrides(sweep)
     base = config_lib.with_overrides(config_lib.load_config(sweep.base), common)
     runs = []
     for budget in sweep.budgets:
@@ -64,6 +84,7 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
             }
             name = f"c{budget:.0e}_w{shape['embed_dim']}".replace("+", "")
             runs.append(Run(name, budget, {**common, **model, **schedule}))
+            config_lib.resolve(config_lib.with_overrides(base, runs[-1].overrides))
     return runs
 
 
@@ -113,6 +134,7 @@ def collect(runs: list[Run], base: ml_collections.ConfigDict, workdir: pathlib.P
                         for k, v in run.overrides.items()
                         if k.startswith("model.")
                     },
+                    "learning_rate": config.optimizer.learning_rate,
                     "batch_size": config.batch_size,
                     "seq_len": config.seq_len,
                 }
@@ -127,9 +149,9 @@ def run_sweep(
     print_commands: bool = False,
 ) -> pathlib.Path:
     """Trains (or writes commands for) the unfinished runs; returns the path of runs.csv."""
+    runs = plan(sweep)
     out = pathlib.Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan(sweep)
     base = config_lib.load_config(sweep.base)
     if print_commands:
         lines = [command(r, sweep.base, out) for r in runs]
@@ -164,6 +186,12 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if not f.sweep or not f.workdir:
         raise app.UsageError("--sweep=FILE and --workdir=DIR are required.")
+    try:
+        plan(f.sweep)  # every run checked before anything is written or trained
+    except config_lib.ConfigError as e:
+        where = f"a run of --sweep={f['sweep'].config_filename} (its fields: --sweep.*)"
+        print(f"error: {where}: {e}", file=sys.stderr)
+        sys.exit(2)
     path = run_sweep(f.sweep, f.workdir, print_commands=f.print_commands)
     print(f"runs: {path}")
 

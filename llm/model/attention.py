@@ -21,14 +21,21 @@ from llm.parallel.partitioning import shard
 
 
 def cached_attention(
-    q, k, v, q_positions: jax.Array, kv_positions: jax.Array, mask: Mask
+    q, k, v, q_positions: jax.Array, kv_positions: jax.Array, mask: Mask, start=None
 ) -> jax.Array:
     """Attention over a KV cache: query at position p sees the cached keys the mask allows.
 
-    q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; q_positions: [T]; kv_positions: [S].
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (the cache's layout); q_positions: [T]; kv_positions:
+    [S]; start: None, or int32[B]: each row's keys before it are padding, never seen. The
+    transposes below cancel with the reference's own, so the cache is read in place.
     """
     visible = mask.predicate(q_positions[:, None], kv_positions[None, :])  # [T, S]
-    return attention_reference(q, k, v, mask=visible)
+    k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, S, K, Dh]
+    segments = None
+    if start is not None:  # segment 1: a row's tokens; 0: its padding
+        tokens = (kv_positions[None, :] >= start[:, None]).astype(jnp.int32)  # [B, S]
+        segments = (jnp.ones(q.shape[:2], jnp.int32), tokens)
+    return attention_reference(q, k, v, mask=visible, segment_ids=segments)
 
 
 class Attention(nnx.Module):
@@ -105,16 +112,17 @@ class Attention(nnx.Module):
                 mode=cfg.context_parallel,
                 implementation=cfg.attention_impl,
             )
-        else:  # decoding: write k, v at cache["index"], attend over the whole cache
-            index = cache["index"]
+        else:  # decoding: write k, v into this layer's cache at cache["index"], attend over it
+            index, layer = cache["index"], cache["layer"]
             k_all, v_all = (
-                quant.write_kv(cache["k"], k, index),
-                quant.write_kv(cache["v"], v, index),
+                quant.write_kv(cache[n], y, layer, index) for n, y in (("k", k), ("v", v))
             )
             q_positions = index + jnp.arange(q.shape[1])
-            k_read, v_read = quant.read_kv(k_all, dt), quant.read_kv(v_all, dt)  # int8 or not
-            kv_positions = jnp.arange(k_read.shape[1])
-            out = cached_attention(q, k_read, v_read, q_positions, kv_positions, self.mask)
-            cache = {"k": k_all, "v": v_all, "index": index}
+            k_read, v_read = (quant.read_kv(y, layer, dt) for y in (k_all, v_all))  # [B, K, S, Dh]
+            kv_positions = jnp.arange(k_read.shape[2])
+            out = cached_attention(
+                q, k_read, v_read, q_positions, kv_positions, self.mask, cache.get("start")
+            )
+            cache = {"k": k_all, "v": v_all}
         out = linear(self, "wo", out, in_dims=2)  # [B, L, D]
         return out, cache

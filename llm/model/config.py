@@ -292,10 +292,12 @@ class ModelConfig:
             f"config.model.mlp_activation={self.mlp_activation!r}: MoE experts are SwiGLU; use "
             "silu with config.model.moe.num_experts > 0.",
         )
+        m = self.moe
         check(
-            not (self.scan_layers and self.moe.num_experts),
-            "config.model.scan_layers=True is not supported with MoE layers "
-            "(config.model.moe.num_experts > 0): set --config.model.scan_layers=False.",
+            not (self.scan_layers and m.num_experts and (m.first_dense_layers or m.every > 1)),
+            "config.model.scan_layers=True stacks identical layers, so every layer must be MoE: "
+            f"config.model.moe.first_dense_layers={m.first_dense_layers} and every={m.every} mix "
+            "in dense ones; set them to 0 and 1, or --config.model.scan_layers=False.",
         )
         schedule = patterns.validate(self)
         if self.parametrization == "mup":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,7 @@ def _generate(
     graphdef,
     state,
     prompt,
+    pad,
     rng,
     *,
     max_new_tokens,
@@ -92,7 +94,11 @@ def _generate(
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt.shape
     cache = init_cache(model.cfg, batch, prompt_len + max_new_tokens, int8=kv_int8)
-    logits, cache = model(prompt, cache=cache)  # prefill: [B, P, V]
+    if pad is not None:  # left-padded rows: the padding is never attended, positions start at 0
+        cache["start"] = pad
+    logits, cache = model(  # prefill: [B, P, V]
+        prompt, None if pad is None else jnp.arange(prompt_len) - pad[:, None], cache=cache
+    )
 
     def step(carry, key):
         logits, cache, done = carry  # logits: [B, V] for the next token; done: [B] eos seen
@@ -104,7 +110,8 @@ def _generate(
         if eos_id is not None:
             token = jnp.where(done, eos_id, token)
             done = done | (token == eos_id)
-        logits, cache = model(token[:, None], cache=cache)  # [B, 1, V]
+        positions = None if pad is None else (cache["index"] - pad)[:, None]  # [B, 1]
+        logits, cache = model(token[:, None], positions, cache=cache)  # [B, 1, V]
         return (logits[:, -1], cache, done), token
 
     carry = (logits[:, -1], cache, jnp.zeros(batch, bool))
@@ -143,8 +150,13 @@ def generate(
     eos_id: int | None = None,
     vocab_limit: int | None = None,
     kv_int8: bool = False,
+    prompt_lengths: Sequence[int] | None = None,
 ) -> jax.Array:
     """Continues int32[B, P] prompts (all P long) -> int32[B, P + max_new_tokens].
+
+    prompt_lengths: rows of different lengths, left-padded to P: row b's prompt is its last
+    prompt_lengths[b] tokens; its padding is never attended and its positions start at 0, so each
+    row continues as it would alone.
 
     Once a row has produced `eos_id`, it keeps emitting `eos_id`. With `vocab_limit` (the
     tokenizer's vocabulary size when the model's is padded) only ids below it are generated.
@@ -162,6 +174,7 @@ def generate(
         graphdef,
         state,
         jnp.asarray(prompt_tokens, jnp.int32),
+        None if prompt_lengths is None else prompt_tokens.shape[1] - jnp.asarray(prompt_lengths),
         rng,
         max_new_tokens=max_new_tokens,
         temperature=temperature,

@@ -261,11 +261,13 @@ class MoE(nnx.Module):
         return y, aux
 
     def update_bias(self, load: jax.Array) -> None:
-        """bias_e += rate * sign(mean load - load_e): overloaded experts get picked less."""
+        """bias_e += rate * sign(mean load - load_e): overloaded experts get picked less.
+        load: [E], or [layers, E] with the biases of stacked layers."""
         rate = self.cfg.moe.bias_update_rate
         if rate:
             bias = self.expert_bias[...]
-            self.expert_bias[...] = bias + rate * jnp.sign(jnp.mean(load) - load)
+            mean = jnp.mean(load, axis=-1, keepdims=True)
+            self.expert_bias[...] = bias + rate * jnp.sign(mean - load)
 
 
 def weighted_aux_loss(aux: dict[int, dict[str, jax.Array]], cfg: MoEConfig) -> jax.Array:

@@ -229,19 +229,23 @@ def init_kv(shape: tuple[int, ...], dtype, int8: bool):
     return {"q": jnp.zeros(shape, jnp.int8), "scale": jnp.zeros((*shape[:-1], 1), jnp.float32)}
 
 
-def write_kv(cache, new: jax.Array, index: jax.Array):
-    """`cache` [B, S, K, Dh] with `new` [B, T, K, Dh] written at positions index.. (axis 1)."""
+def write_kv(cache, new: jax.Array, layer, index: jax.Array):
+    """The stacked `cache` [layers, B, K, S, Dh] with `new` [B, T, K, Dh] written into `layer`
+    at positions index.. (in place when the cache is donated or a loop's carry)."""
+    new = new.transpose(0, 2, 1, 3)[None]  # [1, B, K, T, Dh]
+    at = (layer, 0, 0, index, 0)
     if not isinstance(cache, dict):
-        return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
+        return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), at)
     q, scale = int_quantize(new, (new.ndim - 1,), 8)
     return {
-        "q": jax.lax.dynamic_update_slice_in_dim(cache["q"], q, index, axis=1),
-        "scale": jax.lax.dynamic_update_slice_in_dim(cache["scale"], scale, index, axis=1),
+        "q": jax.lax.dynamic_update_slice(cache["q"], q, at),
+        "scale": jax.lax.dynamic_update_slice(cache["scale"], scale, at),
     }
 
 
-def read_kv(cache, dtype) -> jax.Array:
-    """The cache's values [B, S, K, Dh] in `dtype`."""
+def read_kv(cache, layer, dtype) -> jax.Array:
+    """`layer`'s values [B, K, S, Dh] of the stacked cache, in `dtype`."""
+    cache = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, False), cache)
     if not isinstance(cache, dict):
         return cache
     return (cache["q"].astype(jnp.float32) * cache["scale"]).astype(dtype)

@@ -8,8 +8,12 @@ exactly as in llm.model.decode. Positions at and after a slot's length may hold 
 earlier request's, or a padded chunk's); every mask is causal and a slot writes each position
 before any query can see it, so a slot is reused without clearing. Each call attends over the
 first `length` cache positions only (a few static lengths, llm.engine picks the shortest that
-holds its slots), so short requests do not pay for the longest context: two shapes (the
-prefill chunk [1, C], the decode step [S]) compiled per length.
+holds its slots), so short requests do not pay for the longest context; a decode step computes
+the first `rows` slots only (llm.engine keeps requests in the lowest slots) and a prompt's last
+piece is written as a chunk of the shortest compiled size that holds it, so on hardware whose
+step cost grows with the rows (a CPU) idle slots and chunk padding cost little. The compiled
+shapes: prefill [1, c] and decode [r] at each cache length, for a few chunk sizes c and row
+counts r.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class Sampling(NamedTuple):
 
 
 def init_slots(cfg: ModelConfig, slots: int, length: int) -> dict[str, jax.Array]:
-    """An empty slot cache: k, v: [layers, slots, length, K, Dh] in the compute dtype."""
+    """An empty slot cache: k, v: [layers, slots, K, length, Dh] in the compute dtype."""
     cache = init_cache(cfg, slots, length)
     return {"k": cache["k"], "v": jnp.copy(cache["v"])}  # two buffers: both are donated
 
@@ -78,7 +82,7 @@ def prefill(
     """
     model = nnx.merge(graphdef, state)
     rows = {
-        n: jax.lax.dynamic_slice_in_dim(cache[n][:, :, :length], slot, 1, axis=1) for n in cache
+        n: jax.lax.dynamic_slice_in_dim(cache[n], slot, 1, axis=1)[:, :, :, :length] for n in cache
     }
     logits, new = model(tokens, cache={**rows, "index": start})  # [1, C, V]
     cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, slot, 0, 0, 0)) for n in cache}
@@ -87,21 +91,30 @@ def prefill(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "vocab_limit", "length"), donate_argnames=("cache",)
+    jax.jit,
+    static_argnames=("graphdef", "vocab_limit", "length", "rows"),
+    donate_argnames=("cache",),
 )
-def decode(graphdef, state, cache, tokens, index, sampling: Sampling, vocab_limit, length):
-    """One token for every slot: tokens int32[S] at positions index int32[S] (each below length,
-    the cache positions attended, static) -> (the next token of each slot int32[S], the cache).
-    Rows of idle slots compute and are ignored."""
+def decode(graphdef, state, cache, tokens, index, sampling: Sampling, vocab_limit, length, rows):
+    """One token for each of the first `rows` slots: tokens int32[rows] at positions index
+    int32[rows] (each below length, the cache positions attended; both static) -> (the next
+    token of each row int32[rows], the cache). Rows of idle slots compute and are ignored."""
     model = nnx.merge(graphdef, state)
 
-    def row(token, k, v, i):  # one slot as a batch of one; k, v: [layers, length, K, Dh]
+    def row(token, k, v, i):  # one slot as a batch of one; k, v: [layers, K, length, Dh]
         logits, new = model(token[None, None], cache={"k": k[:, None], "v": v[:, None], "index": i})
         return logits[0, -1], new["k"][:, 0], new["v"][:, 0]
 
-    k, v = (cache[n][:, :, :length] for n in ("k", "v"))
+    k, v = (cache[n][:, :rows, :, :length] for n in ("k", "v"))
     logits, k, v = jax.vmap(row, in_axes=(0, 1, 1, 0), out_axes=(0, 1, 1))(tokens, k, v, index)
     cache = {
         n: jax.lax.dynamic_update_slice(cache[n], x, (0,) * 5) for n, x in (("k", k), ("v", v))
     }
     return sample_rows(logits, sampling, vocab_limit), cache
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def move(cache, src, dst):
+    """The cache with slot `src`'s keys and values copied into slot `dst` (int32[] each)."""
+    row = lambda x: jax.lax.dynamic_slice_in_dim(x, src, 1, axis=1)
+    return {n: jax.lax.dynamic_update_slice_in_dim(x, row(x), dst, 1) for n, x in cache.items()}

@@ -79,11 +79,12 @@ class Transformer(nnx.Module):
             pdt,
         )
         if cfg.scan_layers:  # one Block whose parameters are stacked along a leading "layers" axis
+            moe = cfg.moe.num_experts > 0  # then every layer is MoE (config validation)
 
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def stacked_blocks(rngs: nnx.Rngs) -> Block:
-                return Block(cfg, rngs=rngs)
+                return Block(cfg, rngs=rngs, moe=moe)
 
             self.blocks = stacked_blocks(rngs)
         else:
@@ -177,46 +178,43 @@ class Transformer(nnx.Module):
         return unembed
 
     def _run_blocks(self, x, positions, segment_ids, cache, record_rms: bool = False):
-        """Applies the blocks (a Python loop, or a scan over stacked parameters), with remat."""
+        """Applies the blocks (a Python loop, or a scan over stacked parameters), with remat.
+        Each block writes its keys and values into the stacked cache in place (`init_cache`)."""
         cfg = self.cfg
         block_fn = _block_fn(cfg, positions, segment_ids, record_rms)
 
-        def layer_cache(k, v):
-            return None if cache is None else {"k": k, "v": v, "index": cache["index"]}
+        def layer_cache(kv, layer):  # the stacked k, v, and the rest of the cache (index, start)
+            return None if cache is None else {**cache, **kv, "layer": layer}
 
+        kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
 
-            def body(x, layer):  # dense blocks only (config validation): aux is {} or RMS
-                layer_state, k, v = layer
-                x, new, layer_aux = block_fn(graphdef, layer_state, x, layer_cache(k, v))
-                return x, ((None, None) if new is None else (new["k"], new["v"]), layer_aux)
+            def body(carry, layer):  # aux: {} (dense), MoE values and/or RMS, stacked by the scan
+                x, kv = carry
+                layer_state, i = layer
+                x, new, layer_aux = block_fn(graphdef, layer_state, x, layer_cache(kv, i))
+                return (x, None if new is None else {"k": new["k"], "v": new["v"]}), layer_aux
 
-            kv = (None, None) if cache is None else (cache["k"], cache["v"])
-            x, ((new_k, new_v), stacked) = jax.lax.scan(body, x, (state, *kv))
+            layers = (state, jnp.arange(cfg.num_layers))
+            (x, kv), stacked = jax.lax.scan(body, (x, kv), layers)
             aux = {i: jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.num_layers)}
         else:
-            new_k, new_v, aux = [], [], {}
+            aux = {}
             for i, block in enumerate(self.blocks):
                 graphdef, state = nnx.split(block)
-                kv = (None, None)
-                if cache is not None:  # arrays, or an int8 cache's dicts (llm.model.quant)
-                    kv = jax.tree.map(lambda a, i=i: a[i], (cache["k"], cache["v"]))
-                x, new, aux[i] = block_fn(graphdef, state, x, layer_cache(*kv))
-                if new is not None:
-                    new_k.append(new["k"])
-                    new_v.append(new["v"])
-            stack = lambda arrays: jax.tree.map(
-                lambda *a: jnp.stack(a), *arrays
-            )  # int8 caches: dicts
-            new_k, new_v = (stack(new_k), stack(new_v)) if new_k else (None, None)
+                x, new, aux[i] = block_fn(graphdef, state, x, layer_cache(kv, i))
+                kv = None if new is None else {"k": new["k"], "v": new["v"]}
         aux = {i: values for i, values in aux.items() if values}
         if cache is None:
             return x, None, aux
-        return x, {"k": new_k, "v": new_v, "index": cache["index"] + x.shape[1]}, aux
+        return x, {**cache, **kv, "index": cache["index"] + x.shape[1]}, aux
 
     def update_expert_biases(self, loads: dict[int, jax.Array]) -> None:
         """One auxiliary-loss-free balancing step (llm.model.moe) of each MoE layer, from its load [E]."""
+        if self.cfg.scan_layers:  # every layer MoE, biases stacked [layers, E]
+            self.blocks.mlp.update_bias(jnp.stack([loads[i] for i in range(self.cfg.num_layers)]))
+            return
         for i, load in loads.items():
             self.blocks[i].mlp.update_bias(load)
 
@@ -235,22 +233,28 @@ def _block_fn(cfg: ModelConfig, positions, segment_ids, record_rms: bool = False
 
 def apply_stacked_blocks(
     cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, x, positions, segment_ids
-) -> jax.Array:
-    """x: [B, L, D] through the dense blocks of `state`, parameters stacked [n, ...] (a run of
-    consecutive layers of a scan_layers model: a pipeline stage, llm.parallel.pipeline)."""
+) -> tuple[jax.Array, dict]:
+    """x: [B, L, D] through the blocks of `state`, parameters stacked [n, ...] (a run of
+    consecutive layers of a scan_layers model: a pipeline stage, llm.parallel.pipeline) -> x and
+    the blocks' auxiliary values stacked {name: [n, ...]} (MoE; {} for dense blocks)."""
     block_fn = _block_fn(cfg, positions, segment_ids)
 
     def body(x, layer_state):
-        return block_fn(graphdef, layer_state, x, None)[0], None
+        x, _, aux = block_fn(graphdef, layer_state, x, None)
+        return x, aux
 
-    return jax.lax.scan(body, x, state)[0]
+    return jax.lax.scan(body, x, state)
 
 
 def init_cache(
     cfg: ModelConfig, batch: int, max_len: int, int8: bool = False
 ) -> dict[str, jax.Array]:
-    """An empty KV cache: k, v: [layers, B, max_len, K, Dh] in the compute dtype, or int8 with a
-    scale per token and head (llm.model.quant.init_kv); index: int32[]."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    """An empty KV cache: k, v: [layers, B, K, max_len, Dh] in the compute dtype, or int8 with a
+    scale per token and head (llm.model.quant.init_kv); index: int32[]. A cache may also hold
+    start: int32[B], the first slot of each row that holds a token (rows of left-padded prompts,
+    whose padding is never attended; llm.model.decode.generate). Positions are the
+    second-minor axis so that attention reads each (row, head)'s keys as one contiguous block and
+    a decode step writes one position of the stacked arrays in place (no copy of the cache)."""
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     k, v = (quant.init_kv(shape, cfg.dtype, int8) for _ in "kv")
     return {"k": k, "v": v, "index": jnp.array(0, jnp.int32)}

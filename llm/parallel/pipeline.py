@@ -4,11 +4,17 @@ executing a schedule table (llm.parallel.schedules) with a `scan` over its ticks
 The stacked layers (model.scan_layers; logical axis "layers", placed on "stage" by the rules
 table) split into S·v chunks; the embedding runs before them (its gradient after), the output
 head and loss on the stage holding the last chunk. Per tick, each stage runs its op under
-`jax.shard_map` (manual over "stage" only, so data/fsdp/tensor sharding still applies inside): a
-forward keeps its `jax.vjp` residuals in a slot until the schedule runs its backward, so a
-stage's memory follows the schedule (GPipe holds M microbatches in flight, 1F1B at most S).
-Activations move forward and gradients backward with `ppermute`. Parameters that are residuals
-are not copied into slots.
+`jax.shard_map` (manual over "stage" only, so data/fsdp/tensor/expert sharding still applies
+inside, MoE all-to-alls included): a forward keeps its `jax.vjp` residuals in a slot until the
+schedule runs its backward, so a stage's memory follows the schedule (GPipe holds M microbatches
+in flight, 1F1B at most S). A split backward (zb_h1) runs the same `vjp` twice from the slot: I
+keeps only the input gradient, W only the weight gradient (XLA drops the unused half; W
+recomputes the input gradients inside a chunk of several layers). Activations move forward and
+gradients backward with `ppermute`. Parameters that are residuals are not copied into slots.
+
+MoE chunks add their auxiliary losses to the loss per microbatch (the step's weighting) and
+return their routing values, averaged over the microbatches: the same as one device with
+gradient accumulation over the same microbatches.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from llm.errors import check, check_positive
+from llm.model import moe
 from llm.model.config import ModelConfig
 from llm.model.transformer import Transformer, apply_stacked_blocks
 from llm.parallel import partitioning, schedules
@@ -35,7 +43,7 @@ AXIS = "stage"
 class PipelineConfig:
     """config.pipeline: the schedule run when mesh.stage > 1 (ignored at mesh.stage = 1)."""
 
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zb_h1
     microbatches: int = 4  # M, microbatches per (accumulation) batch
     virtual_stages: int = 1  # v, chunks per stage (interleaved_1f1b only, >= 2)
 
@@ -50,7 +58,7 @@ class PipelineConfig:
         check(
             interleaved or self.virtual_stages == 1,
             f"config.pipeline.virtual_stages={self.virtual_stages} needs "
-            "pipeline.schedule=interleaved_1f1b (gpipe and 1f1b have one chunk per stage): set "
+            "pipeline.schedule=interleaved_1f1b (the others have one chunk per stage): set "
             "virtual_stages=1 or the interleaved schedule.",
         )
         check(
@@ -157,9 +165,10 @@ def make_value_and_grad(
     cfg: PipelineConfig,
     head_loss: Callable[[Transformer, jax.Array, dict], tuple[jax.Array, jax.Array]],
 ):
-    """(params, rest, batch) -> ((loss_sum, (ce_sum, {})), grads), as jax.value_and_grad of the
-    step's loss, pipelined over the mesh's stage axis. head_loss(model, hidden after the final
-    norm, microbatch) -> (summed loss, summed cross-entropy)."""
+    """(params, rest, batch) -> ((loss_sum, (ce_sum, MoE values {layer: {name: value}})), grads),
+    as jax.value_and_grad of the step's loss, pipelined over the mesh's stage axis.
+    head_loss(model, hidden after the final norm, microbatch) -> (summed loss, summed
+    cross-entropy)."""
 
     def value_and_grad(params: nnx.State, rest: nnx.State, batch: dict):
         mesh = jax.sharding.get_abstract_mesh()
@@ -170,7 +179,9 @@ def make_value_and_grad(
         block_graphdef = nnx.split(nnx.merge(graphdef, params, rest).blocks)[0]
         blocks = params["blocks"]
         head = nnx.State({k: x for k, x in params.raw_mapping.items() if k != "blocks"})
-        staged = jax.tree.map(lambda x: _to_stages(x, stages, v), blocks)
+        # the blocks' variables that are not differentiated (MoE expert biases), staged alike
+        fixed = rest["blocks"] if "blocks" in rest else nnx.State({})
+        staged, staged_fixed = jax.tree.map(lambda x: _to_stages(x, stages, v), (blocks, fixed))
 
         # [B, ...] -> [M, B/M, ...], microbatch m = rows m, m + M, ...: each data shard's rows
         # split into M, so no data moves.
@@ -189,13 +200,25 @@ def make_value_and_grad(
             lambda h: to_micro(merged(h, blocks).embed_tokens(batch["inputs"])), head
         )
 
-        def run_chunk(chunk, x, mb):
-            return apply_stacked_blocks(
-                model_cfg, block_graphdef, chunk, x, mb["positions"], mb["segment_ids"]
+        def run_chunk(chunk, x, mb, fixed):
+            """-> (x: [B/M, L, D], the chunk's MoE loss terms (summed over its layers and the
+            microbatch's tokens, as the step weighs them), its MoE values {name: [n, ...]})."""
+            state = nnx.merge_state(chunk, fixed)
+            x, aux = apply_stacked_blocks(
+                model_cfg, block_graphdef, state, x, mb["positions"], mb["segment_ids"]
             )
+            penalty = jnp.zeros((), jnp.float32)
+            if aux:
+                per_token = jnp.sum(moe.weighted_aux_loss({0: aux}, model_cfg.moe))
+                penalty = jnp.sum(mb["weights"]) * per_token
+            return x, penalty, aux
 
-        def f_mid(known, x, mb):  # known = (chunk,); the first chunk's forward too
-            return jax.vjp(lambda chunk, x: run_chunk(chunk, x, mb), *known, x)
+        def f_mid(known, x, mb, fixed):  # known = (chunk,); the first chunk's forward too
+            def fn(chunk, x):
+                x, penalty, aux = run_chunk(chunk, x, mb, fixed)
+                return (x, penalty), aux
+
+            return jax.vjp(fn, *known, x, has_aux=True)
 
         # The loss sees whole vocabulary rows: XLA's SPMD partitioner aborts on the label gather
         # of vocab-split logits inside a partly manual shard_map (mesh.tensor > 1).
@@ -203,26 +226,28 @@ def make_value_and_grad(
             (n, None if n == "vocab" else a) for n, a in partitioning.current_rules() or ()
         ]
 
-        def f_last(known, x, mb):  # known = (chunk, head)
+        def f_last(known, x, mb, fixed):  # known = (chunk, head)
             def fn(chunk, head_state, x):
                 model = merged(head_state, chunk)
-                hidden = model.final_norm(run_chunk(chunk, x, mb))
+                x, penalty, aux = run_chunk(chunk, x, mb, fixed)
                 with partitioning.axis_rules(whole_vocab):
-                    return head_loss(model, hidden, mb)
+                    loss, ce = head_loss(model, model.final_norm(x), mb)
+                return loss + penalty, (ce, aux)
 
             return jax.vjp(fn, *known, x, has_aux=True)
 
-        def body(staged_local, head, micro, x_first, kinds):
-            local = jax.tree.map(lambda x: x[0], staged_local)  # [v, L/(S v), ...]
+        def body(staged_local, fixed_local, head, micro, x_first, kinds):
+            # [v, L/(S v), ...]
+            local, fixed_local = jax.tree.map(lambda x: x[0], (staged_local, fixed_local))
             stage = jax.lax.axis_index(AXIS)
             mb0 = jax.tree.map(lambda x: x[0], micro)
-            chunk0 = jax.tree.map(lambda x: x[0], local)
+            chunk0, fixed0 = jax.tree.map(lambda x: x[0], (local, fixed_local))
             x_aval = jax.ShapeDtypeStruct(x_first.shape[1:], x_first.dtype)
             specs = {}  # pool -> (residual avals, treedef, where)
 
             def probe(pool, fwd, known, *args):
                 def kept(known, *args):
-                    out = fwd(known, *args, mb0)
+                    out = fwd(known, *args, mb0, fixed0)
                     leaves, treedef, where = _split_vjp(out[1], known)
                     specs[pool] = (treedef, where)
                     return leaves
@@ -231,6 +256,7 @@ def make_value_and_grad(
                 specs[pool] = (avals, *specs[pool])
 
             x0 = jnp.zeros(x_aval.shape, x_aval.dtype)
+            aux_avals = jax.eval_shape(lambda c, x: run_chunk(c, x, mb0, fixed0)[2], chunk0, x0)
             probe("first", f_mid, (chunk0,), x0)
             probe("mid", f_mid, (chunk0,), x0)
             probe("last", f_last, (chunk0, head), x0)
@@ -254,12 +280,17 @@ def make_value_and_grad(
                 "grad_local": jax.tree.map(jnp.zeros_like, local),
                 "grad_head": jax.tree.map(jnp.zeros_like, head),
                 "dx_first": jnp.zeros_like(x_first),
+                "aux": jax.tree.map(lambda a: jnp.zeros((v, *a.shape), a.dtype), aux_avals),
                 "loss": jnp.zeros((), jnp.float32),
                 "ce": jnp.zeros((), jnp.float32),
             }
 
-            def chunk_of(j):
-                return jax.tree.map(lambda x: x[j], local)
+            def chunk_of(j):  # (its parameters, its fixed variables)
+                return jax.tree.map(lambda x: x[j], (local, fixed_local))
+
+            def add_forward(carry, j, loss, aux):  # a chunk's loss terms and MoE values [n, ...]
+                carry["loss"] = carry["loss"] + loss
+                carry["aux"] = jax.tree.map(lambda a, d: a.at[j].add(d), carry["aux"], aux)
 
             def add_grad(carry, j, d_chunk, d_head=None):
                 carry["grad_local"] = jax.tree.map(
@@ -283,50 +314,40 @@ def make_value_and_grad(
 
             def op_fn(kind):
                 def run(carry, m, j, slot):
-                    carry = dict(carry, stash=dict(carry["stash"]))
-                    mb = jax.tree.map(lambda x: x[m], micro)
-                    chunk = chunk_of(j)
                     send_x = send_dy = zeros
-                    if kind == schedules.F_FIRST:
-                        send_x, vjp_fn = f_mid((chunk,), x_first[m], mb)
-                        stash(carry, "first", slot, vjp_fn, (chunk,))
-                    elif kind == schedules.F_MID:
-                        send_x, vjp_fn = f_mid((chunk,), carry["x"]["mid"][slot], mb)
-                        stash(carry, "mid", slot, vjp_fn, (chunk,))
-                    elif kind == schedules.F_LAST:
-                        x = carry["x"]["last"][slot]
-                        loss, vjp_fn, ce = f_last((chunk, head), x, mb)
-                        stash(carry, "last", slot, vjp_fn, (chunk, head))
-                        carry["loss"], carry["ce"] = carry["loss"] + loss, carry["ce"] + ce
-                    elif kind == schedules.B_FIRST:
-                        vjp_fn = restore(carry, "first", slot, (chunk,))
-                        d_chunk, dx = vjp_fn(carry["dy"]["first"][slot])
-                        add_grad(carry, j, d_chunk)
+                    if kind == schedules.IDLE:
+                        return carry, send_x, send_dy
+                    carry = dict(carry, stash=dict(carry["stash"]))
+                    phase, pool = schedules.phase_and_pool(kind)
+                    mb = jax.tree.map(lambda x: x[m], micro)
+                    chunk, fixed = chunk_of(j)
+                    known = (chunk, head) if pool == "last" else (chunk,)
+                    one = jnp.ones((), jnp.float32)  # the cotangent of a summed loss
+                    if phase == "F":
+                        if pool == "last":
+                            x = carry["x"]["last"][slot]
+                            loss, vjp_fn, (ce, aux) = f_last(known, x, mb, fixed)
+                            carry["ce"] = carry["ce"] + ce
+                        else:
+                            x = x_first[m] if pool == "first" else carry["x"]["mid"][slot]
+                            (send_x, loss), vjp_fn, aux = f_mid(known, x, mb, fixed)
+                        stash(carry, pool, slot, vjp_fn, known)
+                        add_forward(carry, j, loss, aux)
+                        return carry, send_x, send_dy
+                    vjp_fn = restore(carry, pool, slot, known)
+                    *d_known, dx = vjp_fn(one if pool == "last" else (carry["dy"][pool][slot], one))
+                    if phase != "I":  # B or W: the weight gradient (I's is never computed)
+                        add_grad(carry, j, *d_known)
+                    if phase != "W" and pool == "first":  # B or I: the input gradient
                         carry["dx_first"] = carry["dx_first"].at[m].set(dx)
-                    elif kind == schedules.B_MID:
-                        vjp_fn = restore(carry, "mid", slot, (chunk,))
-                        d_chunk, send_dy = vjp_fn(carry["dy"]["mid"][slot])
-                        add_grad(carry, j, d_chunk)
-                    elif kind == schedules.B_LAST:
-                        vjp_fn = restore(carry, "last", slot, (chunk, head))
-                        d_chunk, d_head, send_dy = vjp_fn(jnp.ones((), jnp.float32))
-                        add_grad(carry, j, d_chunk, d_head)
+                    elif phase != "W":
+                        send_dy = dx
                     return carry, send_x, send_dy
 
                 return run
 
-            present = {
-                schedules.F_FIRST: "first",
-                schedules.F_MID: "mid",
-                schedules.F_LAST: "last",
-                schedules.B_FIRST: "first",
-                schedules.B_MID: "mid",
-                schedules.B_LAST: "last",
-            }
-            branches = [
-                op_fn(k if k == schedules.IDLE or sizes[present[k]] else schedules.IDLE)
-                for k in range(7)
-            ]
+            present = set(np.unique(table.tables["kind"]).tolist())  # the others: never traced
+            branches = [op_fn(k if k in present else schedules.IDLE) for k in schedules.KINDS]
 
             def tick(carry, row):
                 row = {k: x[stage] for k, x in row.items()}
@@ -347,23 +368,27 @@ def make_value_and_grad(
                 return carry, None
 
             carry, _ = jax.lax.scan(tick, carry, kinds)
-            grad_local = jax.tree.map(lambda g: g[None], carry["grad_local"])
+            per_stage = jax.tree.map(lambda g: g[None], (carry["grad_local"], carry["aux"]))
             totals = (carry["grad_head"], carry["dx_first"], carry["loss"], carry["ce"])
-            return grad_local, *jax.lax.psum(totals, AXIS)
+            return *per_stage, *jax.lax.psum(totals, AXIS)
 
         tables = {k: jnp.asarray(x) for k, x in table.tables.items()}
         run = jax.shard_map(
             body,
             mesh=mesh,
-            in_specs=(P(AXIS), P(), P(), P(), P()),
-            out_specs=(P(AXIS), P(), P(), P(), P()),
+            in_specs=(P(AXIS), P(AXIS), P(), P(), P(), P()),
+            out_specs=(P(AXIS), P(AXIS), P(), P(), P(), P()),
             axis_names={AXIS},
             check_vma=False,
         )
-        grad_staged, grad_head, dx_first, loss, ce = run(staged, head, micro, x_first, tables)
+        outputs = run(staged, staged_fixed, head, micro, x_first, tables)
+        grad_staged, aux_staged, grad_head, dx_first, loss, ce = outputs
         grad_head = jax.tree.map(jnp.add, grad_head, embed_vjp(dx_first)[0])
         grad_blocks = jax.tree.map(_from_stages, grad_staged)
         grads = nnx.State({**grad_head.raw_mapping, "blocks": grad_blocks.raw_mapping})
-        return (loss, (ce, {})), grads
+        # MoE values [layers, ...], averaged over the microbatches as gradient accumulation does
+        aux = jax.tree.map(lambda a: _from_stages(a) / m_count, aux_staged)
+        layers = range(model_cfg.num_layers) if aux else ()
+        return (loss, (ce, {i: jax.tree.map(lambda a, i=i: a[i], aux) for i in layers})), grads
 
     return value_and_grad

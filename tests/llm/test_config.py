@@ -68,9 +68,9 @@ from llm.training import loop
             "config.model.moe.shared_expert_gate=True gates the shared experts",
         ),
         (
-            {"model.moe.num_experts": 4, "model.scan_layers": True},
+            {"model.moe.num_experts": 4, "model.scan_layers": True, "model.moe.every": 2},
             config_lib.ConfigError,
-            "scan_layers=True is not supported with MoE",
+            "scan_layers=True stacks identical layers, so every layer must be MoE",
         ),
         (
             {"model.attention_pattern": "sliding,sparse"},

@@ -11,6 +11,7 @@ from flax import nnx
 
 from llm.engine import Engine, EngineConfig, QueueFull, Request
 from llm.errors import ConfigError
+from llm.model import slot_decode
 from llm.model.config import ModelConfig
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
@@ -101,6 +102,23 @@ def test_slots_are_reused_after_finish_and_cancel():
     assert 0 < sum(len(d.tokens) for d in got) < 12
     assert eng.finished == {"cancelled": 2, "length": 3}
     assert eng.load() == (0, 0)
+
+
+def test_a_request_moved_to_a_freed_lower_slot_continues_exactly(monkeypatch):
+    """Once nothing waits, a request in a high slot moves into a freed lower one (decode steps
+    then compute fewer rows); its tokens are the sampler's all the same."""
+    moves, move = [], slot_decode.move
+
+    def counted(cache, src, dst):
+        moves.append((int(src), int(dst)))
+        return move(cache, src, dst)
+
+    monkeypatch.setattr(slot_decode, "move", counted)
+    out = engine("dense", slots=2).generate(
+        [Request(PROMPTS[i], max_tokens=NEW[i], greedy=True) for i in (2, 3)]
+    )  # 2 ends first: 3 moves from slot 1 to slot 0
+    assert moves == [(1, 0)]
+    assert [c.tokens for c in out] == [reference("dense", i) for i in (2, 3)]
 
 
 class Letters:

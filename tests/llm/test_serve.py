@@ -33,6 +33,7 @@ CHAT_TEMPLATE = (
     "<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+TIMEOUT = 5  # seconds a client may stall
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 
 
@@ -48,10 +49,10 @@ def chat_tokenizer_dir(hf_tokenizer_dir, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running(app):
+def running(app, timeout: float = TIMEOUT):
     """The port of `app` served on 127.0.0.1 by a thread of this process."""
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, **serve.connection_settings(timeout))
     loop.run_until_complete(runner.setup())
     site = web.TCPSite(runner, "127.0.0.1", 0)
     loop.run_until_complete(site.start())
@@ -83,8 +84,8 @@ def server(chat_tokenizer_dir):
         vocab_limit=tokenizer.vocab_size,
     )
     app = serve.make_app(
-        engine, tokenizer.encode, api_key=KEY, max_body_bytes=2048, max_tokens_cap=48, timeout=5,
-        chat=serve.chat_encoder(tokenizer),
+        engine, tokenizer.encode, api_key=KEY, max_body_bytes=2048, max_tokens_cap=48,
+        timeout=TIMEOUT, chat=serve.chat_encoder(tokenizer),
     )  # fmt: skip
     with running(app) as port:
         yield port, engine, model, tokenizer
@@ -178,6 +179,16 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server, monkeypatch):
         time.sleep(0.05)
     assert engine.finished["cancelled"] == before + 1
     assert engine.load() == (0, 0)
+    assert post(port, {"prompt": "The", "max_tokens": 2})[0] == 200
+
+
+def test_a_client_stalled_sending_headers_is_disconnected(server):
+    port = server[0]
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+        start = time.monotonic()
+        assert client.recv(4096) == b""  # the server closed the connection
+        assert time.monotonic() - start < TIMEOUT + 10
     assert post(port, {"prompt": "The", "max_tokens": 2})[0] == 200
 
 

@@ -40,6 +40,21 @@ def test_greedy_matches_uncached_argmax(scan):
     np.testing.assert_array_equal(out[:, PROMPT:], expected)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_left_padded_rows_continue_as_alone(scan):
+    """prompt_lengths: each left-padded row's tokens equal its own unpadded generation."""
+    model, lengths = tiny_model(scan), [5, 2, 4]
+    rows = jax.random.randint(jax.random.key(2), (3, max(lengths)), 0, 64, jnp.int32)
+    rows = rows.at[1, :3].set(0).at[2, :1].set(0)  # the padding: any ids, never attended
+    kw = {"max_new_tokens": NEW, "rng": jax.random.key(0), "greedy": True}
+    padded = generate(model, rows, prompt_lengths=lengths, **kw)[:, max(lengths) :]
+    for row, n, out in zip(rows, lengths, padded):
+        alone = generate(model, row[None, len(row) - n :], **kw)[0, n:]
+        np.testing.assert_array_equal(out, alone)
+    other_padding = generate(model, rows.at[1, :3].set(7), prompt_lengths=lengths, **kw)
+    np.testing.assert_array_equal(other_padding[:, max(lengths) :], padded)
+
+
 def test_top_k_1_is_greedy():
     model, rng = tiny_model(), jax.random.key(3)
     greedy = generate(model, prompt(), max_new_tokens=NEW, rng=rng, greedy=True)

@@ -1,6 +1,8 @@
 """Mixture of experts: dispatch against a per-token loop, the capacity rule, expert parallelism
 against one device, loss-free balancing, and a tiny MoE model trained end to end."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +110,57 @@ def test_loss_free_bias_moves_a_skewed_router_toward_balance():
     assert loads[0][0] > 0.45  # of 2 choices per token, expert 0 is nearly always one
     assert np.abs(loads[-1] - 1 / E).max() < 0.5 * np.abs(loads[0] - 1 / E).max()
     assert np.mean(biases, axis=0).argmin() == 0  # the favourite is held back the most
+
+
+def test_stacked_moe_layers_equal_the_unstacked_ones_values_gradients_and_balancing():
+    """scan_layers=True stacks the expert weights on a leading "layers" axis: the same logits,
+    auxiliary values and gradients as the per-layer blocks holding the same weights, and one
+    balancing step moves each layer's biases as it does there."""
+    m = MoEConfig(
+        num_experts=E, top_k=K, expert_mlp_dim=F, num_shared_experts=1, bias_update_rate=0.1
+    )
+    cfg = ModelConfig(
+        vocab_size=32, num_layers=2, embed_dim=D, num_heads=2, num_kv_heads=2, mlp_dim=F, moe=m
+    )
+    loose = Transformer(cfg, rngs=nnx.Rngs(0))
+    for i, block in enumerate(loose.blocks):  # biases that change the routing
+        block.mlp.expert_bias[...] = jax.random.normal(jax.random.key(i), (E,)) * 0.05
+    stacked = Transformer(dataclasses.replace(cfg, scan_layers=True), rngs=nnx.Rngs(1))
+    names = nnx.state(stacked, nnx.Param)["blocks"]["mlp"]["w_gate"].get_metadata()
+    assert names["out_sharding"] == ("layers", "expert", "embed", "mlp")
+    pure = nnx.to_pure_dict(nnx.state(loose))
+    pure["blocks"] = jax.tree.map(lambda *a: jnp.stack(a), *pure["blocks"].values())
+    state = nnx.state(stacked)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(stacked, state)
+    tokens = jax.random.randint(jax.random.key(2), (2, 8), 0, 32)
+    cotangent = jax.random.normal(jax.random.key(3), (2, 8, 32))
+
+    @jax.jit
+    def value_and_grad(model):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params):
+            logits, aux = nnx.merge(graphdef, params, rest)(tokens, return_aux=True)
+            return jnp.sum(logits * cotangent) + moe.weighted_aux_loss(aux, m), aux
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    results = []
+    for model in (loose, stacked):
+        (value, aux), grads = value_and_grad(model)
+        model.update_expert_biases({i: layer["load"] for i, layer in aux.items()})
+        results.append((value, aux, nnx.to_pure_dict(grads), nnx.to_pure_dict(nnx.state(model))))
+    (value, aux, grads, after), (value_s, aux_s, grads_s, after_s) = results
+    np.testing.assert_allclose(value_s, value, rtol=1e-5)
+    for want, got in zip(jax.tree.leaves(aux), jax.tree.leaves(aux_s)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for tree, tree_s in ((grads, grads_s), (after, after_s)):
+        tree["blocks"] = jax.tree.map(lambda *a: jnp.stack(a), *tree["blocks"].values())
+        for want, got in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_s)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.all(np.abs(grads_s["blocks"]["mlp"]["w_gate"]).sum(axis=(1, 2, 3)) > 0)  # per layer
+    assert np.any(after_s["blocks"]["mlp"]["expert_bias"] != pure["blocks"]["mlp"]["expert_bias"])
 
 
 def test_active_parameters_count_top_k_and_shared_experts_only():

@@ -1,6 +1,7 @@
 """Pipeline parallelism (llm.parallel.pipeline) trains like one device: loss, gradient norm and
-parameters after three AdamW steps, for each schedule; 1F1B's compiled step needs less temporary
-memory than GPipe's; the parameters sit where the rules table says; bad input is one line."""
+parameters after three AdamW steps, for each schedule, dense and MoE (with expert parallelism);
+1F1B's compiled step needs less temporary memory than GPipe's; the parameters sit where the rules
+table says; bad input is one line."""
 
 from collections.abc import Callable
 from typing import NamedTuple
@@ -32,6 +33,13 @@ TINY = {
     "model.scan_layers": True,
     "mesh.data": 1,
 }
+MOE = {  # every layer MoE (stacked), a shared expert, loss-free balancing on
+    "model.moe.num_experts": 4,
+    "model.moe.top_k": 2,
+    "model.moe.expert_mlp_dim": 16,
+    "model.moe.num_shared_experts": 1,
+    "model.moe.bias_update_rate": 1e-3,
+}
 
 
 def experiment(**overrides):
@@ -62,17 +70,19 @@ class Run(NamedTuple):
     temp: int  # the compiled step's temporary bytes per device
     resume: Callable[[str], float]  # a checkpoint directory -> the loss of step 3 from it
     saved: str  # the checkpoint of step 2
+    hlo: str  # the compiled step
 
 
-def train(exp, directory) -> Run:
-    """Three steps of `exp` on as many devices as its mesh has (a checkpoint after the second)."""
+def train(exp, directory, rows: np.ndarray | None = None) -> Run:
+    """Three steps of `exp` on as many devices as its mesh has (a checkpoint after the second),
+    each batch's rows in the order `rows` (default: as they are)."""
     sizes = dict(exp.mesh.sizes)
     mesh = partitioning.make_mesh(sizes, jax.devices()[: int(np.prod(list(sizes.values())))])
     exp.check_fits(mesh)
     sharding = partitioning.batch_sharding(mesh, exp.mesh.rules)
 
     def put(b):
-        return {k: jax.device_put(v, sharding) for k, v in b.items()}
+        return {k: jax.device_put(v if rows is None else v[rows], sharding) for k, v in b.items()}
 
     with jax.set_mesh(mesh), partitioning.axis_rules(exp.mesh.rules):
         setup = loop.setup_state(exp, mesh)
@@ -95,7 +105,7 @@ def train(exp, directory) -> Run:
             return float(step(restored.state, put(batch(2)))[1]["loss"])
 
     temp = step.memory_analysis().temp_size_in_bytes
-    return Run(losses, norms, state, temp, resume, str(directory))
+    return Run(losses, norms, state, temp, resume, str(directory), step.as_text())
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +115,15 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipelined(tmp_path_factory):
-    """(schedule, S, M, v=1, **other mesh axes) -> its Run, each compiled once per module."""
+    """(schedule, S, M, v=1, moe=False, **other mesh axes) -> its Run, each compiled once per
+    module."""
     runs = {}
 
-    def run(schedule, stages, micro, virtual=1, **mesh):
-        key = (schedule, stages, micro, virtual, tuple(sorted(mesh.items())))
+    def run(schedule, stages, micro, virtual=1, moe=False, **mesh):
+        key = (schedule, stages, micro, virtual, moe, tuple(sorted(mesh.items())))
         if key not in runs:
             exp = experiment(
+                **(MOE if moe else {}),
                 **{f"mesh.{k}": v for k, v in mesh.items()},
                 **{
                     "mesh.stage": stages,
@@ -132,6 +144,7 @@ CASES = [  # (schedule, S, M, v, other mesh axes)
     ("gpipe", 4, 8, 1, {}),
     ("1f1b", 4, 8, 1, {}),
     ("interleaved_1f1b", 2, 4, 2, {}),
+    ("zb_h1", 2, 4, 1, {}),
     ("1f1b", 2, 2, 1, {"data": 2, "tensor": 2}),
 ]
 
@@ -141,16 +154,53 @@ def test_matches_one_device(reference, pipelined, schedule, stages, micro, virtu
     run = pipelined(schedule, stages, micro, virtual, **mesh)
     np.testing.assert_allclose(run.losses, reference.losses, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(run.norms, reference.norms, rtol=1e-5, atol=1e-6)
-    state = run.state
-    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.state.params)):
+    assert_same_and_placed(run.state, reference.state)
+
+
+def assert_same_and_placed(state: TrainState, reference: TrainState) -> None:
+    """The parameters (and MoE expert biases) of `state` equal `reference`'s, and each array is
+    where the rules table puts it: the stacked layers split over the stages."""
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    # Each array where the rules table puts it: the stacked layers split over the stages.
     rules = experiment().mesh.rules
     for variable in jax.tree.leaves(state.params, is_leaf=lambda x: hasattr(x, "get_metadata")):
         names = variable.get_metadata()["out_sharding"]
         spec = partitioning.logical_to_spec(names, rules)
         assert variable[...].sharding.spec == spec, names
         assert ("layers" in names) == (tuple(spec)[:1] == ("stage",))
+
+
+MOE_M = 2  # microbatches of the MoE runs
+
+
+@pytest.fixture(scope="module")
+def moe_reference(tmp_path_factory):
+    """One device accumulating gradients over the pipeline's microbatches: MoE auxiliary losses
+    are per microbatch, as under gradient accumulation. The pipeline's microbatch m holds rows
+    m, m + M, ...; these rows in that order make accumulation step m the same rows."""
+    rows = np.arange(B).reshape(B // MOE_M, MOE_M).T.reshape(-1)
+    exp = experiment(**MOE, grad_accum_steps=MOE_M)
+    return train(exp, tmp_path_factory.mktemp("moe_one_device"), rows)
+
+
+MOE_CASES = [  # (schedule, v, other mesh axes), S = 2
+    ("1f1b", 1, {"expert": 2}),
+    ("interleaved_1f1b", 2, {"data": 2}),
+]
+
+
+@pytest.mark.parametrize("schedule,virtual,mesh", MOE_CASES, ids=str)
+def test_moe_matches_one_device(moe_reference, pipelined, schedule, virtual, mesh):
+    """MoE layers inside the stages (their all-to-all over `expert` too): losses, gradient norms,
+    parameters and balancing biases as on one device."""
+    run = pipelined(schedule, 2, MOE_M, virtual, moe=True, **mesh)
+    np.testing.assert_allclose(run.losses, moe_reference.losses, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run.norms, moe_reference.norms, rtol=1e-5, atol=1e-6)
+    assert_same_and_placed(run.state, moe_reference.state)
+    bias = np.asarray(run.state.params["blocks"]["mlp"]["expert_bias"][...])  # [layers, E]
+    assert np.all(np.abs(bias).max(axis=1) > 0)  # every layer's balancing step taken
+    if "expert" in mesh:
+        assert "all-to-all" in run.hlo
 
 
 def test_1f1b_needs_less_temporary_memory_than_gpipe(pipelined):
@@ -192,6 +242,7 @@ BAD = [
     ({"pipeline.schedule": "interleaved_1f1b"}, 2, "virtual_stages >= 2"),
     ({"model.scan_layers": False}, 2, "set --config.model.scan_layers=True"),
     ({"mesh.sequence": 2}, 2, "mesh.sequence > 1 is not supported"),
+    ({**MOE, "model.moe.first_dense_layers": 1}, 2, "every layer must be MoE"),
     ({"pipeline.schedule": "zb"}, 2, "pipeline.schedule must be one of"),
 ]
 

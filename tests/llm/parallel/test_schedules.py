@@ -1,5 +1,6 @@
 """Pipeline schedule tables (llm.parallel.schedules), checked by replaying them on the host: every
-op once, in dependency order, its input in its slot, the bubble as the formula says."""
+op once, in dependency order, its input in its slot, the bubble as the formula says (ZB-H1's
+weight gradients filling it)."""
 
 import pytest
 
@@ -7,7 +8,13 @@ from llm.parallel import schedules as sc
 
 CASES = [
     (name, s, m, v)
-    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 4))
+    for name, v in (
+        ("gpipe", 1),
+        ("1f1b", 1),
+        ("interleaved_1f1b", 2),
+        ("interleaved_1f1b", 4),
+        ("zb_h1", 1),
+    )
     for s in (2, 4)
     for m in (s, 2 * s)
 ]
@@ -30,21 +37,25 @@ def replay(table: sc.Schedule):
                 continue
             m, j, slot = (int(t_[k][t, s]) for k in ("micro", "chunk", "slot"))
             c = j * S + s
-            forward = kind <= sc.F_LAST
-            pool = sc.POOLS[(kind - 1) % 3]
+            phase, pool = sc.phase_and_pool(kind)
             assert pool == ("first" if c == 0 else "last" if c == C - 1 else "mid")
-            assert (forward, m, c) not in done
-            if forward:
+            assert (phase, m, c) not in done
+            if phase == "F":
                 if c > 0:
                     assert x[s, pool].get(slot) == (m, c), (t, s)
                 stash[s, pool][slot] = (m, c)
                 sent_x[(s + 1) % S] = (m, c + 1)
-            else:
-                assert stash[s, pool].pop(slot) == (m, c)
+            else:  # B, I or W: the activations still in the slot, the gradient received
+                assert stash[s, pool][slot] == (m, c)
                 if c < C - 1:
                     assert dy[s, pool].get(slot) == (m, c), (t, s)
-                sent_dy[(s - 1) % S] = (m, c - 1)
-            done[(forward, m, c)] = t
+                if phase != "I":  # B and W free the slot
+                    del stash[s, pool][slot]
+                if phase != "W":
+                    sent_dy[(s - 1) % S] = (m, c - 1)
+                else:
+                    assert done[("I", m, c)] < t
+            done[(phase, m, c)] = t
         for s in range(S):
             for pool, key, sent, buf in (
                 ("mid", "recv_x_mid", sent_x, x),
@@ -68,13 +79,18 @@ def test_table_runs_every_op_once_in_order(name, stages, micro, virtual):
     table = sc.build(name, stages, micro, virtual)
     done = replay(table)
     chunks = stages * virtual
-    assert len(done) == 2 * micro * chunks
+    split = name in sc.SPLIT_BACKWARD
+    back = "I" if split else "B"
+    assert len(done) == (3 if split else 2) * micro * chunks
     for m in range(micro):
         for c in range(chunks):
-            assert c == 0 or done[(True, m, c - 1)] < done[(True, m, c)]
-            assert c == chunks - 1 or done[(False, m, c + 1)] < done[(False, m, c)]
-    # GPipe's (S-1)/(M+S-1); interleaving divides the bubble by v.
-    assert table.bubble_fraction == pytest.approx((stages - 1) / (virtual * micro + stages - 1))
+            assert c == 0 or done[("F", m, c - 1)] < done[("F", m, c)]
+            assert c == chunks - 1 or done[(back, m, c + 1)] < done[(back, m, c)]
+    if split:  # a tick per F, I and W; the W's fill all but (S-1) ticks of each stage
+        assert table.bubble_fraction == pytest.approx((stages - 1) / (3 * micro + stages - 1))
+    else:  # GPipe's (S-1)/(M+S-1); interleaving divides the bubble by v.
+        want = (stages - 1) / (virtual * micro + stages - 1)
+        assert table.bubble_fraction == pytest.approx(want)
 
 
 @pytest.mark.parametrize("stages", [2, 4])
@@ -85,3 +101,13 @@ def test_1f1b_holds_at_most_s_microbatches_gpipe_holds_m(stages):
     assert max(one_f_one_b.values()) == stages
     assert one_f_one_b["last"] == 2  # the last stage: its backward follows each forward
     assert max(gpipe.values()) == micro
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_zb_h1_holds_at_most_s_microbatches_from_forward_to_weight_gradient(stages):
+    micro = 4 * stages
+    done = replay(sc.build("zb_h1", stages, micro))
+    for s in range(stages):
+        spans = [(done[("F", m, s)], done[("W", m, s)]) for m in range(micro)]
+        for t in range(max(end for _, end in spans)):
+            assert sum(start <= t < end for start, end in spans) <= stages

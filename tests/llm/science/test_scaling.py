@@ -146,9 +146,63 @@ def tiny_sweep():
             "min_steps": 2,
             "evals_per_run": 2,
             "warmup_fraction": 0.1,
+            "learning_rate": 3e-3,
+            "parametrization": "sp",
+            "mup_base_width": 32,
+            "mup_base_head_dim": 32,
             "overrides": {"batch_size": 8, "seq_len": 32, "sample_prompt": ""},
         }
     )
+
+
+def test_sweep_runs_take_its_parametrization_and_learning_rate(tmp_path):
+    from experiments.studies import sweep
+
+    sp = sweep.plan(tiny_sweep())
+    mup_sweep = tiny_sweep()
+    mup_sweep.update(parametrization="mup", learning_rate=1e-2)
+    runs = sweep.plan(mup_sweep)
+    assert [r.steps for r in runs] == [r.steps for r in sp]  # muP leaves the FLOPs unchanged
+    base = config_lib.load_config("experiments/default.py")
+    for run in runs:
+        exp = config_lib.resolve(config_lib.with_overrides(base, run.overrides))
+        assert exp.optimizer.learning_rate == 1e-2 and exp.model.parametrization == "mup"
+        assert exp.model.width_multiplier == run.overrides["model.embed_dim"] / 32
+        assert exp.model.mup_base_head_dim == 32
+    assert all("model.mup_base_width" not in r.overrides for r in sp)  # sp runs stay sp
+
+    def fake_train(config, workdir):
+        pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+        sweep.metrics.MetricsWriter(workdir, tensorboard=False).write(
+            config.steps, {"loss": 4.0, "eval_loss": 4.0}
+        )
+
+    table = scaling.read_runs(sweep.run_sweep(mup_sweep, str(tmp_path), train_fn=fake_train))
+    assert set(table["parametrization"]) == {"mup"} and set(table["learning_rate"]) == {0.01}
+
+
+def test_a_sweep_mistake_is_one_line_before_anything_is_written(tmp_path):
+    from experiments.studies import sweep
+
+    bad = tiny_sweep()
+    bad.update(parametrization="mup", mup_base_width=0)
+    with pytest.raises(config_lib.ConfigError, match="mup_base_width must be a positive"):
+        sweep.run_sweep(bad, str(tmp_path / "sweep"))
+    assert not (tmp_path / "sweep").exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.studies.sweep"]
+        + ["--sweep=experiments/scaling/isoflop_small.py", f"--workdir={tmp_path / 'cli'}"]
+        + ["--sweep.parametrization=mu"],
+        cwd=pathlib.Path(__file__).parents[3],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 2 and not (tmp_path / "cli").exists()
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: a run of --sweep=experiments/scaling/isoflop_small.py")
+    assert "parametrization='mu' is not one of" in line
 
 
 def test_sweep_plans_resumes_and_collects(tmp_path):
