@@ -1,4 +1,4 @@
-"""Times the low-precision matmuls QAT and PTQ use (llm.model.quant.lowp_matmul, real
+"""Times the low-precision matmuls QAT and PTQ use (llm.model.quant_ops.lowp_matmul, real
 dot_generals) against bfloat16, for the accelerator report (`lowp_matmuls`) or alone:
 
     python -m llm.quant_check --size=8192      # on a GPU/TPU; on CPU the figures are no measure
@@ -16,21 +16,21 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from llm.model import quant
+from llm.model import quant_ops
 from llm.step_timing import time_calls
 
 
 def lowp_matmuls(size: int, repeats: int = 10) -> list[dict]:
     """bf16 vs int8 vs fp8 [size, size] @ [size, size] on the default device."""
     x, w = jax.random.normal(jax.random.key(0), (2, size, size), jnp.float32)
-    xi, xis = quant.int_quantize(x, (1,), 8)
-    wi, wis = quant.int_quantize(w, (0,), 8)
-    x8, x8s = quant.fp8_quantize(x)
-    w8, w8s = quant.fp8_quantize(w)
+    xi, xis = quant_ops.int_quantize(x, (1,), 8)
+    wi, wis = quant_ops.int_quantize(w, (0,), 8)
+    x8, x8s = quant_ops.fp8_quantize(x)
+    w8, w8s = quant_ops.fp8_quantize(w)
     cases = {
         "bfloat16": (lambda a, b: a @ b, (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))),
-        "int8": (lambda *a: quant.lowp_matmul(*a, real=True), (xi, xis, wi, wis)),
-        "fp8_e4m3": (lambda *a: quant.lowp_matmul(*a, real=True), (x8, x8s, w8, w8s)),
+        "int8": (lambda *a: quant_ops.lowp_matmul(*a, real=True), (xi, xis, wi, wis)),
+        "fp8_e4m3": (lambda *a: quant_ops.lowp_matmul(*a, real=True), (x8, x8s, w8, w8s)),
     }
     records = []
     for name, (fn, args) in cases.items():

@@ -6,7 +6,7 @@
 
 --mode: int8 (weights int8 per output channel, float activations), int8_w8a8 (also activations
 int8 per token: config.quant.mode=int8), int4 (weights int4 in groups of --group_size inputs,
-stored one value per byte). The targets (config.quant.targets, --targets) are stored quantized,
+stored two values a byte and unpacked inside the jitted matmul). The targets (config.quant.targets, --targets) are stored quantized,
 everything else (embeddings unless the head is targeted and tied, norms, routers) stays float.
 OUT receives config.json (the run's, with config.quant set) and checkpoints/STEP (the
 parameters, and the step in place of the optimizer state).

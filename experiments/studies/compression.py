@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import shutil
 import sys
@@ -33,6 +34,7 @@ from llm.science import flops
 
 FLAGS = flags.FLAGS
 PTQ_MODES = ("int8", "int8_w8a8", "int4")
+GROUPS = ("prune", "ptq", "qat", "distill")
 
 
 def define_flags() -> None:
@@ -47,6 +49,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("student_layers", 2, "Student depth.")
     flags.DEFINE_integer("student_width", 128, "Student embed_dim (heads 2, SwiGLU 3x).")
     flags.DEFINE_list("seeds", ["0"], "Seeds; every run is repeated per seed.")
+    flags.DEFINE_list("groups", list(GROUPS), f"Which runs, of {GROUPS} (the float32 baseline "
+                      "always); the table reports how many seeds each row has.")
+    flags.DEFINE_bool("merge", False, "Keep the runs already in --out_dir's results.json (same "
+                      "flags required) and add these; the table covers all.")
+    flags.DEFINE_bool("reuse", False, "A run already finished in --workdir is read, not redone.")
+    flags.DEFINE_list("only", [], "Of --groups' training runs, only these (e.g. nm_2_4); the "
+                      "float32 baseline always.")
     flags.DEFINE_bool("replot", False, "Redraw --out_dir's figures from results.json.")
 
 
@@ -80,22 +89,28 @@ def train_run(config: ml_collections.ConfigDict, steps: int, evals: int, path: p
             "optimizer.warmup_steps": max(1, steps // 10),
         },
     )  # fmt: skip
-    shutil.rmtree(path, ignore_errors=True)
-    start = time.perf_counter()
-    train.train_and_evaluate(config, str(path))
-    seconds = time.perf_counter() - start
-    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    metrics, seconds = path / "metrics.jsonl", 0.0
+    done = FLAGS.reuse and metrics.exists()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if done else []
+    if not any(r["step"] == steps and "eval_loss" in r for r in records):  # not finished: train
+        shutil.rmtree(path, ignore_errors=True)
+        start = time.perf_counter()
+        train.train_and_evaluate(config, str(path))
+        seconds = time.perf_counter() - start
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
     curve = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
     return curve, seconds
 
 
-def seed_rows(seed: int, workdir: pathlib.Path) -> dict:
-    """Every run of one seed: {name: {"eval_loss", ...}}."""
+def seed_rows(seed: int, workdir: pathlib.Path, groups: list[str]) -> dict:
+    """The runs of `groups` for one seed: {name: {"eval_loss", ...}}."""
     workdir = workdir / f"seed{seed}"
     base, steps = base_config(seed), FLAGS.steps
     rows = {}
 
     def record(name, config, n, extra=None, **kw):
+        if FLAGS.only and name not in (*FLAGS.only, "float32"):
+            return
         curve, seconds = train_run(config, n, kw.get("evals", 1), workdir / name)
         rows[name] = {"eval_loss": curve[-1][1], "curve": curve, "steps": n,
                       "seconds": seconds, **(extra or {})}  # fmt: skip
@@ -103,30 +118,40 @@ def seed_rows(seed: int, workdir: pathlib.Path) -> dict:
 
     record("float32", base, steps)
     teacher = workdir / "float32"
-    record("qat_int8", config_lib.with_overrides(base, {"quant.mode": "int8"}), steps)
-    for name, run in (("ptq", teacher), ("qat_int8", workdir / "qat_int8")):
-        modes = PTQ_MODES if name == "ptq" else ("int8_w8a8",)
-        for mode in modes:
-            out = workdir / f"{name}_{mode}" if name == "ptq" else workdir / f"qat_{mode}_stored"
-            shutil.rmtree(out, ignore_errors=True)
-            size = quantize.quantize_run(str(run), str(out), mode)
-            rows[out.name] = {"eval_loss": evaluate.evaluate(str(out))["eval_loss"], **size}
-    for name in ("float32", "qat_int8"):  # trained weights are stored in float32
-        ptq = rows["ptq_int8"]
-        rows[name].update(memory_after=ptq["memory_before"], disk_after=ptq["disk_before"])
     start, end = steps // 10, steps // 2
     prune = {"prune.start": start, "prune.end": end}
-    record("magnitude_50", config_lib.with_overrides(
-        base, {**prune, "prune.method": "magnitude", "prune.sparsity": 0.5}), steps)  # fmt: skip
-    record("nm_2_4", config_lib.with_overrides(base, {**prune, "prune.method": "2:4"}), steps)
-
-    student = config_lib.with_overrides(base, student_overrides())
-    s_steps, evals = FLAGS.student_steps, FLAGS.evals
-    record("student_scratch", student, s_steps, evals=evals)
-    distilled = config_lib.with_overrides(student, {"distill.teacher": f"workdir:{teacher}"})
-    record("student_distilled", distilled, s_steps, evals=evals)
-    record("student_scratch_equal_flops", student, round(s_steps * flop_ratio()), evals=evals)
+    if "prune" in groups:
+        record("magnitude_50", config_lib.with_overrides(
+            base, {**prune, "prune.method": "magnitude", "prune.sparsity": 0.5}), steps)  # fmt: skip
+        record("nm_2_4", config_lib.with_overrides(base, {**prune, "prune.method": "2:4"}), steps)
+    if "ptq" in groups:
+        ptq_rows(workdir / "float32", {mode: f"ptq_{mode}" for mode in PTQ_MODES}, rows)
+        ptq = rows["ptq_int8"]  # the trained weights are stored in float32
+        rows["float32"].update(memory_after=ptq["memory_before"], disk_after=ptq["disk_before"])
+    if "qat" in groups:
+        record("qat_int8", config_lib.with_overrides(base, {"quant.mode": "int8"}), steps)
+        ptq_rows(workdir / "qat_int8", {"int8_w8a8": "qat_int8_w8a8_stored"}, rows)
+        stored = rows["qat_int8_w8a8_stored"]  # the trained weights are stored in float32
+        rows["qat_int8"].update(
+            memory_after=stored["memory_before"], disk_after=stored["disk_before"]
+        )
+    if "distill" in groups:
+        student = config_lib.with_overrides(base, student_overrides())
+        s_steps, evals = FLAGS.student_steps, FLAGS.evals
+        record("student_scratch", student, s_steps, evals=evals)
+        distilled = config_lib.with_overrides(student, {"distill.teacher": f"workdir:{teacher}"})
+        record("student_distilled", distilled, s_steps, evals=evals)
+        record("student_scratch_equal_flops", student, round(s_steps * flop_ratio()), evals=evals)
     return rows
+
+
+def ptq_rows(run: pathlib.Path, names: dict[str, str], rows: dict) -> None:
+    """`run` quantized by llm.quantize in each mode of `names` and evaluated: rows[names[mode]]."""
+    for mode, name in names.items():
+        out = run.parent / name
+        shutil.rmtree(out, ignore_errors=True)
+        size = quantize.quantize_run(str(run), str(out), mode)
+        rows[name] = {"eval_loss": evaluate.evaluate(str(out))["eval_loss"], **size}
 
 
 def flop_figures() -> dict:
@@ -151,17 +176,22 @@ def flop_ratio() -> float:
 
 
 def summarize(per_seed: list[dict]) -> dict:
-    """{name: {"mean", "std", "gap_mean", "gap_std", ...}}: loss gaps against the seed's own
-    baseline (float32; the scratch student for the distilled ones), std over seeds (0 for one)."""
+    """{name: {"mean", "std", "gap_mean", "gap_std", "n", ...}} over the seeds that have the run:
+    loss gaps against the seed's own baseline (float32; the scratch student for the distilled
+    ones), std over seeds (0 for one); bytes from the last seed (the newest code)."""
     summary = {}
-    for name, first in per_seed[0].items():
+    for name in dict.fromkeys(k for rows in per_seed for k in rows):
         base = "student_scratch" if name.startswith("student") else "float32"
-        losses = np.array([rows[name]["eval_loss"] for rows in per_seed])
-        gaps = losses - np.array([rows[base]["eval_loss"] for rows in per_seed])
+        have = [rows for rows in per_seed if name in rows and base in rows]
+        losses = np.array([rows[name]["eval_loss"] for rows in have])
+        gaps = losses - np.array([rows[base]["eval_loss"] for rows in have])
+        std = lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0
         summary[name] = {
-            "mean": float(losses.mean()), "std": float(losses.std(ddof=1)) if len(losses) > 1 else 0.0,
-            "gap_mean": float(gaps.mean()), "gap_std": float(gaps.std(ddof=1)) if len(gaps) > 1 else 0.0,
-            **{k: first[k] for k in ("steps", "memory_after", "disk_after") if k in first},
+            "mean": float(losses.mean()), "std": std(losses), "n": len(have),
+            "gap_mean": float(gaps.mean()), "gap_std": std(gaps),
+            **{k: [rows[name][k] for rows in have if k in rows[name]][-1]
+               for k in ("steps", "memory_after", "disk_after")
+               if any(k in rows[name] for rows in have)},
         }  # fmt: skip
     return summary
 
@@ -188,20 +218,30 @@ def student_flops(name: str, steps: int, f: dict) -> float:
     return per_token * f["tokens_per_step"] * steps
 
 
-def write_results(result: dict, out: pathlib.Path, command: str) -> None:
-    """results.json, results.md and the figures."""
+def write_results(per_seed: dict, out: pathlib.Path, command: str, wall_s: float) -> None:
+    """results.json, results.md and the figures from {seed: rows}."""
+    per_seed = dict(sorted(per_seed.items()))
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seeds": list(per_seed),
+        "command": command, "wall_s": wall_s, "load": os.getloadavg()[1], "steps": FLAGS.steps,
+        "model": f"4 layers x 256 (default model), seq {FLAGS.seq_len}, batch {FLAGS.batch_size}",
+        "student": f"{FLAGS.student_layers} layers x {FLAGS.student_width}",
+        "flops": flop_figures(),
+        "summary": summarize(list(per_seed.values())), "per_seed": list(per_seed.values()),
+    }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     s, f, seeds = result["summary"], result["flops"], result["seeds"]
-    pm = lambda v, e: f"{v:.3f}" + (f" ± {e:.3f}" if len(seeds) > 1 else "")
+    pm = lambda v, e, n: f"{v:.3f}" + (f" ± {e:.3f}" if n > 1 else "")
     mib = 2**20
     lines = [
         "# Compression: validation loss and bytes",
         "",
         f"Command: `{command}`  ",
         f"Date: {result['date']}; wall time {result['wall_s'] / 60:.1f} min on a shared 2-core CPU "
-        f"(about one core free); seeds {', '.join(map(str, seeds))}"
-        + (" (mean ± std over seeds)." if len(seeds) > 1 else " (one seed: no error bars)."),
+        f"(load ~{result['load']:.0f} when written); seeds {', '.join(map(str, seeds))}: "
+        "mean ± std over the seeds "
+        "that have the run (column n; no ± where n = 1). Gaps are taken within a seed.",
         "",
         (
             f"Teacher / dense baseline: {result['model']}, {result['steps']} steps of "
@@ -210,28 +250,31 @@ def write_results(result: dict, out: pathlib.Path, command: str) -> None:
         "",
         "## Quantization (parameters of the whole model: bytes in memory, on disk)",
         "",
-        "| variant | val loss | gap vs float32 | MiB in memory | MiB on disk |",
-        "|---|---|---|---|---|",
+        "| variant | n | val loss | gap vs float32 | MiB in memory | MiB on disk |",
+        "|---|---|---|---|---|---|",
     ]
     for key, label in QUANT_ROWS.items():
         r = s[key]
-        lines.append(f"| {label} | {pm(r['mean'], r['std'])} | {pm(r['gap_mean'], r['gap_std'])} "
+        lines.append(f"| {label} | {r['n']} | {pm(r['mean'], r['std'], r['n'])} | "
+                     f"{pm(r['gap_mean'], r['gap_std'], r['n'])} "
                      f"| {r['memory_after'] / mib:.2f} | {r['disk_after'] / mib:.2f} |")  # fmt: skip
     lines += ["", "## Pruning at equal training steps", "",
-              "| variant | val loss | gap vs dense |", "|---|---|---|"]  # fmt: skip
+              "| variant | n | val loss | gap vs dense |", "|---|---|---|---|"]  # fmt: skip
     for key, label in PRUNE_ROWS.items():
         r = s[key]
-        lines.append(f"| {label} | {pm(r['mean'], r['std'])} | {pm(r['gap_mean'], r['gap_std'])} |")
+        lines.append(f"| {label} | {r['n']} | {pm(r['mean'], r['std'], r['n'])} | "
+                     f"{pm(r['gap_mean'], r['gap_std'], r['n'])} |")
     lines += [
         "", f"## Distillation: student {result['student']}", "",
-        "| run | steps | total GFLOP (teacher forward charged) | val loss | vs scratch |",
-        "|---|---|---|---|---|",
+        "| run | n | steps | total GFLOP (teacher forward charged) | val loss | vs scratch |",
+        "|---|---|---|---|---|---|",
     ]  # fmt: skip
     for key, label in STUDENT_ROWS.items():
         r = s[key]
         total = student_flops(key, r["steps"], f) / 1e9
-        lines.append(f"| {label} | {r['steps']} | {total:.0f} | {pm(r['mean'], r['std'])} | "
-                     f"{pm(r['gap_mean'], r['gap_std'])} |")  # fmt: skip
+        lines.append(f"| {label} | {r['n']} | {r['steps']} | {total:.0f} | "
+                     f"{pm(r['mean'], r['std'], r['n'])} | "
+                     f"{pm(r['gap_mean'], r['gap_std'], r['n'])} |")  # fmt: skip
     teacher_train = f["teacher_train"] * f["tokens_per_step"] * result["steps"] / 1e9
     lines += [
         "",
@@ -253,10 +296,14 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
     from llm.science import plots
 
     s, f, seeds = result["summary"], result["flops"], result["seeds"]
-    several = len(seeds) > 1
-    note = (
-        f"{len(seeds)} seeds; error bars: std over seeds" if several else "one seed: no error bars"
-    )
+    def spread(key) -> float:  # no error bar from one seed
+        return s[key]["gap_std"] if s[key]["n"] > 1 else np.nan
+
+    def note(keys) -> str:
+        n = sorted({s[k]["n"] for k in keys})
+        seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
+        return f"{seeds} seeds per point; error bars: std over seeds (none with one seed)"
+
     keys = [k for k in QUANT_ROWS if k != "float32"]
     fig, (gap, size) = plots.figure(2, 1, size=(7, 0.9 * len(QUANT_ROWS) + 2))
     for ax, key, value, xlabel in (
@@ -267,36 +314,37 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
         scale = 2**-20 if value == "disk_after" else 1
         colors = [plots.COLORS[list(QUANT_ROWS).index(k)] for k in key]  # one per variant
         ax.barh(y, [s[k][value] * scale for k in key], color=colors,
-                xerr=[s[k]["gap_std"] for k in key] if several and value == "gap_mean" else None,
+                xerr=[spread(k) for k in key] if value == "gap_mean" else None,
                 capsize=3)  # fmt: skip
-        ax.set_yticks(y, [QUANT_ROWS[k] for k in key])
+        ax.set_yticks(y, [f"{QUANT_ROWS[k]} (n={s[k]['n']})" for k in key])
         ax.invert_yaxis()
         ax.axvline(0, color="0.3", lw=0.8)
         ax.set(xlabel=xlabel)
         ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
     fig.suptitle("Quantization: validation-loss gap and size (float32 = the trained baseline)")
-    plots.save(fig, out / "quantization.png", note=note)
+    plots.save(fig, out / "quantization.png", note=note(QUANT_ROWS))
 
     keys = [k for k in PRUNE_ROWS if k != "float32"]
     fig, ax = plots.figure(size=(6, 2.5))
     y = np.arange(len(keys))
     ax.barh(y, [s[k]["gap_mean"] for k in keys], color=plots.COLORS[: len(keys)],
-            xerr=[s[k]["gap_std"] for k in keys] if several else None, capsize=3)  # fmt: skip
-    ax.set_yticks(y, [PRUNE_ROWS[k] for k in keys])
+            xerr=[spread(k) for k in keys], capsize=3)  # fmt: skip
+    ax.set_yticks(y, [f"{PRUNE_ROWS[k]} (n={s[k]['n']})" for k in keys])
     ax.invert_yaxis()
     ax.axvline(0, color="0.3", lw=0.8)
     ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
     ax.set(xlabel="validation loss − dense's (nats/token)",
            title=f"Pruning vs dense at equal steps ({result['steps']})")  # fmt: skip
-    plots.save(fig, out / "pruning.png", note=note)
+    plots.save(fig, out / "pruning.png", note=note(PRUNE_ROWS))
 
     fig, ax = plots.figure(size=(7, 4))
     per_seed = result["per_seed"]
     for i, key in enumerate(STUDENT_ROWS):
-        curves = np.array([[loss for _, loss in rows[key]["curve"]] for rows in per_seed])
-        steps = np.array([step for step, _ in per_seed[0][key]["curve"]])
+        have = [rows[key]["curve"] for rows in per_seed if key in rows]
+        curves = np.array([[loss for _, loss in curve] for curve in have])
+        steps = np.array([step for step, _ in have[0]])
         ax.errorbar(student_flops(key, steps, f), curves.mean(0),
-                    yerr=curves.std(0, ddof=1) if several else None,
+                    yerr=curves.std(0, ddof=1) if len(curves) > 1 else None,
                     fmt="o-", capsize=2, color=plots.COLORS[i], label=STUDENT_ROWS[key])  # fmt: skip
     ax.set(xscale="log", xlabel="total training FLOPs (student + teacher forward)",
            ylabel="validation loss (nats/token)",
@@ -304,7 +352,7 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # minor labels overlapped
     fig.legend(loc="outside right upper")
     plots.save(fig, out / "distillation.png",
-               note=note + "; each line is one run, points its evaluations")  # fmt: skip
+               note=note(STUDENT_ROWS) + "; points: a run's evaluations")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -315,18 +363,21 @@ def main(argv: list[str]) -> None:
         plot_results(json.loads((out / "results.json").read_text()), out)
         return
     command = " ".join(["python -m experiments.studies.compression", *sys.argv[1:]])
-    seeds = [int(s) for s in FLAGS.seeds]
+    seeds, groups = [int(s) for s in FLAGS.seeds], list(FLAGS.groups)
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise app.UsageError(f"--groups: unknown {unknown}; choose from {GROUPS}.")
+    earlier = json.loads((out / "results.json").read_text()) if FLAGS.merge else {}
+    if earlier and earlier["steps"] != FLAGS.steps:
+        raise app.UsageError(f"--merge: results.json has --steps={earlier['steps']}: use it.")
+    merged = dict(zip(earlier.get("seeds", []), earlier.get("per_seed", [])))
+    if earlier:
+        command += f" (merged with: {earlier.get('command', 'an earlier run')})"
     start = time.perf_counter()
-    per_seed = [seed_rows(seed, pathlib.Path(FLAGS.workdir)) for seed in seeds]
-    w = FLAGS.student_width
-    result = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seeds": seeds,
-        "wall_s": time.perf_counter() - start, "steps": FLAGS.steps,
-        "model": f"4 layers x 256 (default model), seq {FLAGS.seq_len}, batch {FLAGS.batch_size}",
-        "student": f"{FLAGS.student_layers} layers x {w}", "flops": flop_figures(),
-        "summary": summarize(per_seed), "per_seed": per_seed,
-    }  # fmt: skip
-    write_results(result, out, command)
+    for seed in seeds:  # a run done again replaces the earlier one; results after each seed
+        new = seed_rows(seed, pathlib.Path(FLAGS.workdir), groups)
+        merged[seed] = {**merged.get(seed, {}), **new}
+        write_results(merged, out, command, earlier.get("wall_s", 0) + time.perf_counter() - start)
     print((out / "results.md").read_text())
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm.errors import check
+from llm.model.quant_ops import pack_nibbles, unpack_nibbles
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "experts")
 QUANTIZE = ("none", "int8", "nf4")
@@ -159,7 +160,7 @@ class Quantized(nnx.Module):
             normed = blocks / jnp.where(scale == 0, 1.0, scale)
             levels = jnp.asarray(NF4, jnp.float32)
             index = jnp.searchsorted((levels[1:] + levels[:-1]) / 2, normed).astype(jnp.uint8)
-            codes = index[..., 0::2] | (index[..., 1::2] << 4)  # [..., n_blocks, block / 2]
+            codes = pack_nibbles(index, -1)  # [..., n_blocks, block / 2]
             scale_names = code_names = (*names, None)
         self.codes = QuantizedBase(codes, out_sharding=code_names, eager_sharding=False)
         self.scale = QuantizedBase(scale, out_sharding=scale_names, eager_sharding=False)
@@ -168,7 +169,7 @@ class Quantized(nnx.Module):
         codes, scale = self.codes[...], self.scale[...]
         if self.kind == "int8":
             return (codes.astype(jnp.float32) * scale).astype(dtype)
-        index = jnp.stack([codes & 15, codes >> 4], axis=-1).reshape(*codes.shape[:-1], -1)
+        index = unpack_nibbles(codes, -1)
         w = jnp.asarray(NF4, jnp.float32)[index] * scale
         return w.reshape(self.shape).astype(dtype)
 

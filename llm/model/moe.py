@@ -29,7 +29,9 @@ Parameters, with the Mixtral names they map to (torch keeps [out, in]):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,11 @@ EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 Weights = tuple[
     jax.Array, jax.Array, jax.Array
 ]  # w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D]
+Hidden = Callable[[jax.Array], jax.Array]  # applied to the experts' hidden [..., F] (config.quant)
+
+
+def _same(h: jax.Array) -> jax.Array:
+    return h
 
 
 class ExpertBias(nnx.Variable):
@@ -76,20 +83,20 @@ def route(x: jax.Array, router: jax.Array, bias: jax.Array, cfg: MoEConfig):
     return expert, gate, stats
 
 
-def swiglu_grouped(xs: jax.Array, w: Weights, group_sizes: jax.Array) -> jax.Array:
+def swiglu_grouped(xs: jax.Array, w: Weights, group_sizes: jax.Array, hidden: Hidden) -> jax.Array:
     """xs: [M, D], rows grouped by expert (group_sizes [E]; rows past their sum give 0) -> [M, D]."""
     w_gate, w_up, w_down = w
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes))
     h = h * jax.lax.ragged_dot(xs, w_up, group_sizes)  # [M, F]
-    return jax.lax.ragged_dot(h, w_down, group_sizes)
+    return jax.lax.ragged_dot(hidden(h), w_down, group_sizes)
 
 
-def swiglu_buffers(buf: jax.Array, w: Weights) -> jax.Array:
+def swiglu_buffers(buf: jax.Array, w: Weights, hidden: Hidden) -> jax.Array:
     """buf: [E, C, D] -> [E, C, D], expert e applied to its C slots."""
     w_gate, w_up, w_down = w
     h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, w_gate))
     h = h * jnp.einsum("ecd,edf->ecf", buf, w_up)  # [E, C, F]
-    return jnp.einsum("ecf,efd->ecd", h, w_down)
+    return jnp.einsum("ecf,efd->ecd", hidden(h), w_down)
 
 
 def _inverse(permutation: jax.Array) -> jax.Array:
@@ -101,7 +108,7 @@ def _all_to_all(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return jax.lax.all_to_all(x, axes, split_axis=0, concat_axis=0)
 
 
-def dropless(x, expert, w: Weights, num_experts: int, ep_axes, n_ep: int) -> jax.Array:
+def dropless(x, expert, w: Weights, num_experts: int, ep_axes, n_ep: int, hidden: Hidden):
     """Every assignment computed. x: [T, D], expert: [T, k] -> outputs [T*k, D] in (t, j) order."""
     k = expert.shape[1]
     flat = expert.reshape(-1)  # [A], A = T*k
@@ -109,13 +116,13 @@ def dropless(x, expert, w: Weights, num_experts: int, ep_axes, n_ep: int) -> jax
     xs = x[order // k]  # [A, D] grouped by expert
     sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
     if n_ep == 1:
-        ys = swiglu_grouped(xs, w, sizes)
+        ys = swiglu_grouped(xs, w, sizes, hidden)
     else:
-        ys = _exchange_grouped(xs, flat[order], sizes, w, ep_axes, n_ep)
+        ys = _exchange_grouped(xs, flat[order], sizes, w, ep_axes, n_ep, hidden)
     return ys[_inverse(order)]
 
 
-def _exchange_grouped(xs, sorted_expert, sizes, w: Weights, ep_axes, n_ep: int) -> jax.Array:
+def _exchange_grouped(xs, sorted_expert, sizes, w: Weights, ep_axes, n_ep: int, hidden: Hidden):
     """Dropless over the expert axis: each peer gets a [A, D] buffer (room for every assignment,
     so none is dropped), runs its experts on what it received, and sends the outputs back."""
     a, d = xs.shape
@@ -130,13 +137,13 @@ def _exchange_grouped(xs, sorted_expert, sizes, w: Weights, ep_axes, n_ep: int) 
     ends = jnp.cumsum(recv_sizes, axis=1)
     local = jnp.sum(slot[None, :, None] >= ends[:, None, :], axis=-1)  # [n_ep, A]; E_loc = empty
     order = jnp.argsort(local.reshape(-1), stable=True)
-    out = swiglu_grouped(recv.reshape(-1, d)[order], w, recv_sizes.sum(axis=0))
+    out = swiglu_grouped(recv.reshape(-1, d)[order], w, recv_sizes.sum(axis=0), hidden)
     back = _all_to_all(out[_inverse(order)].reshape(n_ep, a, d), ep_axes)  # back[p]: from peer p
     peer = sorted_expert // e_loc  # [A]
     return back[peer, slot - peer_start[peer]]
 
 
-def capacity(x, expert, w: Weights, cfg: MoEConfig, ep_axes, n_ep: int):
+def capacity(x, expert, w: Weights, cfg: MoEConfig, ep_axes, n_ep: int, hidden: Hidden):
     """Fixed buffers; overflow dropped (module docstring). -> outputs [T*k, D], dropped fraction."""
     t, k = expert.shape
     e, d = cfg.num_experts, x.shape[-1]
@@ -148,19 +155,22 @@ def capacity(x, expert, w: Weights, cfg: MoEConfig, ep_axes, n_ep: int):
     token = jnp.arange(t * k) // k
     buf = jnp.zeros((e, c, d), x.dtype).at[flat, jnp.where(keep, pos, c)].set(x[token], mode="drop")
     if n_ep == 1:
-        out = swiglu_buffers(buf, w)
+        out = swiglu_buffers(buf, w, hidden)
     else:  # send expert e's buffer to its device; each device runs its experts on n_ep * C slots
         e_loc = e // n_ep
         recv = _all_to_all(buf.reshape(n_ep, e_loc, c, d), ep_axes)  # [sender, E_loc, C, D]
-        out = swiglu_buffers(recv.transpose(1, 0, 2, 3).reshape(e_loc, n_ep * c, d), w)
+        out = swiglu_buffers(recv.transpose(1, 0, 2, 3).reshape(e_loc, n_ep * c, d), w, hidden)
         out = out.reshape(e_loc, n_ep, c, d).transpose(1, 0, 2, 3)
         out = _all_to_all(out, ep_axes).reshape(e, c, d)
     ys = jnp.where(keep[:, None], out[flat, jnp.minimum(pos, c - 1)], 0)
     return ys, 1.0 - jnp.mean(keep.astype(jnp.float32))
 
 
-def moe_ffn(x, router, bias, w: Weights, cfg: MoEConfig, dtype) -> tuple[jax.Array, dict]:
-    """x: [B, L, D] -> (routed experts' output [B, L, D], auxiliary values)."""
+def moe_ffn(
+    x, router, bias, w: Weights, cfg: MoEConfig, dtype, hidden: Hidden = _same
+) -> tuple[jax.Array, dict]:
+    """x: [B, L, D] -> (routed experts' output [B, L, D], auxiliary values); `hidden` maps the
+    experts' hidden activations before w_down (config.quant's fake quantization)."""
 
     def local(x, router, bias, w_gate, w_up, w_down):
         ep_axes = partitioning.current_mesh_axes("expert")
@@ -171,9 +181,10 @@ def moe_ffn(x, router, bias, w: Weights, cfg: MoEConfig, dtype) -> tuple[jax.Arr
         expert, gate, stats = route(xt, router, bias, cfg)
         weights = tuple(v.astype(dtype) for v in (w_gate, w_up, w_down))
         if cfg.dispatch == "dropless":
-            ys, dropped = dropless(xt, expert, weights, cfg.num_experts, ep_axes, n_ep), 0.0
+            ys = dropless(xt, expert, weights, cfg.num_experts, ep_axes, n_ep, hidden)
+            dropped = 0.0
         else:
-            ys, dropped = capacity(xt, expert, weights, cfg, ep_axes, n_ep)
+            ys, dropped = capacity(xt, expert, weights, cfg, ep_axes, n_ep, hidden)
         y = jnp.einsum("tkd,tk->td", ys.reshape(b * l, cfg.top_k, d), gate.astype(dtype))
         stats["dropped"] = jnp.asarray(dropped, jnp.float32)
         # Tokens are split over the batch and sequence axes: statistics of all tokens, as one
@@ -228,6 +239,7 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         # config.quant: expert weights dequantized / fake-quantized; their (and the router's) input
+        # and their hidden activations fake-quantized
         # config.lora: adapters merged in, QLoRA's base dequantized (llm.model.lora)
         dt = self.cfg.dtype
         weights = tuple(
@@ -237,7 +249,8 @@ class MoE(nnx.Module):
         )  # fmt: skip
         xq = quant.activation(self, "experts", x)
         bias = self.expert_bias[...]
-        y, aux = moe_ffn(xq, self.router[...], bias, weights, self.cfg.moe, self.cfg.dtype)
+        hidden = functools.partial(quant.activation, self, "experts")
+        y, aux = moe_ffn(xq, self.router[...], bias, weights, self.cfg.moe, self.cfg.dtype, hidden)
         y = shard(y, ("batch", "seq", "embed"))
         if self.shared is not None:
             shared = self.shared(x)

@@ -38,7 +38,7 @@ from llm.errors import is_int
 from llm.model import patterns
 from llm.model.attention import Attention
 from llm.model.config import ModelConfig
-from llm.model.layers import dense, param
+from llm.model.layers import dense, linear, param
 from llm.parallel.partitioning import shard
 
 _NEG = -1e30  # finite "minus infinity" for masked scores (no inf - inf NaNs)
@@ -335,7 +335,8 @@ class NativeSparseAttention(Attention):
       window: sliding-window length, the query itself included (NSA: 512).
     Extra parameters: gate [D, H, 3] (sigmoid gates from the layer input, one per head and
     branch), compress_k and compress_v [block, Dh, Dh] (position-dependent linear compression,
-    initialized to mean pooling).
+    initialized to mean pooling). config.quant's "attention" target quantizes wq, wk, wv and wo
+    as Attention's (QAT and llm.quantize); the gates and compressions stay float, as routers do.
     """
 
     def __init__(
@@ -385,4 +386,4 @@ class NativeSparseAttention(Attention):
             implementation=cfg.attention_impl,
         )
         out = shard(out, ("batch", "seq", "heads", "head_dim"))
-        return dense(out, self.wo[...].astype(dt), in_dims=2), None  # [B, L, D]
+        return linear(self, "wo", out, in_dims=2), None  # [B, L, D] (config.quant, LoRA)

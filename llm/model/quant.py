@@ -8,7 +8,9 @@ QuantConfig.mode (training and inference):
                 scaling (scale = amax / the format's max, from this call's tensor, no history).
   int4_weights  weights only, symmetric int4 in groups of `group_size` along the input width.
 QuantConfig.weights ("" | "int8" | "int4") says the target weights are stored quantized
-(`llm.quantize`, post-training): an int8 array of the weight's shape plus a float32
+(`llm.quantize`, post-training): int8, an int8 array of the weight's shape; int4, a uint8 array
+holding two values a byte along the last contracted axis (llm.model.quant_ops.pack_int4),
+unpacked on the fly inside the matmul's jitted computation; either with a float32
 `<name>_scale` parameter beside it.
 
 On CPU everything is simulated in float32 (quantize, dequantize, float matmul). On accelerators
@@ -19,7 +21,6 @@ e4m3 x e4m3 -> float32) rescaled afterwards; experts and the output head are alw
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -28,11 +29,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm.errors import check, is_int
+from llm.model.quant_ops import (
+    dequantize_weight,
+    fake_activation,
+    fake_weight,
+    int_quantize,
+    lowp_matmul,
+    pack_int4,
+    qmatmul,
+    quantize_weight,
+    real_lowp,
+)
 
 MODES = ("none", "int8", "fp8", "int4_weights")
 TARGETS = ("attention", "mlp", "experts", "head")
 STORED = ("", "int8", "int4")  # QuantConfig.weights: how llm.quantize stored the target weights
-E4M3_MAX, E5M2_MAX = 448.0, 57344.0
 # (module class, weight) -> (target, its contracted (input) axes, leading and contiguous)
 WEIGHTS = {
     ("Attention", "wq"): ("attention", (0,)),
@@ -114,174 +125,16 @@ def check_widths(quant: QuantConfig, model: Any) -> None:
             )
 
 
-# ---- quantize / dequantize ----------------------------------------------------------------------
-
-
-def _absmax(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True)
-    return jnp.maximum(amax, jnp.finfo(jnp.float32).tiny)
-
-
-def int_quantize(x: jax.Array, axes: tuple[int, ...], bits: int) -> tuple[jax.Array, jax.Array]:
-    """Symmetric: x ~ q * scale, q int8 in [-(2^(b-1)-1), 2^(b-1)-1], scale = amax / qmax over
-    `axes` (kept as size-1 dims)."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = _absmax(x, axes) / qmax
-    q = jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -qmax, qmax).astype(jnp.int8)
-    return q, scale
-
-
-def fp8_quantize(x: jax.Array, dtype=jnp.float8_e4m3fn) -> tuple[jax.Array, jax.Array]:
-    """Per-tensor current scaling: x ~ f8 * scale, scale = amax(x) / the format's max."""
-    fmax = E4M3_MAX if dtype == jnp.float8_e4m3fn else E5M2_MAX
-    scale = _absmax(x, tuple(range(x.ndim))) / fmax
-    return (x.astype(jnp.float32) / scale).astype(dtype), scale
-
-
-def _grouped(w: jax.Array, axes: tuple[int, ...], group: int) -> tuple[jax.Array, int]:
-    """w with its contracted axes merged and split into [n_in / group, group]; the group axis."""
-    a = axes[0]
-    n_in = math.prod(w.shape[a : a + len(axes)])
-    return w.reshape(*w.shape[:a], n_in // group, group, *w.shape[a + len(axes) :]), a + 1
-
-
-def quantize_weight(w: jax.Array, axes: tuple[int, ...], kind: str, group: int):
-    """A weight stored quantized: (int8 q of w's shape, float32 scale): int8 per output channel,
-    int4 per `group` inputs of each output channel."""
-    if kind == "int8":
-        return int_quantize(w, axes, 8)
-    grouped, g_axis = _grouped(w, axes, group)
-    q, scale = int_quantize(grouped, (g_axis,), 4)
-    return q.reshape(w.shape), scale
-
-
-def dequantize_weight(q: jax.Array, scale: jax.Array, axes: tuple[int, ...], dtype) -> jax.Array:
-    """Inverse of `quantize_weight` (the scale's shape tells per-channel from grouped)."""
-    a = axes[0]
-    if scale.ndim == q.ndim and all(scale.shape[i] == 1 for i in axes):  # per channel
-        return (q.astype(jnp.float32) * scale).astype(dtype)
-    n_in = math.prod(q.shape[a : a + len(axes)])
-    groups = scale.shape[a]
-    shaped = q.reshape(*q.shape[:a], groups, n_in // groups, *q.shape[a + len(axes) :])
-    return (shaped.astype(jnp.float32) * scale).reshape(q.shape).astype(dtype)
-
-
-def _ste(x: jax.Array, fake: jax.Array) -> jax.Array:
-    """fake forward, identity backward (the straight-through estimator)."""
-    return x + jax.lax.stop_gradient(fake.astype(x.dtype) - x)
-
-
-def fake_weight(w: jax.Array, axes: tuple[int, ...], mode: str, group: int) -> jax.Array:
-    """w quantized and dequantized as `mode` stores it, with straight-through gradients."""
-    if mode == "fp8":
-        f8, scale = fp8_quantize(w)
-        return _ste(w, f8.astype(jnp.float32) * scale)
-    q, scale = quantize_weight(w, axes, "int8" if mode == "int8" else "int4", group)
-    return _ste(w, dequantize_weight(q, scale, axes, jnp.float32))
-
-
-def fake_activation(x: jax.Array, mode: str) -> jax.Array:
-    """x: [..., K] quantized and dequantized per token (int8) or per tensor (fp8); unchanged for
-    int4_weights; straight-through gradients."""
-    if mode == "int8":
-        q, scale = int_quantize(x, (x.ndim - 1,), 8)
-        return _ste(x, q * scale)
-    if mode == "fp8":
-        f8, scale = fp8_quantize(x)
-        return _ste(x, f8.astype(jnp.float32) * scale)
-    return x
-
-
-@jax.custom_vjp
-def e5m2_gradient(y: jax.Array) -> jax.Array:
-    """Identity forward; the incoming gradient rounded to e5m2 (per-tensor current scaling)."""
-    return y
-
-
-def _e5m2_fwd(y):
-    return y, None
-
-
-def _e5m2_bwd(_, g):
-    f8, scale = fp8_quantize(g, jnp.float8_e5m2)
-    return ((f8.astype(jnp.float32) * scale).astype(g.dtype),)
-
-
-e5m2_gradient.defvjp(_e5m2_fwd, _e5m2_bwd)
-
-
-# ---- matmuls ------------------------------------------------------------------------------------
-
-
-def _real_lowp() -> bool:
-    """Real int8/fp8 dot_generals off CPU (simulated in float32 on CPU)."""
-    return jax.default_backend() != "cpu"
-
-
-def lowp_matmul(xq, x_scale, wq, w_scale, real: bool) -> jax.Array:
-    """(xq * x_scale) @ (wq * w_scale) -> float32 [M, N]; xq: [M, K] and wq: [K, N] int8 or fp8,
-    scales broadcasting against [M, 1] and [1, N]. `real`: one low-precision dot_general
-    (int8 -> int32, fp8 -> float32 accumulation), then the rescale; else dequantize first."""
-    if real:
-        acc = jnp.int32 if xq.dtype == jnp.int8 else jnp.float32
-        y = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=acc)
-        return y.astype(jnp.float32) * x_scale * w_scale
-    return (xq.astype(jnp.float32) * x_scale) @ (wq.astype(jnp.float32) * w_scale)
-
-
-def _quantize_operands(x2, w2, mode):
-    if mode == "int8":
-        return (*int_quantize(x2, (1,), 8), *int_quantize(w2, (0,), 8))
-    return (*fp8_quantize(x2), *fp8_quantize(w2))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _qmatmul(x2: jax.Array, w2: jax.Array, mode: str, real: bool) -> jax.Array:
-    return lowp_matmul(*_quantize_operands(x2, w2, mode), real)
-
-
-def _qmatmul_fwd(x2, w2, mode, real):
-    xq, xs, wq, ws = _quantize_operands(x2, w2, mode)
-    return lowp_matmul(xq, xs, wq, ws, real), (
-        xq,
-        xs,
-        wq,
-        ws,
-        jnp.zeros((), x2.dtype),
-        jnp.zeros((), w2.dtype),
-    )
-
-
-def _qmatmul_bwd(mode, real, saved, g):
-    xq, xs, wq, ws, x_like, w_like = saved  # the last two: the operands' dtypes
-    x_deq = xq.astype(jnp.float32) * xs
-    w_deq = wq.astype(jnp.float32) * ws
-    if mode == "fp8":  # e5m2 gradients
-        g8, gs = fp8_quantize(g, jnp.float8_e5m2)
-        g = g8.astype(jnp.float32) * gs
-    g = g.astype(jnp.float32)
-    return (g @ w_deq.T).astype(x_like.dtype), (x_deq.T @ g).astype(w_like.dtype)
-
-
-_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
-
-
-def qmatmul(x2: jax.Array, w2: jax.Array, mode: str, real: bool | None = None) -> jax.Array:
-    """x2: [M, K] @ w2: [K, N] with both operands quantized (`mode` int8 or fp8), float32 out;
-    gradients straight through to the dequantized operands (fp8: the gradient in e5m2)."""
-    return _qmatmul(x2, w2, mode, _real_lowp() if real is None else real)
-
-
 # ---- the model's view: weights by (module, name) ------------------------------------------------
 
 
-def _spec(module: nnx.Module, name: str) -> tuple[str, tuple[int, ...]]:
+def _spec(module: nnx.Module, name: str) -> tuple[str, tuple[int, ...]] | None:
     """WEIGHTS' entry for module.<name>, found by its class or the class it extends (the
-    native sparse attention layer projects q, k, v and o as Attention does)."""
+    native sparse attention layer projects q, k, v and o as Attention does); None if none."""
     for cls in type(module).__mro__:
         if (cls.__name__, name) in WEIGHTS:
             return WEIGHTS[(cls.__name__, name)]
-    raise KeyError((type(module).__name__, name))
+    return None
 
 
 def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
@@ -313,21 +166,21 @@ def dense(module: nnx.Module, name: str, x: jax.Array, in_dims: int = 1) -> jax.
     cfg, quant = module.cfg, module.cfg.quant
     target, axes = _spec(module, name)
     mode = quant.mode if quant.quantizes(target) else "none"
-    w_var, scale = getattr(module, name), getattr(module, f"{name}_scale", None)
-    out_shape = (*x.shape[: x.ndim - in_dims], *w_var.shape[in_dims:])
-    n_in = math.prod(w_var.shape[:in_dims])
-    x2 = x.reshape(-1, n_in)  # [tokens, K]: one 2-D matmul, as layers.dense
-    if mode == "int8" and scale is not None and quant.weights == "int8":  # PTQ w8a8
+    scale = getattr(module, f"{name}_scale", None)
+    w8a8 = mode == "int8" and scale is not None and quant.weights == "int8"  # PTQ w8a8
+    w = getattr(module, name)[...] if w8a8 else weight(module, name, cfg.dtype)  # int4: unpacked
+    out_shape = (*x.shape[: x.ndim - in_dims], *w.shape[in_dims:])
+    n_in = math.prod(w.shape[:in_dims])
+    x2, w2 = x.reshape(-1, n_in), w.reshape(n_in, -1)  # [tokens, K] @ [K, N], as layers.dense
+    if w8a8:
         xq, xs = int_quantize(x2, (1,), 8)
-        ws = scale[...].reshape(1, -1)
-        y = lowp_matmul(xq, xs, w_var[...].reshape(n_in, -1), ws, _real_lowp())
+        y = lowp_matmul(xq, xs, w2, scale[...].reshape(1, -1), real_lowp())
     elif mode in ("int8", "fp8"):
-        y = qmatmul(x2, weight(module, name, cfg.dtype).reshape(n_in, -1), mode)
+        y = qmatmul(x2, w2, mode)
+    elif mode == "int4_weights":
+        y = x2 @ fake_weight(w, axes, mode, quant.group_size).reshape(n_in, -1)
     else:
-        w = weight(module, name, cfg.dtype)
-        if mode == "int4_weights":
-            w = fake_weight(w, axes, mode, quant.group_size)
-        y = x2 @ w.reshape(n_in, -1)
+        y = x2 @ w2
     return y.astype(cfg.dtype).reshape(out_shape)
 
 
@@ -335,24 +188,32 @@ def dense(module: nnx.Module, name: str, x: jax.Array, in_dims: int = 1) -> jax.
 
 
 def quantize_model(model: nnx.Module, quant: QuantConfig) -> nnx.Module:
-    """`model` with each weight of quant's targets replaced (in place) by its int8 array
-    (quant.weights int8: per output channel; int4: per group_size inputs) and a float32
-    `<name>_scale` parameter; unchanged when quant.weights is ""."""
+    """`model` with each weight of quant's targets replaced (in place) by its stored form
+    (quant.weights int8: int8 per output channel; int4: per group_size inputs, packed two a byte)
+    and a float32 `<name>_scale` parameter; unchanged when quant.weights is ""."""
     kind, targets, group = quant.weights, quant.target_set, quant.group_size
     if not kind:
         return model
+    names = sorted({name for _, name in WEIGHTS})
     for _, module in nnx.iter_graph(model):
-        for (cls, name), (target, axes) in WEIGHTS.items():
-            if type(module).__name__ != cls or target not in targets:
+        for name in names:
+            spec = _spec(module, name) if isinstance(getattr(module, name, None), nnx.Param) else None
+            if spec is None or spec[0] not in targets:
                 continue
-            if not isinstance(getattr(module, name, None), nnx.Param):
+            if name == "embed" and not module.cfg.tie_embeddings:  # not the head
                 continue
-            if cls == "Transformer" and name == "embed" and not module.cfg.tie_embeddings:
-                continue
-            var = getattr(module, name)
+            var, (target, axes) = getattr(module, name), spec
             q, scale = quantize_weight(var[...], axes, kind, group)
-            names = var.get_metadata().get("out_sharding")
-            setattr(module, name, nnx.Param(q, out_sharding=names, eager_sharding=False))
+            if kind == "int4":
+                width = q.shape[axes[-1]]
+                check(
+                    width % 2 == 0,
+                    f"--mode=int4 packs two weights a byte along {type(module).__name__}.{name}'s "
+                    f"input axis, whose width {width} is odd: drop {target!r} from the targets.",
+                )
+                q = pack_int4(q, axes[-1])
+            sharding = var.get_metadata().get("out_sharding")
+            setattr(module, name, nnx.Param(q, out_sharding=sharding, eager_sharding=False))
             setattr(module, f"{name}_scale", nnx.Param(scale, eager_sharding=False))
     return model
 
