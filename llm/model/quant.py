@@ -203,6 +203,10 @@ def quantize_model(model: nnx.Module, quant: QuantConfig) -> nnx.Module:
             if name == "embed" and not module.cfg.tie_embeddings:  # not the head
                 continue
             var, (target, axes) = getattr(module, name), spec
+            # scan_layers: a block's weights are stacked [layers, ...] (the head's are not); the
+            # scale keeps that axis, so each scanned layer sees its own slice of both
+            stacked = int(module.cfg.scan_layers and target != "head")
+            axes = tuple(a + stacked for a in axes)
             q, scale = quantize_weight(var[...], axes, kind, group)
             if kind == "int4":
                 width = q.shape[axes[-1]]

@@ -2,6 +2,7 @@
 gradients, int4 packing, post-training quantized weights, experts' hidden activations and native
 sparse attention layers quantized, the int8 KV cache, bad configs."""
 
+import dataclasses
 import math
 
 import jax
@@ -15,6 +16,7 @@ from llm.errors import ConfigError
 from llm.model import quant, quant_ops
 from llm.model.config import ModelConfig
 from llm.model.transformer import Transformer, init_cache
+from test_transformer import stacked_copy  # pytest puts this directory on sys.path
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(6, 32)).astype(np.float32)  # [tokens, K]
@@ -138,6 +140,20 @@ def test_post_training_quantized_logits(weights, mode, float_logits):
     )
     err = relative_error(forward(model, TOKENS), float_logits)
     assert 0 < err < PTQ_TOLERANCE[(weights, mode)], err
+
+
+@pytest.mark.parametrize("weights, mode", [("int8", "int8"), ("int4", "none")])
+def test_stacked_layers_are_quantized_per_layer(weights, mode):
+    """scan_layers=True: each layer's slice of a stacked weight is quantized as that layer alone
+    would be (scales keep the leading layers axis), so the logits equal the per-layer model's."""
+    loop = tiny(targets="attention,mlp,head", mode=mode, weights=weights)
+    scan = stacked_copy(loop, dataclasses.replace(loop.cfg, scan_layers=True))
+    for model in (loop, scan):
+        quant.quantize_model(model, model.cfg.quant)
+    stacked, first = scan.blocks.mlp.w_up_scale[...], loop.blocks[0].mlp.w_up_scale[...]
+    assert stacked.shape == (TINY["num_layers"], *first.shape)
+    np.testing.assert_array_equal(stacked[0], first)
+    np.testing.assert_allclose(forward(scan, TOKENS), forward(loop, TOKENS), atol=1e-5)
 
 
 # weight -> its input axes in a tiny model; int4 is packed along the last (llm.model.quant)
