@@ -3,7 +3,7 @@
     python -m llm.accelerator_report --out=DIR            # on a GPU or TPU: at most ~8 minutes
     python -m llm.accelerator_report --out=DIR --smoke    # anywhere: tiny shapes, Pallas interpreted
 
-writes DIR/report.json and DIR/report.md with four parts, each under its own time budget (an item
+writes DIR/report.json and DIR/report.md with these parts, each under its own time budget (an item
 that would overrun is recorded as "skipped: budget", never dropped):
 
   environment   device kind and count, jax / jaxlib / flax / libtpu versions, the runtime
@@ -19,7 +19,9 @@ that would overrun is recorded as "skipped: budget", never dropped):
                 fastest per spec (to become the device kind's defaults in block_sizes.py);
   training      train-step ms, tokens/s and MFU of the ~1B Llama and the default model; MoE 8x2
                 over its equal-active dense model; sliding window over dense at 32k against
-                their FLOP ratio.
+                their FLOP ratio;
+  lowp_matmuls  bfloat16 against the real int8 and fp8 (e4m3) matmuls QAT and PTQ use
+                (llm.quant_check), ms and TFLOP/s, with the ratio to bfloat16.
 
 report.json schema (version 1): {"schema": 1, "smoke": bool, "note": str, "environment": {...},
 "parts": {part: {"budget_s", "used_s"}}, "correctness": {"tolerances", "results": [{"spec",
@@ -31,7 +33,8 @@ budget", "worst": {"out"|"dq"|"dk"|"dv": {"max_abs", "over_tolerance"}}}], "fail
 result}},
 "training": {"results": [{"model", "status", "ms_per_step", "tokens_per_second", "mfu", ...}],
 "ratios": {"moe_over_dense_active", "sliding_flop_saving", "sliding_time_saving",
-"sliding_realized_fraction"}}}. A part left out by --parts is absent. With --smoke, or on a CPU,
+"sliding_realized_fraction"}}, "lowp_matmuls": {"results": [{"matmul", "size", "ms", "tflops",
+"device", "speedup_vs_bf16"}]}}. A part left out by --parts is absent. With --smoke, or on a CPU,
 the figures are of Pallas interpret mode on tiny shapes: not performance figures, and the note
 says so. Exit status 1 when a correctness check fails.
 """
@@ -49,11 +52,13 @@ import jax
 from kernels.attention import specs as specs_lib
 from kernels.attention.block_sizes import BlockSizes
 from llm import accelerator_checks as checks
+from llm import quant_check
 
-PARTS = ("environment", "correctness", "throughput", "sweep", "training")
+PARTS = ("environment", "correctness", "throughput", "sweep", "training", "lowp_matmuls")
 # Seconds per part on an accelerator (8 minutes in all, compilation included).
 # Time a part leaves unused goes to the parts after it; an overrun is taken from them.
-BUDGETS = {"environment": 10, "correctness": 140, "throughput": 130, "sweep": 50, "training": 150}
+BUDGETS = {"environment": 10, "correctness": 140, "throughput": 130, "sweep": 50, "training": 130,
+           "lowp_matmuls": 20}  # fmt: skip
 # The block sizes swept on the two most important specs (the defaults are timed too).
 SWEEP_SPECS = ("causal_8k", "causal_gqa8_8k")
 SWEEP_CANDIDATES = [BlockSizes(*b) for b in ((64, 64, 64, 64, 64, 64), (128, 64, 64, 128, 128, 64),
@@ -131,6 +136,11 @@ def run(out: pathlib.Path, smoke: bool, parts: tuple[str, ...], scale: float = 1
         elif part == "training":
             impl = None if interpret else _kernel_impls()[0]
             report[part] = checks.training(checks.models(smoke, impl), 1 if smoke else 5, budget)
+        elif part == "lowp_matmuls":
+            records = quant_check.lowp_matmuls(256 if interpret else 8192, 1 if interpret else 10)
+            bf16_ms = records[0]["ms"]  # the first record is bfloat16's
+            results = [{**r, "speedup_vs_bf16": bf16_ms / r["ms"]} for r in records]
+            report[part] = {"results": results}
         report["parts"][part] = {"budget_s": budget.seconds, "used_s": round(budget.used(), 1)}
         print(f"   {part}: {budget.used():.0f} s of {budget.seconds:.0f}", flush=True)
         # Written after each part: a run cut short keeps what it measured.
@@ -211,6 +221,14 @@ def markdown(report: dict) -> str:
                 f"| {_fmt(r['mfu'])} |"
             )
         lines += [""] + [f"- {k}: {_fmt(v, 3)}" for k, v in train["ratios"].items()]
+    if lowp := report.get("lowp_matmuls"):
+        lines += ["", "## Low-precision matmuls (QAT / PTQ; operands quantized beforehand)", ""]
+        lines += ["| matmul | M = N = K | ms | TFLOP/s | x bfloat16 |", "| --- " * 5 + "|"]
+        lines += [
+            f"| {r['matmul']} | {r['size']} | {r['ms']:.3f} | {r['tflops']:.1f} | "
+            f"{r['speedup_vs_bf16']:.2f} |"
+            for r in lowp["results"]
+        ]
     lines += ["", "## Time per part", ""]
     lines += [
         f"- {p}: {t['used_s']} s of {t['budget_s']:.0f} s" for p, t in report["parts"].items()

@@ -103,6 +103,11 @@ def test_smoke_report_runs_without_ml_collections_and_tfds(tmp_path):
     assert ratios["moe_over_dense_active"] > 0
     assert 0 < ratios["sliding_flop_saving"] < 1
 
+    lowp = {r["matmul"]: r for r in report["lowp_matmuls"]["results"]}
+    assert set(lowp) == {"bfloat16", "int8", "fp8_e4m3"}
+    assert lowp["bfloat16"]["speedup_vs_bf16"] == 1
+    assert all(r["ms"] > 0 and r["size"] == 256 for r in lowp.values())
+
     markdown = (out / "report.md").read_text()
     assert "NOT performance figures" in markdown
     for title in (
@@ -110,6 +115,7 @@ def test_smoke_report_runs_without_ml_collections_and_tfds(tmp_path):
         "## Compiled correctness",
         "## Attention throughput",
         "## Block",
+        "## Low-precision matmuls",
     ):
         assert title in markdown
     assert "## Training step" in markdown and "0 failure(s)" in markdown
