@@ -181,5 +181,6 @@ def test_bias_and_norm_gradients_match_transformers(tmp_path, tokens, case):
         pairs += [(block.attn_post_norm.scale[...], layer.post_attention_layernorm.weight.grad)]
         pairs += [(block.mlp_post_norm.scale[...], layer.post_feedforward_layernorm.weight.grad)]
         pairs += [(block.mlp_norm.scale[...], layer.pre_feedforward_layernorm.weight.grad)]
-    for ours, expected in pairs:
-        np.testing.assert_allclose(ours, expected.numpy(), atol=1e-4, rtol=1e-4)
+    for ours, expected in pairs:  # float32 sums, gradients up to ~30: atol grows with the largest
+        atol = max(1e-4, 1e-5 * float(np.abs(expected.numpy()).max()))
+        np.testing.assert_allclose(ours, expected.numpy(), atol=atol, rtol=1e-4)

@@ -22,11 +22,14 @@ STORED_DTYPE = {"int8": jnp.int8, "int4": jnp.uint8}
 
 @pytest.mark.parametrize("mode", list(EVAL_TOLERANCE))
 def test_quantized_run_evaluates_and_samples(tiny_run, tmp_path, mode):
+    # the head too: the tiny model's (tied) embedding is most of its bytes, so the bytes saved on
+    # disk are well above the checkpoint's compression and metadata noise
     extra = {"group_size": 32} if mode == "int4" else {}  # tiny: embed_dim 64
-    sizes = quantize.quantize_run(str(tiny_run), str(tmp_path / mode), mode, **extra)
+    targets = "attention,mlp,head"
+    sizes = quantize.quantize_run(str(tiny_run), str(tmp_path / mode), mode, targets, **extra)
     assert sizes["step"] == 6
     float_model, _ = load_run(str(tiny_run))
-    targeted = sum(  # float32 weights of the default targets (attention, MLP)
+    targeted = float_model.embed[...].size + sum(  # float32 weights of attention, MLP, the head
         getattr(part, name)[...].size
         for block in float_model.blocks
         for part, names in ((block.attn, ("wq", "wk", "wv", "wo")), (block.mlp, EXPERT_WEIGHTS))
@@ -35,7 +38,7 @@ def test_quantized_run_evaluates_and_samples(tiny_run, tmp_path, mode):
     saved = sizes["memory_before"] - sizes["memory_after"]
     low, high = SAVED[mode]
     assert low * targeted < saved < high * targeted
-    assert sizes["disk_after"] < sizes["disk_before"]
+    assert sizes["disk_after"] < 0.5 * sizes["disk_before"]
     result = evaluate.evaluate(str(tmp_path / mode))
     logged = last_per_step(read_metrics(tiny_run))[6]["eval_loss"]
     assert result["eval_loss"] == pytest.approx(logged, rel=EVAL_TOLERANCE[mode])
