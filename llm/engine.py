@@ -3,11 +3,12 @@
     engine = Engine(model, EngineConfig(slots=8), tokenizer=tokenizer, eos_id=tokenizer.eos_id)
     completions = engine.generate([Request(prompt=ids, max_tokens=32, stop=("\\n\\n",)), ...])
 
-Each step admits queued requests into free slots, writes one chunk of one waiting prompt into its
-slot (chunked prefill), then decodes one token for every generating slot; a request leaves its
+Each step admits queued requests into free slots, writes one chunk of each waiting prompt into its
+slot (chunked prefill), then decodes a few tokens for every generating slot in one device call
+(`EngineConfig.decode_steps`, at most the fewest any of them has left); a request leaves its
 slot when it meets its stop sequence, the end-of-sequence token, its max_tokens, or is cancelled,
 and the next queued request takes the slot at the following step (the lowest free slot, so a
-decode step computes the first few slots only). The device work is llm.model.slot_decode (a few
+decode call computes the first few slots only). The device work is llm.model.slot_decode (a few
 compiled shapes); llm.engine_requests holds what one request asks for (checks, sampling settings,
 stop sequences); this module is the host-side bookkeeping.
 `generate` drives the steps itself; a server runs `serve_forever` in a thread and talks to it
@@ -55,9 +56,12 @@ class EngineConfig:
     prefill_chunk: int = 32  # prompt tokens written per prefill call
     max_queue: int = 64  # requests waiting for a slot; more are refused (QueueFull)
     truncate: str = "refuse"  # a prompt too long for max_len - max_tokens: "refuse" or "left"
+    # Decode steps per device call, fewer when a request has fewer tokens left; a request that
+    # meets its stop sequence or end-of-sequence token mid-call computes the rest for nothing.
+    decode_steps: int = 8
 
     def __post_init__(self):
-        for name in ("slots", "prefill_chunk", "max_queue"):
+        for name in ("slots", "prefill_chunk", "max_queue", "decode_steps"):
             value = getattr(self, name)
             check(is_int(value) and value > 0, f"--{name} must be a positive integer, got {value}.")
         check(
@@ -186,7 +190,7 @@ class Engine:
             for chunk in self._chunks:
                 self._run_prefill(0, np.zeros((1, chunk), np.int32), 0, 0, length)
             for rows in self._rows:
-                tokens = self._run_decode(rows, length)
+                tokens = self._run_decode(rows, length, 1)
         self._cache = slot_decode.move(self._cache, np.int32(0), np.int32(0))
         tokens.block_until_ready()
 
@@ -213,8 +217,8 @@ class Engine:
         return completions
 
     def step(self) -> bool:
-        """Admits (or, with none queued, moves requests into lower slots), prefills one chunk,
-        decodes one token per generating slot. False when idle."""
+        """Admits (or, with none queued, moves requests into lower slots), prefills one chunk of
+        each waiting prompt, decodes a few tokens per generating slot. False when idle."""
         with self._cv:
             cancelled, self._cancelled = self._cancelled, set()
             for job in [j for j in self._queue if j.id in cancelled]:
@@ -232,8 +236,8 @@ class Engine:
         waiting = [
             s for s, j in enumerate(self._slots) if j is not None and j.filled < len(j.prompt)
         ]
-        if waiting:
-            self._prefill(min(waiting, key=lambda s: self._slots[s].id))
+        for slot in waiting:
+            self._prefill(slot)
         generating = [s for s, j in enumerate(self._slots) if j is not None and j.tokens]
         if generating:
             self._decode(generating)
@@ -273,11 +277,19 @@ class Engine:
             self._take(slot, int(token))
 
     def _decode(self, slots: list[int]) -> None:
+        jobs = {slot: self._slots[slot] for slot in slots}
         rows = next(r for r in self._rows if r > max(slots))
-        # Every row writes at its index: a prefilling slot's too (past what it holds).
-        tokens = np.asarray(self._run_decode(rows, self._length(int(self._index[:rows].max()) + 1)))
-        for slot in slots:
-            self._take(slot, int(tokens[slot]))
+        steps = min(
+            self.config.decode_steps, *(j.request.max_tokens - len(j.tokens) for j in jobs.values())
+        )
+        # The generating rows write positions index..index+steps-1 (other rows' writes past the
+        # length attended are dropped, and they hold nothing there).
+        length = self._length(int(self._index[slots].max()) + steps)
+        tokens = np.asarray(self._run_decode(rows, length, steps))  # [decode_steps, rows]
+        for step in range(steps):
+            for slot, job in jobs.items():
+                if self._slots[slot] is job:  # not finished at an earlier step
+                    self._take(slot, int(tokens[step, slot]))
 
     def _run_prefill(self, slot: int, tokens: np.ndarray, start: int, last: int, length: int):
         """tokens [1, c] into `slot` at start.. -> the token sampled after position start+last."""
@@ -295,18 +307,20 @@ class Engine:
         )
         return token
 
-    def _run_decode(self, rows: int, length: int) -> jax.Array:
-        """One decode step of the first `rows` slots -> their tokens int32[rows]."""
+    def _run_decode(self, rows: int, length: int, steps: int) -> jax.Array:
+        """`steps` decode steps of the first `rows` slots -> int32[decode_steps, rows]."""
         tokens, self._cache = slot_decode.decode(
             self._graphdef,
             self._state,
             self._cache,
             jnp.asarray(self._next[:rows]),
             jnp.asarray(self._index[:rows]),
+            np.int32(steps),
             self._sampling.first(rows),
             vocab_limit=self.vocab_limit,
             length=length,
             rows=rows,
+            max_steps=self.config.decode_steps,
         )
         return tokens
 

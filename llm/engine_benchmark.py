@@ -10,7 +10,8 @@ request: equal outputs). The ways:
   static         generate on batches of --slots requests in arrival order, prompts left-padded to
                  the batch's longest (the padding masked), every row decoding the batch's largest
                  max_tokens
-  engine         llm.engine: --slots decode slots, chunked prefill, requests join as others leave
+  engine         llm.engine: --slots decode slots, chunked prefill, requests join as others leave,
+                 --decode_steps steps per device call
 Compilation is excluded (every shape is run once before timing, and compilations inside the timed
 sections are counted: there must be none); the three ways run --repeats times, interleaved, and
 each way's fastest round is shown, with its least CPU time (this process's, steadier than wall
@@ -167,7 +168,11 @@ def main(argv: list[str]) -> None:
         cfg = config_lib.model_config(config_lib.load_config(config_lib.DEFAULT_CONFIG))
         model = Transformer(cfg, rngs=nnx.Rngs(0))
     config = EngineConfig(
-        slots=f.slots, max_len=f.max_len, prefill_chunk=f.prefill_chunk, max_queue=f.requests
+        slots=f.slots,
+        max_len=f.max_len,
+        prefill_chunk=f.prefill_chunk,
+        max_queue=f.requests,
+        decode_steps=f.decode_steps,
     )
     mix = skewed_mix(f.requests, model.cfg.vocab_size, f.seed)
     total = sum(n for _, n in mix)
@@ -219,6 +224,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("slots", 8, "Engine slots, and the static batch size.")
     flags.DEFINE_integer("max_len", 256, "Tokens per engine slot.")
     flags.DEFINE_integer("prefill_chunk", 32, "Prompt tokens per prefill call.")
+    flags.DEFINE_integer("decode_steps", 8, "Engine decode steps per device call.")
     flags.DEFINE_integer("seed", 0, "Seed of the mix.")
     flags.DEFINE_integer("repeats", 3, "Rounds of all three ways; each way's fastest is shown.")
     app.run(main)

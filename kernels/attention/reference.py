@@ -24,7 +24,7 @@ def attention_reference_with_lse(
     k: jax.Array,  # [batch, kv_seq, kv_heads, head_dim]
     v: jax.Array,  # [batch, kv_seq, kv_heads, head_dim]
     *,
-    mask: np.ndarray | jax.Array | None = None,  # bool [q_seq, kv_seq]
+    mask: np.ndarray | jax.Array | None = None,  # bool [q_seq, kv_seq] or [batch, q_seq, kv_seq]
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,  # int32 [batch, seq]
     softmax_scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -44,8 +44,9 @@ def attention_reference_with_lse(
     s = jnp.einsum("bqhgd,bkhd->bhqgk", q5, k.astype(jnp.float32))
 
     visible = jnp.ones((1, q_seq, kv_seq), bool)  # [batch or 1, q_seq, kv_seq]
-    if mask is not None:
-        visible = visible & jnp.asarray(mask, bool)[None]
+    if mask is not None:  # one for every row, or one per row
+        mask = jnp.asarray(mask, bool)
+        visible = visible & (mask if mask.ndim == 3 else mask[None])
     if segment_ids is not None:
         q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
         visible = visible & (q_ids[:, :, None] == kv_ids[:, None, :])

@@ -25,11 +25,12 @@ def cached_attention(
 ) -> jax.Array:
     """Attention over a KV cache: query at position p sees the cached keys the mask allows.
 
-    q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (the cache's layout); q_positions: [T]; kv_positions:
-    [S]; start: None, or int32[B]: each row's keys before it are padding, never seen. The
-    transposes below cancel with the reference's own, so the cache is read in place.
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (the cache's layout); q_positions: [T], or [B, T] when
+    each row is at its own position; kv_positions: [S]; start: None, or int32[B]: each row's keys
+    before it are padding, never seen. The transposes below cancel with the reference's own, so
+    the cache is read in place.
     """
-    visible = mask.predicate(q_positions[:, None], kv_positions[None, :])  # [T, S]
+    visible = mask.predicate(q_positions[..., :, None], kv_positions[None, :])  # [(B,) T, S]
     k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, S, K, Dh]
     segments = None
     if start is not None:  # segment 1: a row's tokens; 0: its padding
@@ -112,12 +113,13 @@ class Attention(nnx.Module):
                 mode=cfg.context_parallel,
                 implementation=cfg.attention_impl,
             )
-        else:  # decoding: write k, v into this layer's cache at cache["index"], attend over it
-            index, layer = cache["index"], cache["layer"]
+        else:  # decoding: write k, v into this layer's cache at cache["index"] (int32[] or a
+            # position per row, int32[B]), attend over it
+            index, layer = jnp.asarray(cache["index"]), cache["layer"]
             k_all, v_all = (
                 quant.write_kv(cache[n], y, layer, index) for n, y in (("k", k), ("v", v))
             )
-            q_positions = index + jnp.arange(q.shape[1])
+            q_positions = index[..., None] + jnp.arange(q.shape[1])  # [T] or [B, T]
             k_read, v_read = (quant.read_kv(y, layer, dt) for y in (k_all, v_all))  # [B, K, S, Dh]
             kv_positions = jnp.arange(k_read.shape[2])
             out = cached_attention(

@@ -235,16 +235,20 @@ def init_kv(shape: tuple[int, ...], dtype, int8: bool):
 
 def write_kv(cache, new: jax.Array, layer, index: jax.Array):
     """The stacked `cache` [layers, B, K, S, Dh] with `new` [B, T, K, Dh] written into `layer`
-    at positions index.. (in place when the cache is donated or a loop's carry)."""
-    new = new.transpose(0, 2, 1, 3)[None]  # [1, B, K, T, Dh]
-    at = (layer, 0, 0, index, 0)
-    if not isinstance(cache, dict):
-        return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), at)
-    q, scale = int_quantize(new, (new.ndim - 1,), 8)
-    return {
-        "q": jax.lax.dynamic_update_slice(cache["q"], q, at),
-        "scale": jax.lax.dynamic_update_slice(cache["scale"], scale, at),
-    }
+    at positions index.. (in place when the cache is donated or a loop's carry). index: int32[]
+    (every row from the same position) or int32[B] (row b from index[b]: a scatter, which drops
+    positions past the cache)."""
+    values = new if not isinstance(cache, dict) else dict(zip(("q", "scale"), int_quantize(new, (3,), 8)))
+
+    def put(buf, x):  # x: [B, T, K, Dh or 1]
+        x = x.astype(buf.dtype)
+        if jnp.ndim(index) == 0:
+            return jax.lax.dynamic_update_slice(buf, x.transpose(0, 2, 1, 3)[None], (layer, 0, 0, index, 0))
+        rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
+        positions = index[:, None] + jnp.arange(x.shape[1])  # [B, T]
+        return buf.at[layer, rows, :, positions].set(x, mode="drop")  # indexed dims lead: [B, T, K, Dh]
+
+    return jax.tree.map(put, cache, values)
 
 
 def read_kv(cache, layer, dtype) -> jax.Array:

@@ -1,19 +1,20 @@
 """The device half of the continuous-batching engine (llm.engine): a KV cache of fixed slots,
-the chunked prefill of one slot, one decode step of every slot, sampling with per-slot settings.
+the chunked prefill of one slot, a few decode steps of every slot, sampling with per-slot settings.
 
-A slot is one row of the cache, holding one request's keys and values at its own positions. The
-model runs on each slot as on a batch of one with a scalar cache index (the cache path of
-llm.model.transformer, vmapped over the slots when decoding), so every attention pattern decodes
-exactly as in llm.model.decode. Positions at and after a slot's length may hold stale values (an
-earlier request's, or a padded chunk's); every mask is causal and a slot writes each position
-before any query can see it, so a slot is reused without clearing. Each call attends over the
-first `length` cache positions only (a few static lengths, llm.engine picks the shortest that
-holds its slots), so short requests do not pay for the longest context; a decode step computes
-the first `rows` slots only (llm.engine keeps requests in the lowest slots) and a prompt's last
-piece is written as a chunk of the shortest compiled size that holds it, so on hardware whose
-step cost grows with the rows (a CPU) idle slots and chunk padding cost little. The compiled
-shapes: prefill [1, c] and decode [r] at each cache length, for a few chunk sizes c and row
-counts r.
+A slot is one row of the cache, holding one request's keys and values at its own positions. A
+prefill runs the model on one slot as on a batch of one; a decode call runs it on the first rows
+with a position per row (the per-row cache index of llm.model.transformer), so every attention
+pattern decodes exactly as in llm.model.decode. Positions at and after a slot's length may hold
+stale values (an earlier request's, or a padded chunk's); every mask is causal and a slot writes
+each position before any query can see it, so a slot is reused without clearing. Each call
+attends over the first `length` cache positions only (a few static lengths, llm.engine picks the
+shortest that holds its slots), so short requests do not pay for the longest context; a decode
+call computes the first `rows` slots only (llm.engine keeps requests in the lowest slots) and
+runs several steps in one loop on the device, so the host's cost per call is paid once for them;
+a prompt's last piece is written as a chunk of the shortest compiled size that holds it, so on
+hardware whose step cost grows with the rows (a CPU) idle slots and chunk padding cost little.
+The compiled shapes: prefill [1, c] and decode [r] at each cache length, for a few chunk sizes c
+and row counts r.
 """
 
 from __future__ import annotations
@@ -84,33 +85,44 @@ def prefill(
     rows = {
         n: jax.lax.dynamic_slice_in_dim(cache[n], slot, 1, axis=1)[:, :, :, :length] for n in cache
     }
-    logits, new = model(tokens, cache={**rows, "index": start})  # [1, C, V]
+    x, new, _ = model.hidden_states(tokens, cache={**rows, "index": start})  # x: [1, C, D]
     cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, slot, 0, 0, 0)) for n in cache}
-    token = sample_rows(jax.lax.dynamic_index_in_dim(logits, last, 1, False), sampling, vocab_limit)
+    logits = model.logits(jax.lax.dynamic_slice_in_dim(x, last, 1, axis=1))  # only there: [1, 1, V]
+    token = sample_rows(logits[:, 0], sampling, vocab_limit)
     return token[0], cache
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "vocab_limit", "length", "rows"),
+    static_argnames=("graphdef", "vocab_limit", "length", "rows", "max_steps"),
     donate_argnames=("cache",),
 )
-def decode(graphdef, state, cache, tokens, index, sampling: Sampling, vocab_limit, length, rows):
-    """One token for each of the first `rows` slots: tokens int32[rows] at positions index
-    int32[rows] (each below length, the cache positions attended; both static) -> (the next
-    token of each row int32[rows], the cache). Rows of idle slots compute and are ignored."""
+def decode(
+    graphdef, state, cache, tokens, index, steps, sampling: Sampling, vocab_limit, length, rows,
+    max_steps,
+):
+    """`steps` (int32[], 1..max_steps) decode steps of the first `rows` slots in one call, each
+    step feeding every row its last token: tokens int32[rows] at positions index int32[rows] ->
+    (the tokens of each step int32[max_steps, rows], the steps after `steps` zero; the cache).
+    Every position a row writes must lie below `length`, the cache positions attended (static,
+    like rows and max_steps); a step's draw for a row uses the key fold_in(seed, count + step).
+    Rows of idle slots compute and are ignored; one slot per row, no sequence axis: each row
+    writes and attends at its own position (the per-row cache index of llm.model.transformer)."""
     model = nnx.merge(graphdef, state)
-
-    def row(token, k, v, i):  # one slot as a batch of one; k, v: [layers, K, length, Dh]
-        logits, new = model(token[None, None], cache={"k": k[:, None], "v": v[:, None], "index": i})
-        return logits[0, -1], new["k"][:, 0], new["v"][:, 0]
-
     k, v = (cache[n][:, :rows, :, :length] for n in ("k", "v"))
-    logits, k, v = jax.vmap(row, in_axes=(0, 1, 1, 0), out_axes=(0, 1, 1))(tokens, k, v, index)
+
+    def step(i, carry):
+        out, token, k, v = carry
+        logits, new = model(token[:, None], cache={"k": k, "v": v, "index": index + i})
+        token = sample_rows(logits[:, -1], sampling._replace(count=sampling.count + i), vocab_limit)
+        return out.at[i].set(token), token, new["k"], new["v"]
+
+    out = jnp.zeros((max_steps, rows), jnp.int32)
+    out, _, k, v = jax.lax.fori_loop(0, steps, step, (out, tokens, k, v))
     cache = {
         n: jax.lax.dynamic_update_slice(cache[n], x, (0,) * 5) for n, x in (("k", k), ("v", v))
     }
-    return sample_rows(logits, sampling, vocab_limit), cache
+    return out, cache
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))

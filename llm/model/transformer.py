@@ -140,9 +140,9 @@ class Transformer(nnx.Module):
         """Everything before the output projection: x: [B, L, D] after the final norm, the new
         cache (None without one) and the MoE auxiliary values. A fused loss
         (kernels.cross_entropy) takes x and `unembedding()` instead of the logits."""
-        if positions is None:
-            start = 0 if cache is None else cache["index"]
-            positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
+        if positions is None:  # a cache's index: int32[], or int32[B] (a position per row)
+            start = jnp.asarray(0 if cache is None else cache["index"])
+            positions = jnp.broadcast_to(start[..., None] + jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed_tokens(tokens)
         x, cache, aux = self._run_blocks(x, positions, segment_ids, cache, record_rms)
         return self.final_norm(x), cache, aux
@@ -250,7 +250,8 @@ def init_cache(
     cfg: ModelConfig, batch: int, max_len: int, int8: bool = False
 ) -> dict[str, jax.Array]:
     """An empty KV cache: k, v: [layers, B, K, max_len, Dh] in the compute dtype, or int8 with a
-    scale per token and head (llm.model.quant.init_kv); index: int32[]. A cache may also hold
+    scale per token and head (llm.model.quant.init_kv); index: int32[] (or int32[B], a position
+    per row, as llm.model.slot_decode's decode passes it). A cache may also hold
     start: int32[B], the first slot of each row that holds a token (rows of left-padded prompts,
     whose padding is never attended; llm.model.decode.generate). Positions are the
     second-minor axis so that attention reads each (row, head)'s keys as one contiguous block and

@@ -91,7 +91,7 @@ def test_slots_are_reused_after_finish_and_cancel():
     got = []
     long_id, _, _ = eng.submit(Request(PROMPTS[3], max_tokens=12, greedy=True, on_delta=got.append))
     queued_id, _, _ = eng.submit(Request(PROMPTS[0], max_tokens=5, greedy=True))
-    for _ in range(5):
+    for _ in range(2):  # two prefill chunks, then 8 decode steps in one call: 9 tokens of 12
         eng.step()
     eng.cancel(long_id)
     eng.cancel(queued_id)  # still waiting: leaves without running
@@ -159,6 +159,10 @@ def test_sampling_depends_on_the_request_alone():
     others = [Request(PROMPTS[i], max_tokens=NEW[i], greedy=True) for i in (3, 0)]
     mixed = eng.generate([others[0], Request(PROMPTS[1], seed=3, **kw), others[1]])[1].tokens
     assert alone == mixed
+    one_step = Engine(  # the draw of step i of a call is the one of a call per step
+        tiny_model(), EngineConfig(slots=2, max_len=MAX_LEN, prefill_chunk=CHUNK, decode_steps=1)
+    )
+    assert one_step.generate([Request(PROMPTS[1], seed=3, **kw)])[0].tokens == alone
     other_seed = eng.generate([Request(PROMPTS[1], seed=4, **kw)])[0].tokens
     assert other_seed != alone
     top1 = eng.generate([Request(PROMPTS[1], max_tokens=NEW[1], temperature=3.0, top_k=1)])[0]
@@ -197,6 +201,7 @@ def test_bad_requests_and_config():
         ({"slots": 0}, "--slots"),
         ({"truncate": "right"}, "--truncate"),
         ({"max_len": 1}, "--max_len"),
+        ({"decode_steps": 0}, "--decode_steps"),
     ]:
         with pytest.raises(ConfigError, match=message):
             EngineConfig(**bad)

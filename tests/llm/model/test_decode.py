@@ -10,7 +10,7 @@ from flax import nnx
 
 from llm.model.config import ModelConfig
 from llm.model.decode import check_sampling, generate, top_k_filter, top_p_filter
-from llm.model.transformer import Transformer
+from llm.model.transformer import Transformer, init_cache
 
 PROMPT, NEW = 5, 8
 
@@ -38,6 +38,33 @@ def test_greedy_matches_uncached_argmax(scan):
     # model(out)[:, t - 1] is model(out[:, :t])[:, -1] for a causal model: one uncached pass.
     expected = jnp.argmax(model(out)[:, PROMPT - 1 : -1], axis=-1)  # [B, NEW]
     np.testing.assert_array_equal(out[:, PROMPT:], expected)
+
+
+@pytest.mark.parametrize("scan,int8", [(False, False), (True, False), (False, True)])
+def test_a_cache_position_per_row_equals_each_row_alone(scan, int8):
+    """A cache index int32[B] (llm.engine's decode calls): each row writes and attends at its own
+    position, as that row alone with a scalar index does; logits and written caches agree."""
+    model, index = tiny_model(scan), jnp.array([3, 9, 0], jnp.int32)
+    tokens = jax.random.randint(jax.random.key(2), (3, 2), 0, 64, jnp.int32)
+    cache = init_cache(model.cfg, 3, 16, int8)
+    keys = iter(jax.random.split(jax.random.key(3), 4))
+
+    def filled(a):  # stale values everywhere: a row must see only its own positions < index
+        if a.dtype == jnp.int8:
+            return jax.random.randint(next(keys), a.shape, -127, 128).astype(jnp.int8)
+        return jax.random.uniform(next(keys), a.shape, a.dtype, 0.01, 1.0)
+
+    kv = jax.tree.map(filled, {"k": cache["k"], "v": cache["v"]})
+    logits, new = model(tokens, cache={**kv, "index": index})
+    np.testing.assert_array_equal(new["index"], index + 2)
+    for b in range(3):
+        row = jax.tree.map(lambda a, b=b: a[:, b : b + 1], kv)
+        alone, alone_new = model(tokens[b : b + 1], cache={**row, "index": index[b]})
+        np.testing.assert_allclose(logits[b], alone[0], rtol=1e-5, atol=1e-5)
+        for n in ("k", "v"):
+            got, want = (jax.tree.leaves(c[n]) for c in (new, alone_new))
+            for x, y in zip(got, want):
+                np.testing.assert_allclose(x[:, b], y[:, 0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("scan", [False, True])
