@@ -186,6 +186,10 @@ class Engine:
         """Compiles every shape the engine runs (prefill at each cache length and chunk size,
         decode at each length and row count, the slot move), so no request waits for a
         compilation. Call while no request is in a slot."""
+        # A fresh cache is not yet placed like the cache every call returns (with parameters
+        # placed on a mesh, a NamedSharding): one call first, so the shapes below are compiled
+        # for the cache placement that serving passes.
+        self._run_prefill(0, np.zeros((1, self._chunks[0]), np.int32), 0, 0, self._lengths[0])
         for length in self._lengths:
             for chunk in self._chunks:
                 self._run_prefill(0, np.zeros((1, chunk), np.int32), 0, 0, length)

@@ -15,7 +15,8 @@ request: equal outputs). The ways:
 Compilation is excluded (every shape is run once before timing, and compilations inside the timed
 sections are counted: there must be none); the three ways run --repeats times, interleaved, and
 each way's fastest round is shown, with its least CPU time (this process's, steadier than wall
-time on a shared machine). Prints tokens/s (generated tokens only), per-request latency (arrival
+time on a shared machine), and the median over rounds of the engine's ratio to static batching
+within a round. Prints tokens/s (generated tokens only), per-request latency (arrival
 to last token) and whether static batching's and the engine's tokens equal the one-at-a-time
 ones. CPU figures are CPU figures, not accelerator performance.
 """
@@ -211,6 +212,17 @@ def main(argv: list[str]) -> None:
     print(report("one at a time", total, single_done, single_cpu, base)[0])
     print(static_line)
     print(report(f"engine, {f.slots} slots", total, engine_done, engine_cpu, base)[0])
+    # Rounds run back to back, so their ratio is steadier than the fastest rounds' when the
+    # machine's speed drifts: the median over rounds, with the range.
+    for measure, ratio in (
+        ("wall", lambda r: max(r[1][0]) / max(r[2][0])),
+        ("CPU", lambda r: r[1][1] / r[2][1]),
+    ):
+        ratios = [ratio(r) for r in rounds]
+        print(
+            f"engine vs static per round ({measure} time): median {np.median(ratios):.2f}x, "
+            f"range {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} rounds"
+        )
     for name, way in (("static", static), ("engine", tokens)):
         same = sum(a == b for a, b in zip(way, single))
         print(f"{name} tokens equal to one-at-a-time: {same}/{len(mix)} requests")

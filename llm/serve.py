@@ -324,7 +324,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("max_len", None, "Tokens per slot (prompt + output); default max_seq_len.")
     flags.DEFINE_integer("prefill_chunk", 32, "Prompt tokens written per prefill call.")
     flags.DEFINE_integer("max_queue", 64, "Requests waiting for a slot; more get 429.")
-    flags.DEFINE_integer("decode_steps", 8, "Decode steps per device call (tokens stream in bursts).")
+    flags.DEFINE_integer(
+        "decode_steps", 8, "Decode steps per device call (tokens stream in bursts)."
+    )
     flags.DEFINE_enum("truncate", "refuse", ["refuse", "left"], "A too long prompt: 400, or cut.")
     flags.DEFINE_integer("max_tokens_cap", 256, "Largest max_tokens a request may ask for.")
     flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body (else 413).")

@@ -96,9 +96,10 @@ def _generate(
     cache = init_cache(model.cfg, batch, prompt_len + max_new_tokens, int8=kv_int8)
     if pad is not None:  # left-padded rows: the padding is never attended, positions start at 0
         cache["start"] = pad
-    logits, cache = model(  # prefill: [B, P, V]
+    x, cache, _ = model.hidden_states(  # prefill: x [B, P, D]; logits at the last position only
         prompt, None if pad is None else jnp.arange(prompt_len) - pad[:, None], cache=cache
     )
+    logits = model.logits(x[:, -1:])  # [B, 1, V]
 
     def step(carry, key):
         logits, cache, done = carry  # logits: [B, V] for the next token; done: [B] eos seen

@@ -238,15 +238,19 @@ def write_kv(cache, new: jax.Array, layer, index: jax.Array):
     at positions index.. (in place when the cache is donated or a loop's carry). index: int32[]
     (every row from the same position) or int32[B] (row b from index[b]: a scatter, which drops
     positions past the cache)."""
-    values = new if not isinstance(cache, dict) else dict(zip(("q", "scale"), int_quantize(new, (3,), 8)))
+    values = new  # [B, T, K, Dh]; int8: {"q": int8[B, T, K, Dh], "scale": f32[B, T, K, 1]}
+    if isinstance(cache, dict):
+        values = dict(zip(("q", "scale"), int_quantize(new, (3,), 8)))
 
     def put(buf, x):  # x: [B, T, K, Dh or 1]
         x = x.astype(buf.dtype)
         if jnp.ndim(index) == 0:
-            return jax.lax.dynamic_update_slice(buf, x.transpose(0, 2, 1, 3)[None], (layer, 0, 0, index, 0))
+            at = (layer, 0, 0, index, 0)
+            return jax.lax.dynamic_update_slice(buf, x.transpose(0, 2, 1, 3)[None], at)
         rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
         positions = index[:, None] + jnp.arange(x.shape[1])  # [B, T]
-        return buf.at[layer, rows, :, positions].set(x, mode="drop")  # indexed dims lead: [B, T, K, Dh]
+        # The indexed dims lead the update's shape: [B, T, K, Dh], x as it is.
+        return buf.at[layer, rows, :, positions].set(x, mode="drop")
 
     return jax.tree.map(put, cache, values)
 

@@ -100,7 +100,7 @@ def prefill(
 def decode(
     graphdef, state, cache, tokens, index, steps, sampling: Sampling, vocab_limit, length, rows,
     max_steps,
-):
+):  # fmt: skip
     """`steps` (int32[], 1..max_steps) decode steps of the first `rows` slots in one call, each
     step feeding every row its last token: tokens int32[rows] at positions index int32[rows] ->
     (the tokens of each step int32[max_steps, rows], the steps after `steps` zero; the cache).

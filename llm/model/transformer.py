@@ -142,7 +142,9 @@ class Transformer(nnx.Module):
         (kernels.cross_entropy) takes x and `unembedding()` instead of the logits."""
         if positions is None:  # a cache's index: int32[], or int32[B] (a position per row)
             start = jnp.asarray(0 if cache is None else cache["index"])
-            positions = jnp.broadcast_to(start[..., None] + jnp.arange(tokens.shape[1]), tokens.shape)
+            positions = jnp.broadcast_to(
+                start[..., None] + jnp.arange(tokens.shape[1]), tokens.shape
+            )
         x = self.embed_tokens(tokens)
         x, cache, aux = self._run_blocks(x, positions, segment_ids, cache, record_rms)
         return self.final_norm(x), cache, aux

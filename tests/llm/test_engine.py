@@ -104,6 +104,23 @@ def test_slots_are_reused_after_finish_and_cancel():
     assert eng.load() == (0, 0)
 
 
+def test_nothing_compiles_after_warmup_with_parameters_on_a_mesh():
+    """As with a loaded run (llm.runs.load_model): the calls' caches come back placed on the
+    parameters' mesh, unlike a fresh one, and warmup has compiled for that placement too."""
+    model = tiny_model()
+    graphdef, state = nnx.split(model)
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    placed = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    config = EngineConfig(slots=2, max_len=MAX_LEN, prefill_chunk=CHUNK)
+    eng = Engine(nnx.merge(graphdef, placed), config)
+    eng.warmup()
+    jitted = (slot_decode.prefill, slot_decode.decode, slot_decode.move)
+    compiled = [f._cache_size() for f in jitted]
+    out = eng.generate([Request(PROMPTS[i], max_tokens=NEW[i], greedy=True) for i in (3, 1, 0)])
+    assert [c.tokens for c in out] == [reference("dense", i) for i in (3, 1, 0)]
+    assert [f._cache_size() for f in jitted] == compiled
+
+
 def test_a_request_moved_to_a_freed_lower_slot_continues_exactly(monkeypatch):
     """Once nothing waits, a request in a high slot moves into a freed lower one (decode steps
     then compute fewer rows); its tokens are the sampler's all the same."""

@@ -2,6 +2,7 @@
 step; mistakes are one line and exit status 2."""
 
 import json
+
 import pytest
 
 from llm import evaluate

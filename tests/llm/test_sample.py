@@ -14,6 +14,7 @@ from llm.model.config import ModelConfig
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
 
+
 @pytest.mark.parametrize(
     "flags, message",
     [

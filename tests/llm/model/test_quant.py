@@ -11,12 +11,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from test_transformer import stacked_copy  # pytest puts this directory on sys.path
 
 from llm.errors import ConfigError
 from llm.model import quant, quant_ops
 from llm.model.config import ModelConfig
 from llm.model.transformer import Transformer, init_cache
-from test_transformer import stacked_copy  # pytest puts this directory on sys.path
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(6, 32)).astype(np.float32)  # [tokens, K]
