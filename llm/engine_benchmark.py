@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 
 import jax
@@ -35,6 +36,7 @@ from flax import nnx
 
 from llm import config as config_lib
 from llm.engine import Engine, EngineConfig, Request
+from llm.errors import ConfigError, check
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
 from llm.runs import load_model
@@ -162,19 +164,26 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    try:  # a bad setting: one line and exit status 2, before anything is loaded or compiled
+        for name in ("requests", "repeats"):
+            value = getattr(f, name)
+            check(value > 0, f"--{name} must be a positive integer, got {value}.")
+        config = EngineConfig(
+            slots=f.slots,
+            max_len=f.max_len,
+            prefill_chunk=f.prefill_chunk,
+            max_queue=f.requests,
+            decode_steps=f.decode_steps,
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     jax.monitoring.register_event_duration_secs_listener(Meter.listen)
     if f.workdir or f.hf:
         model, _, _ = load_model(f.workdir, f.hf)
     else:
         cfg = config_lib.model_config(config_lib.load_config(config_lib.DEFAULT_CONFIG))
         model = Transformer(cfg, rngs=nnx.Rngs(0))
-    config = EngineConfig(
-        slots=f.slots,
-        max_len=f.max_len,
-        prefill_chunk=f.prefill_chunk,
-        max_queue=f.requests,
-        decode_steps=f.decode_steps,
-    )
     mix = skewed_mix(f.requests, model.cfg.vocab_size, f.seed)
     total = sum(n for _, n in mix)
     print(

@@ -121,6 +121,17 @@ def test_nothing_compiles_after_warmup_with_parameters_on_a_mesh():
     assert [f._cache_size() for f in jitted] == compiled
 
 
+@pytest.mark.parametrize(
+    "flag, message",
+    [("--decode_steps=0", "--decode_steps must be"), ("--requests=0", "--requests must be")],
+)
+def test_the_benchmark_refuses_bad_settings_in_one_line(run_module, flag, message):
+    done = run_module("llm.engine_benchmark", flag)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: {message} a positive integer, got 0."
+    ]
+
+
 def test_a_request_moved_to_a_freed_lower_slot_continues_exactly(monkeypatch):
     """Once nothing waits, a request in a high slot moves into a freed lower one (decode steps
     then compute fewer rows); its tokens are the sampler's all the same."""
