@@ -126,6 +126,7 @@ class Engine:
         self._graphdef, self._state = nnx.split(model)
         self._new_cache = lambda: slot_decode.init_slots(model.cfg, config.slots, length)
         self._cache = self._new_cache()
+        self._placement = None  # the cache's placement once a call has returned it (warmup)
         self._slots: list[_Job | None] = [None] * config.slots
         self._queue: collections.deque[_Job] = collections.deque()
         self._cancelled: set[int] = set()
@@ -188,8 +189,9 @@ class Engine:
         compilation. Call while no request is in a slot."""
         # A fresh cache is not yet placed like the cache every call returns (with parameters
         # placed on a mesh, a NamedSharding): one call first, so the shapes below are compiled
-        # for the cache placement that serving passes.
+        # for the cache placement that serving passes; a later fresh cache is put there.
         self._run_prefill(0, np.zeros((1, self._chunks[0]), np.int32), 0, 0, self._lengths[0])
+        self._placement = jax.tree.map(lambda a: a.sharding, self._cache)
         for length in self._lengths:
             for chunk in self._chunks:
                 self._run_prefill(0, np.zeros((1, chunk), np.int32), 0, 0, length)
@@ -368,9 +370,9 @@ class Engine:
 
     def _fail_all(self) -> None:
         """Ends every request in a slot with "error" and starts over from an empty cache (a
-        failed call may have consumed the donated one)."""
+        failed call may have consumed the donated one), placed as warmup compiled for."""
         with self._cv:
             for slot, job in enumerate(self._slots):
                 if job is not None:
                     self._finish(slot, "error")
-            self._cache = self._new_cache()
+            self._cache = jax.device_put(self._new_cache(), self._placement)

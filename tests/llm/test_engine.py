@@ -2,6 +2,9 @@
 order; slots are reused after a finish or a cancel; stop sequences, sampling, bad requests."""
 
 import functools
+import queue
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +121,45 @@ def test_nothing_compiles_after_warmup_with_parameters_on_a_mesh():
     compiled = [f._cache_size() for f in jitted]
     out = eng.generate([Request(PROMPTS[i], max_tokens=NEW[i], greedy=True) for i in (3, 1, 0)])
     assert [c.tokens for c in out] == [reference("dense", i) for i in (3, 1, 0)]
+    assert [f._cache_size() for f in jitted] == compiled
+
+
+def test_a_failed_step_ends_its_requests_and_serving_goes_on_without_compiling(monkeypatch):
+    """serve_forever: a call that fails after consuming the donated cache ends the requests in
+    the slots with "error"; the next requests run on a fresh cache placed as warmup compiled for
+    (parameters on a mesh), so nothing compiles and their tokens are the sampler's."""
+    graphdef, state = nnx.split(tiny_model())
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    placed = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    eng = Engine(
+        nnx.merge(graphdef, placed), EngineConfig(slots=2, max_len=MAX_LEN, prefill_chunk=CHUNK)
+    )
+    eng.warmup()
+    jitted = (slot_decode.prefill, slot_decode.decode, slot_decode.move)
+    compiled = [f._cache_size() for f in jitted]
+    decode = slot_decode.decode
+
+    def failing(*args, **kwargs):
+        decode(*args, **kwargs)  # the donated cache is gone
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(slot_decode, "decode", failing)
+    finished, stop = queue.Queue(), threading.Event()
+    thread = threading.Thread(target=eng.serve_forever, args=(stop,))
+    thread.start()
+    try:
+        on_delta = lambda d: d.finish_reason and finished.put(d.finish_reason)
+        for i in (0, 1):
+            eng.submit(Request(PROMPTS[i], max_tokens=NEW[i], greedy=True, on_delta=on_delta))
+        assert [finished.get(timeout=60) for _ in range(2)] == ["error", "error"]
+        monkeypatch.setattr(slot_decode, "decode", decode)
+        while eng.load() != (0, 0):  # the engine thread is between steps
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join()
+    out = eng.generate([Request(PROMPTS[i], max_tokens=NEW[i], greedy=True) for i in (3, 1)])
+    assert [c.tokens for c in out] == [reference("dense", i) for i in (3, 1)]
     assert [f._cache_size() for f in jitted] == compiled
 
 
