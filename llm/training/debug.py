@@ -5,7 +5,9 @@ Pause points let a test kill or signal a real training process at a chosen momen
     LLM_LAB_PAUSE="save#2:60" python -m llm.train ...   # sleep 60 s inside the 2nd checkpoint save
     LLM_LAB_PAUSE="compile:3" python -m llm.train ...   # sleep 3 s just before compiling
 
-At a pause the process prints `paused at POINT` to stderr, then sleeps. The points are
+At a pause the process prints `paused at POINT` to stderr, then sleeps for SECONDS, or until the
+file named by $LLM_LAB_RESUME exists (a test resumes it once it has seen what it waited for). The
+points are
 "compile" (before compiling the train step) and "save" (inside the asynchronous save, after every
 file is written to the temporary directory and before orbax renames it: a kill there leaves a
 partial checkpoint). Without the variable a pause costs one dictionary lookup.
@@ -26,12 +28,14 @@ import numpy as np
 from llm.training.metrics import drop_partial_line
 
 PAUSE_VARIABLE = "LLM_LAB_PAUSE"
+RESUME_VARIABLE = "LLM_LAB_RESUME"
 _hits: collections.Counter = collections.Counter()
 _repaired: set[pathlib.Path] = set()
 
 
 def pause(point: str) -> None:
-    """Sleeps if $LLM_LAB_PAUSE asks for `point` ("POINT[#N]:SECONDS", N-th hit, default 1st)."""
+    """Sleeps if $LLM_LAB_PAUSE asks for `point` ("POINT[#N]:SECONDS", N-th hit, default 1st),
+    until SECONDS pass or the file $LLM_LAB_RESUME names exists."""
     spec = os.environ.get(PAUSE_VARIABLE)
     if not spec:
         return
@@ -42,7 +46,9 @@ def pause(point: str) -> None:
     _hits[point] += 1
     if _hits[point] == int(nth or 1):
         print(f"paused at {point}", file=sys.stderr, flush=True)
-        time.sleep(float(seconds or 60))
+        deadline, resume = time.monotonic() + float(seconds or 60), os.environ.get(RESUME_VARIABLE)
+        while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
+            time.sleep(0.05)
 
 
 def batch_hash(batch: dict[str, np.ndarray]) -> str:

@@ -167,6 +167,16 @@ def test_pause_points_count_hits(monkeypatch, capsys, nth):
     assert ("paused at save" in capsys.readouterr().err) == (nth == 2)
 
 
+def test_a_pause_ends_when_its_resume_file_exists(monkeypatch, tmp_path):
+    monkeypatch.setattr(debug, "_hits", debug.collections.Counter())
+    monkeypatch.setenv(debug.PAUSE_VARIABLE, "save:30")
+    monkeypatch.setenv(debug.RESUME_VARIABLE, str(tmp_path / "resume"))
+    threading.Timer(0.5, (tmp_path / "resume").touch).start()
+    started = time.monotonic()
+    debug.pause("save")
+    assert 0.4 < time.monotonic() - started < 10
+
+
 def test_a_line_cut_short_by_a_kill_is_dropped(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]

@@ -60,6 +60,7 @@ def test_sigterm_saves_and_the_rerun_resumes(tmp_path, tiny_config):
             f"--config.steps={last_logged + 2}",
             *flags[2:],
         ],
+        check=False,
         capture_output=True,
         text=True,
         timeout=240,

@@ -181,7 +181,7 @@ def test_a_second_trainer_is_refused_while_the_first_saves(tmp_path, tiny_config
     command = [sys.executable, "-m", "llm.train", *flags]
     first = subprocess.Popen(
         command,
-        env={**env, "LLM_LAB_PAUSE": "save#1:30"},
+        env={**env, "LLM_LAB_PAUSE": "save#1:60", "LLM_LAB_RESUME": str(tmp_path / "resume")},
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -201,6 +201,7 @@ def test_a_second_trainer_is_refused_while_the_first_saves(tmp_path, tiny_config
         assert f"in use by another training process (pid {first.pid} on host" in second.stderr
         assert time.time() - started < 25  # refused before the first resumes
         assert all(p.exists() for p in temporary)
+        (tmp_path / "resume").touch()  # the first trainer's save goes on
         first.stderr.read()
         assert first.wait(timeout=300) == 0
     finally:
