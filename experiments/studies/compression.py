@@ -239,9 +239,11 @@ def write_results(per_seed: dict, out: pathlib.Path, command: str, wall_s: float
         "",
         f"Command: `{command}`  ",
         f"Date: {result['date']}; wall time {result['wall_s'] / 60:.1f} min on a shared 2-core CPU "
-        f"(load ~{result['load']:.0f} when written); seeds {', '.join(map(str, seeds))}: "
-        "mean ± std over the seeds "
-        "that have the run (column n; no ± where n = 1). Gaps are taken within a seed.",
+        (
+            f"(load ~{result['load']:.0f} when written); seeds {', '.join(map(str, seeds))}: "
+            "mean ± std over the seeds that have the run (column n; no ± where n = 1). Gaps are "
+            "taken within a seed."
+        ),
         "",
         (
             f"Teacher / dense baseline: {result['model']}, {result['steps']} steps of "
@@ -295,7 +297,7 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
 
     from llm.science import plots
 
-    s, f, seeds = result["summary"], result["flops"], result["seeds"]
+    s, f = result["summary"], result["flops"]
     def spread(key) -> float:  # no error bar from one seed
         return s[key]["gap_std"] if s[key]["n"] > 1 else np.nan
 

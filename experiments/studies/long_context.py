@@ -227,14 +227,18 @@ def write_results(result: dict, out: pathlib.Path) -> None:
         "# Long-context extension: RoPE recipes at a tiny scale",
         "",
         f"Command: `{result['command']}`  ",
-        f"Date: {result['date']}; wall time {result['wall_s'] / 60:.1f} min on a shared 2-core CPU "
-        f"(load ~{result['load']:.0f}), jax {result['jax']}; one seed ({f['seed']}): no error bars "
-        "over seeds.",
+        (
+            f"Date: {result['date']}; wall time {result['wall_s'] / 60:.1f} min on a shared 2-core "
+            f"CPU (load ~{result['load']:.0f}), jax {result['jax']}; one seed ({f['seed']}): no "
+            "error bars over seeds."
+        ),
         "",
-        f"Default model (4 layers x 256), pretrained {first['steps']} steps at context {short} "
-        f"({first['tokens']:,} tokens); each long continuation the same steps and tokens at "
-        f"{long}. "
-        f"Losses: nats/token on the held-out validation split, packed in rows of {f['eval_len']}.",
+        (
+            f"Default model (4 layers x 256), pretrained {first['steps']} steps at context {short} "
+            f"({first['tokens']:,} tokens); each long continuation the same steps and tokens at "
+            f"{long}. Losses: nats/token on the held-out validation split, packed in rows of "
+            f"{f['eval_len']}."
+        ),
         "",
         f"| model | steps x batch x context | GFLOP trained | loss 0-{short} "
         f"| loss {short}-{long} | loss {long}-{f['eval_len']} | "
@@ -250,16 +254,16 @@ def write_results(result: dict, out: pathlib.Path) -> None:
             f"| {LABELS[name]} | {trained} | {gflop} | " + " | ".join(f"{v:.3f}" for v in bands)
             + " | " + " | ".join(f"{passkey_means(r)[n]:.2f}" for n in lengths) + " |"
         )  # fmt: skip
-    lines += ["", "Loss per position bucket (position in the row's document piece; tokens per "
-              "bucket in the header):", ""]  # fmt: skip
+    lines += ["", ("Loss per position bucket (position in the row's document piece; tokens per "
+                   "bucket in the header):"), ""]  # fmt: skip
     header = [f"{s}- ({t:,.0f})" for s, t in zip(starts, first["position_tokens"])]
     lines += ["| model | " + " | ".join(header) + " |", "|---" * (len(starts) + 1) + "|"]
     for name, r in rows.items():
         losses = " | ".join(f"{v:.3f}" for v in r["position_loss"])
         lines.append(f"| {LABELS[name]} | {losses} |")
     cells = [(p["context_len"], p["depth"], p["needle_distance"]) for p in first["passkey"]]
-    lines += ["", f"Passkey accuracy per (length, depth), mean needle distance in tokens; "
-              f"{f['trials']} trials each:", ""]  # fmt: skip
+    lines += ["", (f"Passkey accuracy per (length, depth), mean needle distance in tokens; "
+                   f"{f['trials']} trials each:"), ""]  # fmt: skip
     lines.append("| model | " + " | ".join(f"{n}@{d} ({s:.0f})" for n, d, s in cells) + " |")
     lines.append("|---" * (len(cells) + 1) + "|")
     for name, r in rows.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import types
+from typing import Self
 
 import jax
 from jax.experimental import multihost_utils
@@ -40,7 +41,7 @@ class PreemptionWatcher:
         """128 + the signal number, the shell's convention for a run ended by a signal."""
         return 128 + (self.signal or signal.SIGTERM)
 
-    def __enter__(self) -> PreemptionWatcher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -8,15 +8,17 @@ from experiments.studies import compression
 
 
 def test_summary_takes_gaps_within_seeds_over_the_seeds_that_have_the_run():
+    # fmt: off
     per_seed = [
         {"float32": {"eval_loss": 5.9}, "nm_2_4": {"eval_loss": 5.6}, "ptq_int4": {
-            "eval_loss": 5.91, "memory_after": 7, "disk_after": 5}},  # fmt: skip
+            "eval_loss": 5.91, "memory_after": 7, "disk_after": 5}},
         {"float32": {"eval_loss": 6.3}, "nm_2_4": {"eval_loss": 6.2}},
         {"float32": {"eval_loss": 5.8}, "nm_2_4": {"eval_loss": 5.9}, "ptq_int4": {
-            "eval_loss": 5.8, "memory_after": 4, "disk_after": 3}},  # fmt: skip
+            "eval_loss": 5.8, "memory_after": 4, "disk_after": 3}},
         {"student_scratch": {"eval_loss": 6.0, "steps": 150},
-         "student_distilled": {"eval_loss": 5.7, "steps": 150}},  # fmt: skip
+         "student_distilled": {"eval_loss": 5.7, "steps": 150}},
     ]
+    # fmt: on
     s = compression.summarize(per_seed)
     gaps = np.array([5.6 - 5.9, 6.2 - 6.3, 5.9 - 5.8])
     assert s["nm_2_4"]["n"] == 3
