@@ -53,7 +53,7 @@ class EngineConfig:
 
     slots: int = 8  # requests decoded together
     max_len: int | None = None  # tokens per slot (prompt + output); None: model.max_seq_len
-    prefill_chunk: int = 32  # prompt tokens written per prefill call
+    prefill_chunk: int = 128  # prompt tokens written per prefill call
     max_queue: int = 64  # requests waiting for a slot; more are refused (QueueFull)
     truncate: str = "refuse"  # a prompt too long for max_len - max_tokens: "refuse" or "left"
     # Decode steps per device call, fewer when a request has fewer tokens left; a request that

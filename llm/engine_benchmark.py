@@ -242,10 +242,12 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A training run (DIR[@STEP]); default: random init.")
     flags.DEFINE_string("hf", None, "A Hugging Face model directory.")
     flags.DEFINE_integer("requests", 32, "Requests in the mix.")
-    flags.DEFINE_integer("slots", 8, "Engine slots, and the static batch size.")
+    flags.DEFINE_integer("slots", EngineConfig.slots, "Engine slots, and the static batch size.")
     flags.DEFINE_integer("max_len", 256, "Tokens per engine slot.")
-    flags.DEFINE_integer("prefill_chunk", 32, "Prompt tokens per prefill call.")
-    flags.DEFINE_integer("decode_steps", 8, "Engine decode steps per device call.")
+    flags.DEFINE_integer("prefill_chunk", EngineConfig.prefill_chunk, "Prompt tokens per call.")
+    flags.DEFINE_integer(
+        "decode_steps", EngineConfig.decode_steps, "Engine decode steps per device call."
+    )
     flags.DEFINE_integer("seed", 0, "Seed of the mix.")
     flags.DEFINE_integer("repeats", 3, "Rounds of all three ways; each way's fastest is shown.")
     app.run(main)

@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from aiohttp import web
 
 from data.sft import chat_encoder
-from llm.engine import Delta, Engine, EngineConfig, QueueFull, Request
+from llm.engine import TRUNCATE, Delta, Engine, EngineConfig, QueueFull, Request
 from llm.errors import ConfigError
 from llm.runs import load_model
 
@@ -320,14 +320,20 @@ if __name__ == "__main__":
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 lets other machines in.")
     flags.DEFINE_integer("port", 8000, "Port.")
     flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer KEY` on every request.")
-    flags.DEFINE_integer("slots", 8, "Requests decoded together.")
+    flags.DEFINE_integer("slots", EngineConfig.slots, "Requests decoded together.")
     flags.DEFINE_integer("max_len", None, "Tokens per slot (prompt + output); default max_seq_len.")
-    flags.DEFINE_integer("prefill_chunk", 32, "Prompt tokens written per prefill call.")
-    flags.DEFINE_integer("max_queue", 64, "Requests waiting for a slot; more get 429.")
     flags.DEFINE_integer(
-        "decode_steps", 8, "Decode steps per device call (tokens stream in bursts)."
+        "prefill_chunk", EngineConfig.prefill_chunk, "Prompt tokens written per prefill call."
     )
-    flags.DEFINE_enum("truncate", "refuse", ["refuse", "left"], "A too long prompt: 400, or cut.")
+    flags.DEFINE_integer("max_queue", EngineConfig.max_queue, "Requests waiting; more get 429.")
+    flags.DEFINE_integer(
+        "decode_steps",
+        EngineConfig.decode_steps,
+        "Decode steps per device call (tokens stream in bursts).",
+    )
+    flags.DEFINE_enum(
+        "truncate", EngineConfig.truncate, TRUNCATE, "A too long prompt: 400, or cut."
+    )
     flags.DEFINE_integer("max_tokens_cap", 256, "Largest max_tokens a request may ask for.")
     flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body (else 413).")
     flags.DEFINE_float("timeout", 30.0, "Seconds a client may stall sending or reading.")
