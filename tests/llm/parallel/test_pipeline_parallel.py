@@ -186,13 +186,14 @@ def moe_reference(tmp_path_factory):
 MOE_CASES = [  # (schedule, v, other mesh axes), S = 2
     ("1f1b", 1, {"expert": 2}),
     ("interleaved_1f1b", 2, {"data": 2}),
+    ("zb_h1", 1, {"tensor": 2}),
 ]
 
 
 @pytest.mark.parametrize("schedule,virtual,mesh", MOE_CASES, ids=str)
 def test_moe_matches_one_device(moe_reference, pipelined, schedule, virtual, mesh):
-    """MoE layers inside the stages (their all-to-all over `expert` too): losses, gradient norms,
-    parameters and balancing biases as on one device."""
+    """MoE layers inside the stages (their all-to-all over `expert` too, their expert weights split
+    over `tensor`): losses, gradient norms, parameters and balancing biases as on one device."""
     run = pipelined(schedule, 2, MOE_M, virtual, moe=True, **mesh)
     np.testing.assert_allclose(run.losses, moe_reference.losses, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(run.norms, moe_reference.norms, rtol=1e-5, atol=1e-6)
