@@ -1,7 +1,7 @@
 """Pipeline parallelism (llm.parallel.pipeline) trains like one device: loss, gradient norm and
 parameters after three AdamW steps, for each schedule, dense and MoE (with expert parallelism);
 1F1B's compiled step needs less temporary memory than GPipe's; the parameters sit where the rules
-table says; bad input is one line."""
+table says; checkpoints resume across stage counts, dense and MoE; bad input is one line."""
 
 from collections.abc import Callable
 from typing import NamedTuple
@@ -202,6 +202,15 @@ def test_moe_matches_one_device(moe_reference, pipelined, schedule, virtual, mes
     assert np.all(np.abs(bias).max(axis=1) > 0)  # every layer's balancing step taken
     if "expert" in mesh:
         assert "all-to-all" in run.hlo
+
+
+def test_moe_checkpoints_resume_across_stage_2_and_stage_1(moe_reference, pipelined):
+    """MoE expert weights and balancing biases saved at stage=2 x tensor=2 resume on one device,
+    and the reverse, with the next loss of the uninterrupted run."""
+    staged = pipelined("zb_h1", 2, MOE_M, 1, moe=True, tensor=2)
+    want = moe_reference.losses[2]
+    np.testing.assert_allclose(moe_reference.resume(staged.saved), want, rtol=1e-5)
+    np.testing.assert_allclose(staged.resume(moe_reference.saved), want, rtol=1e-5)
 
 
 def test_1f1b_needs_less_temporary_memory_than_gpipe(pipelined):
