@@ -1,5 +1,5 @@
-"""Two real processes on localhost train like one: same losses, disjoint data shards, a
-checkpoint written together."""
+"""Two real processes on localhost train like one (data parallel; pipelined across them, dense and
+MoE): same losses, disjoint data shards, a checkpoint written together."""
 
 import os
 import socket
@@ -51,14 +51,25 @@ def flags_of(config) -> list[str]:
 # Pipelined: stage (the outermost mesh axis) across the two processes, its activations and
 # gradients sent between them; each process loads the whole batch, which both stages need.
 PIPELINE = {"mesh.stage": 2, "model.scan_layers": True, "pipeline.microbatches": 2}
+# MoE in every layer with a shared expert and loss-free balancing; the one-process run pipelines
+# too (its auxiliary losses are per microbatch, so a run without the pipeline differs).
+MOE = {
+    "model.moe.num_experts": 4,
+    "model.moe.expert_mlp_dim": 32,
+    "model.moe.num_shared_experts": 1,
+    "model.moe.bias_update_rate": 1e-3,
+}
 
 
-@pytest.mark.parametrize("pipeline", [False, True], ids=["data", "stage=2"])
+@pytest.mark.parametrize("pipeline", [None, "dense", "moe"], ids=["data", "stage=2", "stage=2,moe"])
 def test_two_processes_match_one(tmp_path, tiny_config, pipeline):
     extra = []
-    if pipeline:  # the one-process run: the same stacked layers, no pipeline
+    if pipeline:  # the one-process run: the same stacked layers, no pipeline (MoE: pipelined)
         tiny_config.model.scan_layers = True
         extra = [f"--config.{k}={v}" for k, v in PIPELINE.items()]
+    if pipeline == "moe":
+        tiny_config = config_lib.with_overrides(tiny_config, {**PIPELINE, **MOE})
+        extra += [f"--config.{k}={v}" for k, v in MOE.items()]
     train.train_and_evaluate(tiny_config, str(tmp_path / "single"))  # also builds the dataset once
     expected = [r["loss"] for r in read_metrics(tmp_path / "single")]
 
@@ -103,7 +114,7 @@ def test_two_processes_match_one(tmp_path, tiny_config, pipeline):
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
     assert "4 cpu device(s) in 2 process(es)" in outputs[0]
-    assert ("pipeline: 1f1b, 2 stages" in outputs[0]) == pipeline
+    assert ("pipeline: 1f1b, 2 stages" in outputs[0]) == bool(pipeline)
 
     got = [r["loss"] for r in read_metrics(workdir)]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
