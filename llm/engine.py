@@ -133,6 +133,8 @@ class Engine:
         self._ids = itertools.count()
         self._cv = threading.Condition()
         self.finished: collections.Counter[str] = collections.Counter()  # requests per reason
+        # Device work done: decode_calls, decode_steps, prefill_calls, prefill_tokens (unpadded).
+        self.work: collections.Counter[str] = collections.Counter()
         s = config.slots  # per-slot device inputs, kept on the host
         self._next = np.zeros(s, np.int32)  # the token each slot feeds at its next decode step
         self._index = np.zeros(s, np.int32)  # its position
@@ -277,6 +279,7 @@ class Engine:
         tokens[0, : len(piece)] = piece
         length = self._length(start + tokens.shape[1])
         token = self._run_prefill(slot, tokens, start, len(piece) - 1, length)
+        self.work.update(prefill_calls=1, prefill_tokens=len(piece))
         job.filled += len(piece)
         self._index[slot] = job.filled  # an idle slot's decode row writes past what it holds
         if job.filled == len(job.prompt):
@@ -292,6 +295,7 @@ class Engine:
         # length attended are dropped, and they hold nothing there).
         length = self._length(int(self._index[slots].max()) + steps)
         tokens = np.asarray(self._run_decode(rows, length, steps))  # [decode_steps, rows]
+        self.work.update(decode_calls=1, decode_steps=steps)
         for step in range(steps):
             for slot, job in jobs.items():
                 if self._slots[slot] is job:  # not finished at an earlier step

@@ -17,7 +17,8 @@ sections are counted: there must be none); the three ways run --repeats times, i
 each way's fastest round is shown, with its least CPU time (this process's, steadier than wall
 time on a shared machine), and the median over rounds of the engine's ratio to static batching
 within a round. Prints tokens/s (generated tokens only), per-request latency (arrival
-to last token) and whether static batching's and the engine's tokens equal the one-at-a-time
+to last token), the device work of static batching and of the engine (decode steps and calls,
+prompt tokens and prefill calls: `Engine.work`), and whether static batching's and the engine's tokens equal the one-at-a-time
 ones. CPU figures are CPU figures, not accelerator performance.
 """
 
@@ -125,8 +126,9 @@ def static_batches(model, mix, size: int) -> tuple[list[list[int]], list[float]]
     return outputs, done
 
 
-def engine_run(model, mix, config: EngineConfig) -> tuple[list[list[int]], list[float]]:
-    """All requests submitted at once to a fresh engine -> (tokens, finish times)."""
+def engine_run(model, mix, config: EngineConfig) -> tuple[list[list[int]], list[float], dict]:
+    """All requests submitted at once to a fresh engine -> (tokens, finish times, its device work:
+    Engine.work)."""
     engine = Engine(model, config)
     engine.warmup()
     done = [0.0] * len(mix)
@@ -145,7 +147,7 @@ def engine_run(model, mix, config: EngineConfig) -> tuple[list[list[int]], list[
     ]
     with Meter.timed():
         completions = engine.generate(requests)
-    return [c.tokens for c in completions], done
+    return [c.tokens for c in completions], done, dict(engine.work)
 
 
 def report(name: str, tokens: int, done: list[float], cpu: float, base) -> tuple[str, tuple]:
@@ -197,7 +199,7 @@ def main(argv: list[str]) -> None:
         single_cpu = Meter.cpu
         static, static_done = static_batches(model, mix, f.slots)
         static_cpu = Meter.cpu
-        tokens, engine_done = engine_run(model, mix, config)
+        tokens, engine_done, work = engine_run(model, mix, config)
         rounds.append(
             ((single_done, single_cpu), (static_done, static_cpu), (engine_done, Meter.cpu))
         )
@@ -232,6 +234,14 @@ def main(argv: list[str]) -> None:
             f"engine vs static per round ({measure} time): median {np.median(ratios):.2f}x, "
             f"range {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} rounds"
         )
+    batches = [mix[i : i + f.slots] for i in range(0, len(mix), f.slots)]
+    print(
+        f"device work: static batching decodes {sum(max(n for _, n in b) for b in batches)} "
+        f"tokens per row over its batches and prefills "
+        f"{sum(len(b) * max(len(p) for p, _ in b) for b in batches):,} padded prompt tokens; the "
+        f"engine ran {work['decode_steps']} decode steps in {work['decode_calls']} calls and "
+        f"prefilled {work['prefill_tokens']:,} prompt tokens in {work['prefill_calls']} calls"
+    )
     for name, way in (("static", static), ("engine", tokens)):
         same = sum(a == b for a, b in zip(way, single))
         print(f"{name} tokens equal to one-at-a-time: {same}/{len(mix)} requests")

@@ -122,6 +122,11 @@ def test_nothing_compiles_after_warmup_with_parameters_on_a_mesh():
     out = eng.generate([Request(PROMPTS[i], max_tokens=NEW[i], greedy=True) for i in (3, 1, 0)])
     assert [c.tokens for c in out] == [reference("dense", i) for i in (3, 1, 0)]
     assert [f._cache_size() for f in jitted] == compiled
+    # Serving's device work alone (warmup's calls are not counted): 20 prompt tokens in two
+    # chunks of 16, 11 and 3 in one each; the first output token comes from the prefill.
+    assert eng.work["prefill_tokens"] == 34 and eng.work["prefill_calls"] == 4
+    assert NEW[3] - 1 <= eng.work["decode_steps"] <= sum(NEW) - 3
+    assert eng.work["decode_calls"] <= eng.work["decode_steps"]
 
 
 def test_a_failed_step_ends_its_requests_and_serving_goes_on_without_compiling(monkeypatch):
