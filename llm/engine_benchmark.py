@@ -18,8 +18,8 @@ each way's fastest round is shown, with its least CPU time (this process's, stea
 time on a shared machine), and the median over rounds of the engine's ratio to static batching
 within a round. Prints tokens/s (generated tokens only), per-request latency (arrival
 to last token), the device work of static batching and of the engine (decode steps and calls,
-prompt tokens and prefill calls: `Engine.work`), and whether static batching's and the engine's tokens equal the one-at-a-time
-ones. CPU figures are CPU figures, not accelerator performance.
+prompt tokens and prefill calls: `Engine.work`), and whether static batching's and the engine's
+tokens equal the one-at-a-time ones. CPU figures are CPU figures, not accelerator performance.
 """
 
 from __future__ import annotations
@@ -101,10 +101,11 @@ def one_at_a_time(model, mix) -> tuple[list[list[int]], list[float]]:
     return outputs, done
 
 
-def static_batches(model, mix, size: int) -> tuple[list[list[int]], list[float]]:
+def static_batches(model, mix, size: int) -> tuple[list[list[int]], list[float], dict]:
     """Batches of `size` in arrival order, left-padded to their longest prompt (the padding
     masked), every row decoding the batch's largest max_tokens -> (each request's first
-    max_tokens tokens, finish times: a request finishes with its batch)."""
+    max_tokens tokens, finish times: a request finishes with its batch, the device work: tokens
+    decoded per row over the batches, padded prompt tokens)."""
     batches = [mix[i : i + size] for i in range(0, len(mix), size)]
 
     def padded(batch):
@@ -123,7 +124,11 @@ def static_batches(model, mix, size: int) -> tuple[list[list[int]], list[float]]
             out = _greedy(model, *padded(batch))
             done += [time.perf_counter() - start] * len(batch)
             outputs += [row[:n].tolist() for row, (_, n) in zip(out, batch)]
-    return outputs, done
+    work = {"decode_tokens": 0, "prompt_tokens": 0}
+    for rows, new, _ in map(padded, batches):
+        work["decode_tokens"] += new
+        work["prompt_tokens"] += rows.size
+    return outputs, done, work
 
 
 def engine_run(model, mix, config: EngineConfig) -> tuple[list[list[int]], list[float], dict]:
@@ -197,7 +202,7 @@ def main(argv: list[str]) -> None:
     for i in range(f.repeats):
         single, single_done = one_at_a_time(model, mix)
         single_cpu = Meter.cpu
-        static, static_done = static_batches(model, mix, f.slots)
+        static, static_done, static_work = static_batches(model, mix, f.slots)
         static_cpu = Meter.cpu
         tokens, engine_done, work = engine_run(model, mix, config)
         rounds.append(
@@ -234,11 +239,9 @@ def main(argv: list[str]) -> None:
             f"engine vs static per round ({measure} time): median {np.median(ratios):.2f}x, "
             f"range {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} rounds"
         )
-    batches = [mix[i : i + f.slots] for i in range(0, len(mix), f.slots)]
     print(
-        f"device work: static batching decodes {sum(max(n for _, n in b) for b in batches)} "
-        f"tokens per row over its batches and prefills "
-        f"{sum(len(b) * max(len(p) for p, _ in b) for b in batches):,} padded prompt tokens; the "
+        f"device work: static batching decodes {static_work['decode_tokens']} tokens per row over "
+        f"its batches and prefills {static_work['prompt_tokens']:,} padded prompt tokens; the "
         f"engine ran {work['decode_steps']} decode steps in {work['decode_calls']} calls and "
         f"prefilled {work['prefill_tokens']:,} prompt tokens in {work['prefill_calls']} calls"
     )

@@ -7,10 +7,9 @@ Pause points let a test kill or signal a real training process at a chosen momen
 
 At a pause the process prints `paused at POINT` to stderr, then sleeps for SECONDS, or until the
 file named by $LLM_LAB_RESUME exists (a test resumes it once it has seen what it waited for). The
-points are
-"compile" (before compiling the train step) and "save" (inside the asynchronous save, after every
-file is written to the temporary directory and before orbax renames it: a kill there leaves a
-partial checkpoint). Without the variable a pause costs one dictionary lookup.
+points are "compile" (before compiling the train step) and "save" (inside the asynchronous save,
+after every file is written to the temporary directory and before orbax renames it: a kill there
+leaves a partial checkpoint). Without the variable a pause costs one dictionary lookup.
 """
 
 from __future__ import annotations
