@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -123,7 +122,8 @@ class Engine:
         self._rows = sorted({min(2**i, config.slots) for i in range(config.slots.bit_length() + 1)})
         halves = {chunk >> i for i in range(chunk.bit_length())}
         self._chunks = sorted({chunk} | {c for c in halves if c >= 8})
-        self._graphdef, self._state = nnx.split(model)
+        graphdef, self._state = nnx.split(model)
+        self._graph = slot_decode.Graph(graphdef)
         self._new_cache = lambda: slot_decode.init_slots(model.cfg, config.slots, length)
         self._cache = self._new_cache()
         self._placement = None  # the cache's placement once a call has returned it (warmup)
@@ -304,10 +304,10 @@ class Engine:
     def _run_prefill(self, slot: int, tokens: np.ndarray, start: int, last: int, length: int):
         """tokens [1, c] into `slot` at start.. -> the token sampled after position start+last."""
         token, self._cache = slot_decode.prefill(
-            self._graphdef,
+            self._graph,
             self._state,
             self._cache,
-            jnp.asarray(tokens),
+            tokens,
             np.int32(slot),
             np.int32(start),
             np.int32(last),
@@ -320,11 +320,11 @@ class Engine:
     def _run_decode(self, rows: int, length: int, steps: int) -> jax.Array:
         """`steps` decode steps of the first `rows` slots -> int32[decode_steps, rows]."""
         tokens, self._cache = slot_decode.decode(
-            self._graphdef,
+            self._graph,
             self._state,
             self._cache,
-            jnp.asarray(self._next[:rows]),
-            jnp.asarray(self._index[:rows]),
+            self._next[:rows].copy(),
+            self._index[:rows].copy(),
             np.int32(steps),
             self._sampling.first(rows),
             vocab_limit=self.vocab_limit,

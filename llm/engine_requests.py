@@ -9,7 +9,6 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from llm.errors import is_int
@@ -107,12 +106,12 @@ class SlotSampling:
         self.clear(src)
 
     def first(self, n: int) -> slot_decode.Sampling:
-        """The first n slots' rows, on the device."""
-        return slot_decode.Sampling(*(jnp.asarray(field[:n]) for field in self.rows))
+        """The first n slots' rows (copies: a call's inputs must not change while it runs)."""
+        return slot_decode.Sampling(*(field[:n].copy() for field in self.rows))
 
     def at(self, slot: int) -> slot_decode.Sampling:
-        """One slot's row (a batch of one)."""
-        return slot_decode.Sampling(*(field[slot : slot + 1] for field in self.rows))
+        """One slot's row (a batch of one), copied like `first`'s."""
+        return slot_decode.Sampling(*(field[slot : slot + 1].copy() for field in self.rows))
 
 
 def detokenize(tokenizer: Any, prompt: list[int], tokens: list[int]) -> str:

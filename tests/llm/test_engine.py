@@ -127,6 +127,10 @@ def test_nothing_compiles_after_warmup_with_parameters_on_a_mesh():
     assert eng.work["prefill_tokens"] == 34 and eng.work["prefill_calls"] == 4
     assert NEW[3] - 1 <= eng.work["decode_steps"] <= sum(NEW) - 3
     assert eng.work["decode_calls"] <= eng.work["decode_steps"]
+    # A second engine over an equal model reuses the compiled calls (slot_decode.Graph hashes
+    # once and compares equal graphs equal): its warmup compiles nothing.
+    Engine(nnx.merge(graphdef, placed), config).warmup()
+    assert [f._cache_size() for f in jitted] == compiled
 
 
 def test_a_failed_step_ends_its_requests_and_serving_goes_on_without_compiling(monkeypatch):
