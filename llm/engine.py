@@ -4,13 +4,14 @@
     completions = engine.generate([Request(prompt=ids, max_tokens=32, stop=("\\n\\n",)), ...])
 
 Each step admits queued requests into free slots, writes one chunk of each waiting prompt into its
-slot (chunked prefill), then decodes a few tokens for every generating slot in one device call
-(`EngineConfig.decode_steps`, at most the fewest any of them has left); a request leaves its
-slot when it meets its stop sequence, the end-of-sequence token, its max_tokens, or is cancelled,
-and the next queued request takes the slot at the following step (the lowest free slot, so a
-decode call computes the first few slots only). The device work is llm.model.slot_decode (a few
-compiled shapes); llm.engine_requests holds what one request asks for (checks, sampling settings,
-stop sequences); this module is the host-side bookkeeping.
+slot (chunked prefill; the first chunks of several prompts packed into one call), then decodes a
+few tokens for every generating slot in one device call (`EngineConfig.decode_steps`, at most the
+fewest any of them has left); a request leaves its slot when it meets its stop sequence, the
+end-of-sequence token, its max_tokens, or is cancelled, and the next queued request takes the slot
+at the following step (the lowest free slot, so a decode call computes the first few slots only).
+The device work is llm.model.slot_decode (a few compiled shapes); llm.engine_requests holds what
+one request asks for (checks, sampling settings, stop sequences); this module is the host-side
+bookkeeping.
 `generate` drives the steps itself; a server runs `serve_forever` in a thread and talks to it
 through `submit` / `cancel` (thread-safe), receiving each request's `Delta`s on its callback.
 """
@@ -186,16 +187,20 @@ class Engine:
     # The engine's own thread (or generate's caller).
 
     def warmup(self) -> None:
-        """Compiles every shape the engine runs (prefill at each cache length and chunk size,
-        decode at each length and row count, the slot move), so no request waits for a
-        compilation. Call while no request is in a slot."""
+        """Compiles every shape the engine runs (packed prefill at each chunk size, a later chunk's
+        prefill at each longer cache length and chunk size, decode at each length and row count,
+        the slot move), so no request waits for a compilation. Call while no request is in a
+        slot."""
         # A fresh cache is not yet placed like the cache every call returns (with parameters
         # placed on a mesh, a NamedSharding): one call first, so the shapes below are compiled
         # for the cache placement that serving passes; a later fresh cache is put there.
-        self._run_prefill(0, np.zeros((1, self._chunks[0]), np.int32), 0, 0, self._lengths[0])
+        self._run_prefill_packed(self._packed_row(self._chunks[0]), [])
         self._placement = jax.tree.map(lambda a: a.sharding, self._cache)
+        for chunk in self._chunks:
+            self._run_prefill_packed(self._packed_row(chunk), [])
         for length in self._lengths:
-            for chunk in self._chunks:
+            for chunk in self._chunks if length > self._lengths[0] else ():
+                # A later chunk starts at prefill_chunk or after: past the shortest length.
                 self._run_prefill(0, np.zeros((1, chunk), np.int32), 0, 0, length)
             for rows in self._rows:
                 tokens = self._run_decode(rows, length, 1)
@@ -244,8 +249,11 @@ class Engine:
         waiting = [
             s for s, j in enumerate(self._slots) if j is not None and j.filled < len(j.prompt)
         ]
-        for slot in waiting:
-            self._prefill(slot)
+        started = [s for s in waiting if self._slots[s].filled > 0]
+        for group in self._packs([s for s in waiting if s not in started]):
+            self._prefill_packed(group)  # first chunks, several to a call
+        for slot in started:
+            self._prefill(slot)  # a long prompt's later chunks, one to a call
         generating = [s for s, j in enumerate(self._slots) if j is not None and j.tokens]
         if generating:
             self._decode(generating)
@@ -285,6 +293,54 @@ class Engine:
         if job.filled == len(job.prompt):
             self._take(slot, int(token))
 
+    def _packs(self, slots: list[int]) -> list[list[int]]:
+        """The slots of prompts not yet started, grouped so that each group's first chunks fit
+        one row of prefill_chunk tokens (first fit, longest first)."""
+        size = lambda slot: min(len(self._slots[slot].prompt), self.config.prefill_chunk)
+        groups, room = [], []
+        for slot in sorted(slots, key=size, reverse=True):
+            i = next((i for i, free in enumerate(room) if free >= size(slot)), len(groups))
+            if i == len(groups):
+                groups.append([])
+                room.append(self.config.prefill_chunk)
+            groups[i].append(slot)
+            room[i] -= size(slot)
+        return groups
+
+    def _prefill_packed(self, slots: list[int]) -> None:
+        """The first chunks of these slots' prompts in one call, packed into one row padded to
+        the shortest compiled chunk size that holds them (llm.model.slot_decode.prefill_packed)."""
+        pieces = [self._slots[s].prompt[: self.config.prefill_chunk] for s in slots]
+        width = next(c for c in self._chunks if c >= sum(map(len, pieces)))
+        row = self._packed_row(width)
+        column = 0
+        for p, (slot, piece) in enumerate(zip(slots, pieces)):
+            at = slice(column, column + len(piece))
+            row["tokens"][0, at], row["positions"][0, at] = piece, np.arange(len(piece))
+            row["segments"][0, at], row["token_slots"][at] = p, slot
+            column += len(piece)
+            row["lasts"][p] = column - 1
+        sampled = self._run_prefill_packed(row, slots)
+        self.work.update(prefill_calls=1, prefill_tokens=column)
+        for slot, piece, token in zip(slots, pieces, np.asarray(sampled)):
+            job = self._slots[slot]
+            job.filled = len(piece)
+            self._index[slot] = job.filled  # an idle slot's decode row writes past what it holds
+            if job.filled == len(job.prompt):
+                self._take(slot, int(token))
+
+    def _packed_row(self, width: int) -> dict[str, np.ndarray]:
+        """An empty packed row of `width` columns: padding everywhere (a segment per column, the
+        slot count as its slot: written nowhere), one sampling row per slot."""
+        n = self.config.slots
+        return {
+            "tokens": np.zeros((1, width), np.int32),
+            "positions": np.zeros((1, width), np.int32),
+            "segments": np.arange(n, n + width, dtype=np.int32)[None],
+            "token_slots": np.full(width, n, np.int32),
+            "lasts": np.zeros(n, np.int32),
+        }
+
     def _decode(self, slots: list[int]) -> None:
         jobs = {slot: self._slots[slot] for slot in slots}
         rows = next(r for r in self._rows if r > max(slots))
@@ -316,6 +372,19 @@ class Engine:
             length=length,
         )
         return token
+
+    def _run_prefill_packed(self, row: dict[str, np.ndarray], slots: list[int]) -> jax.Array:
+        """A packed row (`_packed_row`) of the prompts of `slots` -> int32[slots]: the token
+        sampled after each prompt's last column (rows past len(slots): ignored)."""
+        sampled, self._cache = slot_decode.prefill_packed(
+            self._graph,
+            self._state,
+            self._cache,
+            *(row[n] for n in ("tokens", "positions", "segments", "token_slots", "lasts")),
+            self._sampling.take(slots),
+            vocab_limit=self.vocab_limit,
+        )
+        return sampled
 
     def _run_decode(self, rows: int, length: int, steps: int) -> jax.Array:
         """`steps` decode steps of the first `rows` slots -> int32[decode_steps, rows]."""

@@ -79,16 +79,18 @@ def check_request(
 
 class SlotSampling:
     """Each slot's sampling settings, kept on the host as the rows of slot_decode.Sampling; an
-    idle slot's row is greedy, which keeps all-greedy steps on the fast path."""
+    idle slot's row is greedy, which keeps all-greedy steps on the fast path. One more row, after
+    the slots', stays idle: the padding rows of `take`."""
 
     def __init__(self, slots: int):
+        self.slots = slots
         self.rows = slot_decode.Sampling(
-            np.ones(slots, np.float32),  # temperature
-            np.zeros(slots, np.int32),  # top_k
-            np.ones(slots, np.float32),  # top_p
-            np.ones(slots, bool),  # greedy
-            np.zeros(slots, np.uint32),  # seed
-            np.zeros(slots, np.int32),  # count
+            np.ones(slots + 1, np.float32),  # temperature
+            np.zeros(slots + 1, np.int32),  # top_k
+            np.ones(slots + 1, np.float32),  # top_p
+            np.ones(slots + 1, bool),  # greedy
+            np.zeros(slots + 1, np.uint32),  # seed
+            np.zeros(slots + 1, np.int32),  # count
         )
 
     def admit(self, slot: int, r: Request) -> None:
@@ -108,6 +110,11 @@ class SlotSampling:
     def first(self, n: int) -> slot_decode.Sampling:
         """The first n slots' rows (copies: a call's inputs must not change while it runs)."""
         return slot_decode.Sampling(*(field[:n].copy() for field in self.rows))
+
+    def take(self, slots: Sequence[int]) -> slot_decode.Sampling:
+        """These slots' rows, then idle (greedy) rows up to the slot count."""
+        picked = list(slots) + [self.slots] * (self.slots - len(slots))
+        return slot_decode.Sampling(*(field[picked] for field in self.rows))
 
     def at(self, slot: int) -> slot_decode.Sampling:
         """One slot's row (a batch of one), copied like `first`'s."""

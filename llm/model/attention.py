@@ -21,18 +21,18 @@ from llm.parallel.partitioning import shard
 
 
 def cached_attention(
-    q, k, v, q_positions: jax.Array, kv_positions: jax.Array, mask: Mask, start=None
+    q, k, v, q_positions: jax.Array, kv_positions: jax.Array, mask: Mask, start=None, segments=None
 ) -> jax.Array:
     """Attention over a KV cache: query at position p sees the cached keys the mask allows.
 
     q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (the cache's layout); q_positions: [T], or [B, T] when
-    each row is at its own position; kv_positions: [S]; start: None, or int32[B]: each row's keys
-    before it are padding, never seen. The transposes below cancel with the reference's own, so
-    the cache is read in place.
+    each row is at its own position; kv_positions: [S], or [B, S]; start: None, or int32[B]: each
+    row's keys before it are padding, never seen; segments: None, or int32[B, T] with T == S
+    (a row packing several sequences: a query sees its own sequence's keys only). The transposes
+    below cancel with the reference's own, so the cache is read in place.
     """
-    visible = mask.predicate(q_positions[..., :, None], kv_positions[None, :])  # [(B,) T, S]
+    visible = mask.predicate(q_positions[..., :, None], kv_positions[..., None, :])  # [(B,) T, S]
     k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, S, K, Dh]
-    segments = None
     if start is not None:  # segment 1: a row's tokens; 0: its padding
         tokens = (kv_positions[None, :] >= start[:, None]).astype(jnp.int32)  # [B, S]
         segments = (jnp.ones(q.shape[:2], jnp.int32), tokens)
@@ -119,12 +119,16 @@ class Attention(nnx.Module):
             k_all, v_all = (
                 quant.write_kv(cache[n], y, layer, index) for n, y in (("k", k), ("v", v))
             )
-            q_positions = index[..., None] + jnp.arange(q.shape[1])  # [T] or [B, T]
             k_read, v_read = (quant.read_kv(y, layer, dt) for y in (k_all, v_all))  # [B, K, S, Dh]
-            kv_positions = jnp.arange(k_read.shape[2])
+            if segment_ids is None:  # cache slot s holds position s
+                q_positions = index[..., None] + jnp.arange(q.shape[1])  # [T] or [B, T]
+                kv_positions = jnp.arange(k_read.shape[2])
+            else:  # packed sequences filling the cache from 0 (S == T): slot t holds token t
+                q_positions = kv_positions = positions  # [B, T], each sequence's own
             out = cached_attention(
-                q, k_read, v_read, q_positions, kv_positions, self.mask, cache.get("start")
-            )
+                q, k_read, v_read, q_positions, kv_positions, self.mask, cache.get("start"),
+                segment_ids,
+            )  # fmt: skip
             cache = {"k": k_all, "v": v_all}
         out = linear(self, "wo", out, in_dims=2)  # [B, L, D]
         return out, cache

@@ -1,9 +1,12 @@
 """The device half of the continuous-batching engine (llm.engine): a KV cache of fixed slots,
-the chunked prefill of one slot, a few decode steps of every slot, sampling with per-slot settings.
+the chunked prefill of prompts, a few decode steps of every slot, sampling with per-slot settings.
 
-A slot is one row of the cache, holding one request's keys and values at its own positions. A
-prefill runs the model on one slot as on a batch of one; a decode call runs it on the first rows
-with a position per row (the per-row cache index of llm.model.transformer), so every attention
+A slot is one row of the cache, holding one request's keys and values at its own positions. The
+first chunks of several prompts are prefilled together, packed into one row (each at its own
+positions, its own segment: a query sees its own prompt only), their keys and values then
+scattered to their slots, so the weights are read once for all of them; a later chunk of a long
+prompt runs the model on its slot as on a batch of one. A decode call runs the model on the first
+rows with a position per row (the per-row cache index of llm.model.transformer), so every attention
 pattern decodes exactly as in llm.model.decode. Positions at and after a slot's length may hold
 stale values (an earlier request's, or a padded chunk's); every mask is causal and a slot writes
 each position before any query can see it, so a slot is reused without clearing. Each call
@@ -13,8 +16,8 @@ call computes the first `rows` slots only (llm.engine keeps requests in the lowe
 runs several steps in one loop on the device, so the host's cost per call is paid once for them;
 a prompt's last piece is written as a chunk of the shortest compiled size that holds it, so on
 hardware whose step cost grows with the rows (a CPU) idle slots and chunk padding cost little.
-The compiled shapes: prefill [1, c] and decode [r] at each cache length, for a few chunk sizes c
-and row counts r.
+The compiled shapes: packed prefill [1, c] for a few chunk sizes c; prefill [1, c] and decode
+[r] at each cache length, for those c and a few row counts r.
 """
 
 from __future__ import annotations
@@ -104,6 +107,34 @@ def prefill(
     logits = model.logits(jax.lax.dynamic_slice_in_dim(x, last, 1, axis=1))  # only there: [1, 1, V]
     token = sample_rows(logits[:, 0], sampling, vocab_limit)
     return token[0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "vocab_limit"), donate_argnames=("cache",))
+def prefill_packed(
+    graph: Graph, state, cache, tokens, positions, segments, token_slots, lasts,
+    sampling: Sampling, vocab_limit,
+):  # fmt: skip
+    """Writes the first chunks of several prompts, packed into one row, into their slots (one
+    pass over the weights for all of them); samples the token after each one's last position.
+
+    tokens, positions, segments: int32[1, T]: prompt p at consecutive columns, its positions from
+    0, segment p (a column of padding: a segment of its own); token_slots: int32[T], the slot of
+    each column's prompt (padding: the slot count, written nowhere); lasts: int32[P], the column
+    of each prompt's last token (P: the sampling rows; rows past the prompts are ignored).
+    Returns (int32[P], the cache).
+    """
+    model = nnx.merge(graph.graphdef, state)
+    layers, _, heads, _, head_dim = cache["k"].shape
+    width = tokens.shape[1]
+    row = {n: jnp.zeros((layers, 1, heads, width, head_dim), cache[n].dtype) for n in cache}
+    x, new, _ = model.hidden_states(tokens, positions, segments, cache={**row, "index": 0})
+    cache = {  # each column's keys and values to its slot, at its position: [T, layers, K, Dh]
+        n: cache[n].at[:, token_slots, :, positions[0]].set(new[n][:, 0].transpose(2, 0, 1, 3),
+                                                            mode="drop")
+        for n in cache
+    }  # fmt: skip
+    logits = model.logits(x[:, lasts])  # [1, P, V]
+    return sample_rows(logits[0], sampling, vocab_limit), cache
 
 
 @functools.partial(

@@ -75,7 +75,7 @@ def run_staggered(eng: Engine, requests: list[Request], join_at: list[int]) -> l
     return tokens
 
 
-@pytest.mark.parametrize("pattern", ["dense", "sliding,local_global"])
+@pytest.mark.parametrize("pattern", ["dense", "local_global,sliding"])
 def test_greedy_equals_the_sampler_whatever_the_join_order(pattern):
     eng, expected = engine(pattern), [reference(pattern, i) for i in range(len(PROMPTS))]
     for order in ([0, 1, 2, 3], [3, 2, 0, 1]):  # all at once, fewer slots than requests
@@ -84,6 +84,26 @@ def test_greedy_equals_the_sampler_whatever_the_join_order(pattern):
         assert all(c.finish_reason == "length" for c in out)
     requests = [Request(p, max_tokens=n, temperature=0) for p, n in zip(PROMPTS, NEW)]
     assert run_staggered(eng, requests, [3, 0, 7, 1]) == expected  # joining mid-flight
+    # Four slots: the first chunks of the prompts of 11, 3 and 1 tokens share one packed row
+    # (each sequence at its own positions, seeing only itself), 20's first 16 take another,
+    # its last 4 a call of their own.
+    packed = engine(pattern, slots=4)
+    packed.work.clear()
+    out = packed.generate([Request(p, max_tokens=n, greedy=True) for p, n in zip(PROMPTS, NEW)])
+    assert [c.tokens for c in out] == expected
+    assert packed.work["prefill_calls"] == 3 and packed.work["prefill_tokens"] == 35
+    # Prompts of 8 and 7 tokens in one row: the second one's columns 8-14 hold its positions 0-6,
+    # longer than the window, so local+global's global first tokens are its own.
+    prompts = [PROMPTS[3][:8], PROMPTS[3][8:15]]
+    packed.work.clear()
+    out = packed.generate([Request(p, max_tokens=6, greedy=True) for p in prompts])
+    assert packed.work["prefill_calls"] == 1
+    for prompt, completion in zip(prompts, out):
+        alone = generate(
+            tiny_model(pattern), jnp.array([prompt]), max_new_tokens=6, rng=jax.random.key(0),
+            greedy=True,
+        )  # fmt: skip
+        assert completion.tokens == np.asarray(alone)[0, len(prompt) :].tolist()
     if pattern != "dense":  # the pattern is applied: same weights, other tokens
         assert expected != [reference("dense", i) for i in range(len(PROMPTS))]
 
