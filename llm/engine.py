@@ -9,9 +9,9 @@ few tokens for every generating slot in one device call (`EngineConfig.decode_st
 fewest any of them has left); a request leaves its slot when it meets its stop sequence, the
 end-of-sequence token, its max_tokens, or is cancelled, and the next queued request takes the slot
 at the following step (the lowest free slot, so a decode call computes the first few slots only).
-The device work is llm.model.slot_decode (a few compiled shapes); llm.engine_requests holds what
-one request asks for (checks, sampling settings, stop sequences); this module is the host-side
-bookkeeping.
+The device work is llm.engine_slots (the slot cache and its few compiled shapes, over
+llm.model.slot_decode); llm.engine_requests holds what one request asks for (checks, sampling
+settings, stop sequences); this module is the host-side bookkeeping.
 `generate` drives the steps itself; a server runs `serve_forever` in a thread and talks to it
 through `submit` / `cancel` (thread-safe), receiving each request's `Delta`s on its callback.
 """
@@ -25,10 +25,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from absl import logging
-from flax import nnx
 
 from llm.engine_requests import (
     Completion,
@@ -40,8 +38,8 @@ from llm.engine_requests import (
     deliverable,
     detokenize,
 )
+from llm.engine_slots import SlotCache
 from llm.errors import check, is_int
-from llm.model import slot_decode
 from llm.model.transformer import Transformer
 
 TRUNCATE = ("refuse", "left")
@@ -114,20 +112,10 @@ class Engine:
             vocab_limit,
         )
         self.max_len = config.max_len or model.cfg.max_seq_len
-        chunk = config.prefill_chunk
-        length = -(-self.max_len // chunk) * chunk  # a last chunk never writes past the cache
-        # The lengths calls attend over: the chunk doubled up to the whole cache; the rows a
-        # decode step computes: powers of two up to the slots; a prompt's last piece is padded to
-        # the chunk halved down to 8 tokens.
-        self._lengths = sorted({min(chunk * 2**i, length) for i in range(length.bit_length())})
-        self._rows = sorted({min(2**i, config.slots) for i in range(config.slots.bit_length() + 1)})
-        halves = {chunk >> i for i in range(chunk.bit_length())}
-        self._chunks = sorted({chunk} | {c for c in halves if c >= 8})
-        graphdef, self._state = nnx.split(model)
-        self._graph = slot_decode.Graph(graphdef)
-        self._new_cache = lambda: slot_decode.init_slots(model.cfg, config.slots, length)
-        self._cache = self._new_cache()
-        self._placement = None  # the cache's placement once a call has returned it (warmup)
+        self._kv = SlotCache(
+            model, config.slots, self.max_len, config.prefill_chunk, config.decode_steps,
+            vocab_limit,
+        )  # fmt: skip
         self._slots: list[_Job | None] = [None] * config.slots
         self._queue: collections.deque[_Job] = collections.deque()
         self._cancelled: set[int] = set()
@@ -187,25 +175,9 @@ class Engine:
     # The engine's own thread (or generate's caller).
 
     def warmup(self) -> None:
-        """Compiles every shape the engine runs (packed prefill at each chunk size, a later chunk's
-        prefill at each longer cache length and chunk size, decode at each length and row count,
-        the slot move), so no request waits for a compilation. Call while no request is in a
-        slot."""
-        # A fresh cache is not yet placed like the cache every call returns (with parameters
-        # placed on a mesh, a NamedSharding): one call first, so the shapes below are compiled
-        # for the cache placement that serving passes; a later fresh cache is put there.
-        self._run_prefill_packed(self._packed_row(self._chunks[0]), [])
-        self._placement = jax.tree.map(lambda a: a.sharding, self._cache)
-        for chunk in self._chunks:
-            self._run_prefill_packed(self._packed_row(chunk), [])
-        for length in self._lengths:
-            for chunk in self._chunks if length > self._lengths[0] else ():
-                # A later chunk starts at prefill_chunk or after: past the shortest length.
-                self._run_prefill(0, np.zeros((1, chunk), np.int32), 0, 0, length)
-            for rows in self._rows:
-                tokens = self._run_decode(rows, length, 1)
-        self._cache = slot_decode.move(self._cache, np.int32(0), np.int32(0))
-        tokens.block_until_ready()
+        """Compiles every shape the engine runs (llm.engine_slots), so no request waits for a
+        compilation. Call while no request is in a slot."""
+        self._kv.warmup(self._sampling)
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """Runs `requests` to completion (queued beyond the slots) -> their completions, in order.
@@ -273,7 +245,7 @@ class Engine:
             )
             if last < free:
                 return
-            self._cache = slot_decode.move(self._cache, np.int32(last), np.int32(free))
+            self._kv.move(last, free)
             self._slots[free], self._slots[last] = self._slots[last], None
             self._next[free], self._index[free], self._index[last] = (
                 self._next[last], self._index[last], 0
@@ -283,10 +255,7 @@ class Engine:
     def _prefill(self, slot: int) -> None:
         job, start = self._slots[slot], self._slots[slot].filled
         piece = job.prompt[start : start + self.config.prefill_chunk]
-        tokens = np.zeros((1, next(c for c in self._chunks if c >= len(piece))), np.int32)
-        tokens[0, : len(piece)] = piece
-        length = self._length(start + tokens.shape[1])
-        token = self._run_prefill(slot, tokens, start, len(piece) - 1, length)
+        token = self._kv.prefill(slot, piece, start, self._sampling.at(slot))
         self.work.update(prefill_calls=1, prefill_tokens=len(piece))
         job.filled += len(piece)
         self._index[slot] = job.filled  # an idle slot's decode row writes past what it holds
@@ -308,20 +277,11 @@ class Engine:
         return groups
 
     def _prefill_packed(self, slots: list[int]) -> None:
-        """The first chunks of these slots' prompts in one call, packed into one row padded to
-        the shortest compiled chunk size that holds them (llm.model.slot_decode.prefill_packed)."""
+        """The first chunks of these slots' prompts in one call, packed into one row
+        (llm.model.slot_decode.prefill_packed)."""
         pieces = [self._slots[s].prompt[: self.config.prefill_chunk] for s in slots]
-        width = next(c for c in self._chunks if c >= sum(map(len, pieces)))
-        row = self._packed_row(width)
-        column = 0
-        for p, (slot, piece) in enumerate(zip(slots, pieces)):
-            at = slice(column, column + len(piece))
-            row["tokens"][0, at], row["positions"][0, at] = piece, np.arange(len(piece))
-            row["segments"][0, at], row["token_slots"][at] = p, slot
-            column += len(piece)
-            row["lasts"][p] = column - 1
-        sampled = self._run_prefill_packed(row, slots)
-        self.work.update(prefill_calls=1, prefill_tokens=column)
+        sampled = self._kv.prefill_packed(list(zip(slots, pieces)), self._sampling.take(slots))
+        self.work.update(prefill_calls=1, prefill_tokens=sum(map(len, pieces)))
         for slot, piece, token in zip(slots, pieces, np.asarray(sampled)):
             job = self._slots[slot]
             job.filled = len(piece)
@@ -329,83 +289,27 @@ class Engine:
             if job.filled == len(job.prompt):
                 self._take(slot, int(token))
 
-    def _packed_row(self, width: int) -> dict[str, np.ndarray]:
-        """An empty packed row of `width` columns: padding everywhere (a segment per column, the
-        slot count as its slot: written nowhere), one sampling row per slot."""
-        n = self.config.slots
-        return {
-            "tokens": np.zeros((1, width), np.int32),
-            "positions": np.zeros((1, width), np.int32),
-            "segments": np.arange(n, n + width, dtype=np.int32)[None],
-            "token_slots": np.full(width, n, np.int32),
-            "lasts": np.zeros(n, np.int32),
-        }
-
     def _decode(self, slots: list[int]) -> None:
         jobs = {slot: self._slots[slot] for slot in slots}
-        rows = next(r for r in self._rows if r > max(slots))
+        rows = self._kv.rows_for(max(slots))
         steps = min(
             self.config.decode_steps, *(j.request.max_tokens - len(j.tokens) for j in jobs.values())
         )
         # The generating rows write positions index..index+steps-1 (other rows' writes past the
         # length attended are dropped, and they hold nothing there).
-        length = self._length(int(self._index[slots].max()) + steps)
-        tokens = np.asarray(self._run_decode(rows, length, steps))  # [decode_steps, rows]
+        tokens = self._kv.decode(
+            self._next[:rows].copy(),  # copies: a call's inputs must not change while it runs
+            self._index[:rows].copy(),
+            steps,
+            self._sampling.first(rows),
+            needed=int(self._index[slots].max()) + steps,
+        )
+        tokens = np.asarray(tokens)  # [decode_steps, rows]
         self.work.update(decode_calls=1, decode_steps=steps)
         for step in range(steps):
             for slot, job in jobs.items():
                 if self._slots[slot] is job:  # not finished at an earlier step
                     self._take(slot, int(tokens[step, slot]))
-
-    def _run_prefill(self, slot: int, tokens: np.ndarray, start: int, last: int, length: int):
-        """tokens [1, c] into `slot` at start.. -> the token sampled after position start+last."""
-        token, self._cache = slot_decode.prefill(
-            self._graph,
-            self._state,
-            self._cache,
-            tokens,
-            np.int32(slot),
-            np.int32(start),
-            np.int32(last),
-            self._sampling.at(slot),
-            vocab_limit=self.vocab_limit,
-            length=length,
-        )
-        return token
-
-    def _run_prefill_packed(self, row: dict[str, np.ndarray], slots: list[int]) -> jax.Array:
-        """A packed row (`_packed_row`) of the prompts of `slots` -> int32[slots]: the token
-        sampled after each prompt's last column (rows past len(slots): ignored)."""
-        sampled, self._cache = slot_decode.prefill_packed(
-            self._graph,
-            self._state,
-            self._cache,
-            *(row[n] for n in ("tokens", "positions", "segments", "token_slots", "lasts")),
-            self._sampling.take(slots),
-            vocab_limit=self.vocab_limit,
-        )
-        return sampled
-
-    def _run_decode(self, rows: int, length: int, steps: int) -> jax.Array:
-        """`steps` decode steps of the first `rows` slots -> int32[decode_steps, rows]."""
-        tokens, self._cache = slot_decode.decode(
-            self._graph,
-            self._state,
-            self._cache,
-            self._next[:rows].copy(),
-            self._index[:rows].copy(),
-            np.int32(steps),
-            self._sampling.first(rows),
-            vocab_limit=self.vocab_limit,
-            length=length,
-            rows=rows,
-            max_steps=self.config.decode_steps,
-        )
-        return tokens
-
-    def _length(self, needed: int) -> int:
-        """The shortest compiled cache length holding `needed` positions."""
-        return next(n for n in self._lengths if n >= needed)
 
     def _take(self, slot: int, token: int) -> None:
         """A slot's new token: ends the request or queues the token for the next decode step."""
@@ -448,4 +352,4 @@ class Engine:
             for slot, job in enumerate(self._slots):
                 if job is not None:
                     self._finish(slot, "error")
-            self._cache = jax.device_put(self._new_cache(), self._placement)
+            self._kv.reset()
