@@ -105,12 +105,7 @@ class Engine:
         eos_id: int | None = None,
         vocab_limit: int | None = None,  # the tokenizer's vocabulary when the model's is padded
     ):
-        self.config, self.tokenizer, self.eos_id, self.vocab_limit = (
-            config,
-            tokenizer,
-            eos_id,
-            vocab_limit,
-        )
+        self.config, self.tokenizer, self.eos_id = config, tokenizer, eos_id
         self.max_len = config.max_len or model.cfg.max_seq_len
         self._kv = SlotCache(
             model, config.slots, self.max_len, config.prefill_chunk, config.decode_steps,

@@ -137,7 +137,7 @@ def test_nothing_compiles_after_warmup_with_parameters_on_a_mesh():
     config = EngineConfig(slots=2, max_len=MAX_LEN, prefill_chunk=CHUNK)
     eng = Engine(nnx.merge(graphdef, placed), config)
     eng.warmup()
-    jitted = (slot_decode.prefill, slot_decode.decode, slot_decode.move)
+    jitted = (slot_decode.prefill_packed, slot_decode.prefill, slot_decode.decode, slot_decode.move)
     compiled = [f._cache_size() for f in jitted]
     out = eng.generate([Request(PROMPTS[i], max_tokens=NEW[i], greedy=True) for i in (3, 1, 0)])
     assert [c.tokens for c in out] == [reference("dense", i) for i in (3, 1, 0)]
@@ -164,7 +164,7 @@ def test_a_failed_step_ends_its_requests_and_serving_goes_on_without_compiling(m
         nnx.merge(graphdef, placed), EngineConfig(slots=2, max_len=MAX_LEN, prefill_chunk=CHUNK)
     )
     eng.warmup()
-    jitted = (slot_decode.prefill, slot_decode.decode, slot_decode.move)
+    jitted = (slot_decode.prefill_packed, slot_decode.prefill, slot_decode.decode, slot_decode.move)
     compiled = [f._cache_size() for f in jitted]
     decode = slot_decode.decode
 
