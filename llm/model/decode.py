@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm.model.transformer import Transformer, init_cache
+from llm.model.transformer import Transformer, init_cache, unstack_layers
 
 
 def top_k_filter(logits: jax.Array, k: int | jax.Array) -> jax.Array:
@@ -100,6 +100,7 @@ def _generate(
         prompt, None if pad is None else jnp.arange(prompt_len) - pad[:, None], cache=cache
     )
     logits = model.logits(x[:, -1:])  # [B, 1, V]
+    cache = unstack_layers(model.cfg, cache)  # each step reads a layer without a copy
 
     def step(carry, key):
         logits, cache, done = carry  # logits: [B, V] for the next token; done: [B] eos seen

@@ -234,10 +234,18 @@ def init_kv(shape: tuple[int, ...], dtype, int8: bool):
 
 
 def write_kv(cache, new: jax.Array, layer, index: jax.Array):
-    """The stacked `cache` [layers, B, K, S, Dh] with `new` [B, T, K, Dh] written into `layer`
-    at positions index.. (in place when the cache is donated or a loop's carry). index: int32[]
-    (every row from the same position) or int32[B] (row b from index[b]: a scatter, which drops
-    positions past the cache)."""
+    """`cache` with `new` [B, T, K, Dh] written into `layer` at positions index.. (in place when
+    the cache is donated or a loop's carry). cache: stacked [layers, B, K, S, Dh], or a list of
+    each layer's [B, K, S, Dh] (llm.model.transformer.unstack_layers; `layer` a Python int).
+    index: int32[] (every row from the same position) or int32[B] (row b from index[b]: a
+    scatter, which drops positions past the cache)."""
+    if isinstance(cache, list):
+        return [_write(c, new, (), index) if i == layer else c for i, c in enumerate(cache)]
+    return _write(cache, new, (layer,), index)
+
+
+def _write(cache, new: jax.Array, lead: tuple, index: jax.Array):
+    """`write_kv` into a cache [*lead, B, K, S, Dh], `lead` indexing its leading axes."""
     values = new  # [B, T, K, Dh]; int8: {"q": int8[B, T, K, Dh], "scale": f32[B, T, K, 1]}
     if isinstance(cache, dict):
         values = dict(zip(("q", "scale"), int_quantize(new, (3,), 8)))
@@ -245,19 +253,22 @@ def write_kv(cache, new: jax.Array, layer, index: jax.Array):
     def put(buf, x):  # x: [B, T, K, Dh or 1]
         x = x.astype(buf.dtype)
         if jnp.ndim(index) == 0:
-            at = (layer, 0, 0, index, 0)
-            return jax.lax.dynamic_update_slice(buf, x.transpose(0, 2, 1, 3)[None], at)
+            update = x.transpose(0, 2, 1, 3)[(None,) * len(lead)]  # [*1s, B, K, T, Dh]
+            return jax.lax.dynamic_update_slice(buf, update, (*lead, 0, 0, index, 0))
         rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
         positions = index[:, None] + jnp.arange(x.shape[1])  # [B, T]
         # The indexed dims lead the update's shape: [B, T, K, Dh], x as it is.
-        return buf.at[layer, rows, :, positions].set(x, mode="drop")
+        return buf.at[(*lead, rows, slice(None), positions)].set(x, mode="drop")
 
     return jax.tree.map(put, cache, values)
 
 
 def read_kv(cache, layer, dtype) -> jax.Array:
-    """`layer`'s values [B, K, S, Dh] of the stacked cache, in `dtype`."""
-    cache = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, False), cache)
+    """`layer`'s values [B, K, S, Dh] of the cache (stacked, or a list of layers), in `dtype`."""
+    if isinstance(cache, list):
+        cache = cache[layer]
+    else:
+        cache = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, False), cache)
     if not isinstance(cache, dict):
         return cache
     return (cache["q"].astype(jnp.float32) * cache["scale"]).astype(dtype)

@@ -31,7 +31,7 @@ from flax import nnx
 
 from llm.model.config import ModelConfig
 from llm.model.decode import top_k_filter, top_p_filter
-from llm.model.transformer import init_cache
+from llm.model.transformer import init_cache, stack_layers, unstack_layers
 
 
 class Sampling(NamedTuple):
@@ -154,20 +154,18 @@ def decode(
     Rows of idle slots compute and are ignored; one slot per row, no sequence axis: each row
     writes and attends at its own position (the per-row cache index of llm.model.transformer)."""
     model = nnx.merge(graph.graphdef, state)
-    k, v = (cache[n][:, :rows, :, :length] for n in ("k", "v"))
+    kv = unstack_layers(model.cfg, {n: cache[n][:, :rows, :, :length] for n in ("k", "v")})
 
     def step(i, carry):
-        out, token, k, v = carry
-        logits, new = model(token[:, None], cache={"k": k, "v": v, "index": index + i})
+        out, token, kv = carry
+        logits, new = model(token[:, None], cache={**kv, "index": index + i})
         token = sample_rows(logits[:, -1], sampling._replace(count=sampling.count + i), vocab_limit)
-        return out.at[i].set(token), token, new["k"], new["v"]
+        return out.at[i].set(token), token, {"k": new["k"], "v": new["v"]}
 
     out = jnp.zeros((max_steps, rows), jnp.int32)
-    out, _, k, v = jax.lax.fori_loop(0, steps, step, (out, tokens, k, v))
-    cache = {
-        n: jax.lax.dynamic_update_slice(cache[n], x, (0,) * 5) for n, x in (("k", k), ("v", v))
-    }
-    return out, cache
+    out, _, kv = jax.lax.fori_loop(0, steps, step, (out, tokens, kv))
+    kv = stack_layers(kv)
+    return out, {n: jax.lax.dynamic_update_slice(cache[n], kv[n], (0,) * 5) for n in kv}
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))

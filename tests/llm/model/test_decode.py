@@ -10,7 +10,7 @@ from flax import nnx
 
 from llm.model.config import ModelConfig
 from llm.model.decode import check_sampling, generate, top_k_filter, top_p_filter
-from llm.model.transformer import Transformer, init_cache
+from llm.model.transformer import Transformer, init_cache, stack_layers, unstack_layers
 
 PROMPT, NEW = 5, 8
 
@@ -40,21 +40,27 @@ def test_greedy_matches_uncached_argmax(scan):
     np.testing.assert_array_equal(out[:, PROMPT:], expected)
 
 
+def filled_cache(cfg: ModelConfig, batch: int, length: int, int8: bool) -> dict:
+    """k, v of `init_cache` filled with random values (stale ones: a row must see only its own
+    positions below its index)."""
+    cache = init_cache(cfg, batch, length, int8)
+    keys = iter(jax.random.split(jax.random.key(3), 4))
+
+    def filled(a):
+        if a.dtype == jnp.int8:
+            return jax.random.randint(next(keys), a.shape, -127, 128).astype(jnp.int8)
+        return jax.random.uniform(next(keys), a.shape, a.dtype, 0.01, 1.0)
+
+    return jax.tree.map(filled, {"k": cache["k"], "v": cache["v"]})
+
+
 @pytest.mark.parametrize("scan,int8", [(False, False), (True, False), (False, True)])
 def test_a_cache_position_per_row_equals_each_row_alone(scan, int8):
     """A cache index int32[B] (llm.engine's decode calls): each row writes and attends at its own
     position, as that row alone with a scalar index does; logits and written caches agree."""
     model, index = tiny_model(scan), jnp.array([3, 9, 0], jnp.int32)
     tokens = jax.random.randint(jax.random.key(2), (3, 2), 0, 64, jnp.int32)
-    cache = init_cache(model.cfg, 3, 16, int8)
-    keys = iter(jax.random.split(jax.random.key(3), 4))
-
-    def filled(a):  # stale values everywhere: a row must see only its own positions < index
-        if a.dtype == jnp.int8:
-            return jax.random.randint(next(keys), a.shape, -127, 128).astype(jnp.int8)
-        return jax.random.uniform(next(keys), a.shape, a.dtype, 0.01, 1.0)
-
-    kv = jax.tree.map(filled, {"k": cache["k"], "v": cache["v"]})
+    kv = filled_cache(model.cfg, 3, 16, int8)
     logits, new = model(tokens, cache={**kv, "index": index})
     np.testing.assert_array_equal(new["index"], index + 2)
     for b in range(3):
@@ -65,6 +71,26 @@ def test_a_cache_position_per_row_equals_each_row_alone(scan, int8):
             got, want = (jax.tree.leaves(c[n]) for c in (new, alone_new))
             for x, y in zip(got, want):
                 np.testing.assert_allclose(x[:, b], y[:, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("index", [[4], [3, 9, 0]], ids=["scalar", "per_row"])
+def test_a_cache_unstacked_into_layers_equals_the_stacked_one(int8, index):
+    """unstack_layers (how the decode loops carry the cache): the logits and the keys and values
+    written equal the stacked cache's; stack_layers gives the stacked layout back."""
+    model = tiny_model()
+    index = jnp.array(index[0] if len(index) == 1 else index, jnp.int32)
+    tokens = jax.random.randint(jax.random.key(2), (3, 2), 0, 64, jnp.int32)
+    kv = filled_cache(model.cfg, 3, 16, int8)
+    layered = unstack_layers(model.cfg, kv)
+    assert isinstance(layered["k"], list) and len(layered["v"]) == model.cfg.num_layers
+    jax.tree.map(np.testing.assert_array_equal, stack_layers(layered), kv)
+    logits, new = model(tokens, cache={**kv, "index": index})
+    got_logits, got = model(tokens, cache={**layered, "index": index})
+    np.testing.assert_array_equal(got_logits, logits)
+    jax.tree.map(np.testing.assert_array_equal, stack_layers(got), new)
+    scanned = tiny_model(scan=True).cfg
+    assert unstack_layers(scanned, kv) is kv  # scanned layers index the stack
 
 
 @pytest.mark.parametrize("scan", [False, True])
