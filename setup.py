@@ -1,4 +1,5 @@
 """llm-lab: a JAX research codebase for training and studying language models."""
+
 import setuptools
 
 INSTALL_REQUIRES = [

@@ -235,15 +235,18 @@ class Engine:
         """Moves requests from the highest slots into free lower ones, so decode steps compute
         fewer rows once nothing waits to take those slots."""
         while None in self._slots:
-            free, last = self._slots.index(None), max(
-                (s for s, j in enumerate(self._slots) if j is not None), default=-1
+            free, last = (
+                self._slots.index(None),
+                max((s for s, j in enumerate(self._slots) if j is not None), default=-1),
             )
             if last < free:
                 return
             self._kv.move(last, free)
             self._slots[free], self._slots[last] = self._slots[last], None
             self._next[free], self._index[free], self._index[last] = (
-                self._next[last], self._index[last], 0
+                self._next[last],
+                self._index[last],
+                0,
             )
             self._sampling.move(last, free)
 

@@ -49,13 +49,24 @@ def define_flags() -> None:
     flags.DEFINE_integer("student_layers", 2, "Student depth.")
     flags.DEFINE_integer("student_width", 128, "Student embed_dim (heads 2, SwiGLU 3x).")
     flags.DEFINE_list("seeds", ["0"], "Seeds; every run is repeated per seed.")
-    flags.DEFINE_list("groups", list(GROUPS), f"Which runs, of {GROUPS} (the float32 baseline "
-                      "always); the table reports how many seeds each row has.")
-    flags.DEFINE_bool("merge", False, "Keep the runs already in --out_dir's results.json (same "
-                      "flags required) and add these; the table covers all.")
+    flags.DEFINE_list(
+        "groups",
+        list(GROUPS),
+        f"Which runs, of {GROUPS} (the float32 baseline "
+        "always); the table reports how many seeds each row has.",
+    )
+    flags.DEFINE_bool(
+        "merge",
+        False,
+        "Keep the runs already in --out_dir's results.json (same "
+        "flags required) and add these; the table covers all.",
+    )
     flags.DEFINE_bool("reuse", False, "A run already finished in --workdir is read, not redone.")
-    flags.DEFINE_list("only", [], "Of --groups' training runs, only these (e.g. nm_2_4); the "
-                      "float32 baseline always.")
+    flags.DEFINE_list(
+        "only",
+        [],
+        "Of --groups' training runs, only these (e.g. nm_2_4); the float32 baseline always.",
+    )
     flags.DEFINE_bool("replot", False, "Redraw --out_dir's figures from results.json.")
 
 
@@ -238,8 +249,7 @@ def write_results(per_seed: dict, out: pathlib.Path, command: str, wall_s: float
         "# Compression: validation loss and bytes",
         "",
         f"Command: `{command}`  ",
-        f"Date: {result['date']}; wall time {result['wall_s'] / 60:.1f} min on a shared 2-core CPU "
-        (
+        f"Date: {result['date']}; wall time {result['wall_s'] / 60:.1f} min on a shared 2-core CPU "(
             f"(load ~{result['load']:.0f} when written); seeds {', '.join(map(str, seeds))}: "
             "mean ± std over the seeds that have the run (column n; no ± where n = 1). Gaps are "
             "taken within a seed."
@@ -264,8 +274,10 @@ def write_results(per_seed: dict, out: pathlib.Path, command: str, wall_s: float
               "| variant | n | val loss | gap vs dense |", "|---|---|---|---|"]  # fmt: skip
     for key, label in PRUNE_ROWS.items():
         r = s[key]
-        lines.append(f"| {label} | {r['n']} | {pm(r['mean'], r['std'], r['n'])} | "
-                     f"{pm(r['gap_mean'], r['gap_std'], r['n'])} |")
+        lines.append(
+            f"| {label} | {r['n']} | {pm(r['mean'], r['std'], r['n'])} | "
+            f"{pm(r['gap_mean'], r['gap_std'], r['n'])} |"
+        )
     lines += [
         "", f"## Distillation: student {result['student']}", "",
         "| run | n | steps | total GFLOP (teacher forward charged) | val loss | vs scratch |",
@@ -298,6 +310,7 @@ def plot_results(result: dict, out: pathlib.Path) -> None:
     from llm.science import plots
 
     s, f = result["summary"], result["flops"]
+
     def spread(key) -> float:  # no error bar from one seed
         return s[key]["gap_std"] if s[key]["n"] > 1 else np.nan
 

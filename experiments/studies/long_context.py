@@ -160,9 +160,7 @@ def probe(model: Transformer, tokenizer, eval_data) -> dict:
     """Loss per position bucket over eval_rows rows of eval_len, and passkey accuracy."""
     rows = min(FLAGS.eval_rows, eval_data.num_rows)
     batches = [eval_data.batch(i, 4) for i in range(math.ceil(rows / 4))]
-    starts, losses = probes.position_losses(
-        model, batches, FLAGS.position_buckets, FLAGS.eval_len
-    )
+    starts, losses = probes.position_losses(model, batches, FLAGS.position_buckets, FLAGS.eval_len)
     edges = np.append(starts, FLAGS.eval_len)
     tokens = np.zeros(len(starts))  # target tokens per bucket: how much each mean rests on
     for b in batches:
@@ -242,13 +240,14 @@ def write_results(result: dict, out: pathlib.Path) -> None:
         "",
         f"| model | steps x batch x context | GFLOP trained | loss 0-{short} "
         f"| loss {short}-{long} | loss {long}-{f['eval_len']} | "
-        + " | ".join(f"passkey @{n} (chance {1 / f['candidates']:.2f})" for n in lengths) + " |",
+        + " | ".join(f"passkey @{n} (chance {1 / f['candidates']:.2f})" for n in lengths)
+        + " |",
         "|---|---|---|---|---|---|" + "---|" * len(lengths),
     ]
     for name, r in rows.items():
         bands = [bucket_mean(r, lo, hi)
                  for lo, hi in ((0, short), (short, long), (long, f["eval_len"]))]  # fmt: skip
-        trained = (f"{r['steps']} x {r['batch_size']} x {r['seq_len']}" if "steps" in r else "—")
+        trained = f"{r['steps']} x {r['batch_size']} x {r['seq_len']}" if "steps" in r else "—"
         gflop = f"{r['flops'] / 1e9:.0f}" if "flops" in r else "—"
         lines.append(
             f"| {LABELS[name]} | {trained} | {gflop} | " + " | ".join(f"{v:.3f}" for v in bands)

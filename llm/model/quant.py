@@ -197,7 +197,9 @@ def quantize_model(model: nnx.Module, quant: QuantConfig) -> nnx.Module:
     names = sorted({name for _, name in WEIGHTS})
     for _, module in nnx.iter_graph(model):
         for name in names:
-            spec = _spec(module, name) if isinstance(getattr(module, name, None), nnx.Param) else None
+            spec = (
+                _spec(module, name) if isinstance(getattr(module, name, None), nnx.Param) else None
+            )
             if spec is None or spec[0] not in targets:
                 continue
             if name == "embed" and not module.cfg.tie_embeddings:  # not the head

@@ -181,5 +181,3 @@ def qmatmul(x2: jax.Array, w2: jax.Array, mode: str, real: bool | None = None) -
     """x2: [M, K] @ w2: [K, N] with both operands quantized (`mode` int8 or fp8), float32 out;
     gradients straight through to the dequantized operands (fp8: the gradient in e5m2)."""
     return _qmatmul(x2, w2, mode, real_lowp() if real is None else real)
-
-

@@ -1,7 +1,6 @@
 """llm.mup_check: at tiny widths, a few Adam steps make sp's activations grow with width while
 muP's stay flat; the command writes its figure and statistics, and refuses bad input in a line."""
 
-
 import numpy as np
 import pytest
 

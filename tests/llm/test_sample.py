@@ -48,8 +48,10 @@ def test_a_hugging_face_model_samples_with_its_own_tokenizer(
 
     chat = run_module("llm.sample", *flags, "--chat")  # its tokenizer has no chat template
     assert chat.returncode == 2 and "Traceback" not in chat.stderr, chat.stderr[-2000:]
-    assert chat.stderr.strip().splitlines()[-1].startswith(
-        "error: --chat needs a chat template, and the tokenizer"
+    assert (
+        chat.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --chat needs a chat template, and the tokenizer")
     )
 
 
@@ -80,9 +82,7 @@ def test_chat_without_a_template_is_refused(hf_tokenizer_dir):
         sample.prompt_ids(tokenizer, tokenizer.encode_prompt, "hi", chat=True)
 
 
-def test_chat_samples_the_reply_to_the_rendered_prompt(
-    run_module, tmp_path, chat_tokenizer_dir
-):
+def test_chat_samples_the_reply_to_the_rendered_prompt(run_module, tmp_path, chat_tokenizer_dir):
     model, tokenizer = tiny_model(), HFTokenizer(chat_tokenizer_dir)
     hf.save(model, str(tmp_path / "hf"), tokenizer=tokenizer)
     prompt, system = "The list type", "Answer in Python terms."

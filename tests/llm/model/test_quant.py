@@ -42,20 +42,26 @@ def ref_int4_groups(w: np.ndarray, group: int) -> np.ndarray:
 
 
 def test_fake_quantization_equals_a_reference_quantize_dequantize():
-    np.testing.assert_allclose(quant_ops.fake_weight(W, (0,), "int8", 8), ref_int(W, 0, 8), rtol=1e-6)
+    np.testing.assert_allclose(
+        quant_ops.fake_weight(W, (0,), "int8", 8), ref_int(W, 0, 8), rtol=1e-6
+    )
     np.testing.assert_allclose(quant_ops.fake_activation(X, "int8"), ref_int(X, 1, 8), rtol=1e-6)
     np.testing.assert_allclose(
         quant_ops.fake_weight(W, (0,), "int4_weights", 8), ref_int4_groups(W, 8), rtol=1e-6
     )
     e4m3 = ml_dtypes.float8_e4m3fn
-    np.testing.assert_allclose(quant_ops.fake_weight(W, (0,), "fp8", 8), ref_fp8(W, e4m3), rtol=1e-6)
+    np.testing.assert_allclose(
+        quant_ops.fake_weight(W, (0,), "fp8", 8), ref_fp8(W, e4m3), rtol=1e-6
+    )
     np.testing.assert_allclose(quant_ops.fake_activation(X, "fp8"), ref_fp8(X, e4m3), rtol=1e-6)
     # int8 and fp8 matmuls: the dequantized operands' product, simulated and as a real
     # low-precision dot_general (int8 x int8 -> int32; e4m3 x e4m3 -> float32)
     for mode, ref in (("int8", ref_int(X, 1, 8) @ ref_int(W, 0, 8)), ("fp8", None)):
         ref = ref if ref is not None else ref_fp8(X, e4m3) @ ref_fp8(W, e4m3)
         for real in (False, True):
-            np.testing.assert_allclose(quant_ops.qmatmul(X, W, mode, real), ref, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                quant_ops.qmatmul(X, W, mode, real), ref, rtol=1e-5, atol=1e-6
+            )
     # a multi-axis weight ([H, Dh, D], contracted over H x Dh) in groups, stored and read back
     w3 = W.reshape(4, 8, 16)
     q, scale = quant_ops.quantize_weight(jnp.asarray(w3), (0, 1), "int4", 8)
