@@ -13,7 +13,7 @@ import sys
 from absl import app, flags
 
 from llm import config as config_lib
-from llm.science import scaling
+from llm.science import run_table, scaling
 
 APPROACHES = {
     "approach1": "envelope of the loss-vs-compute curves",
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> None:
     if not f.runs:
         raise app.UsageError("--runs=FILE.csv is required.")
     try:
-        table = scaling.read_runs(f.runs)
+        table = run_table.read_runs(f.runs)
     except (OSError, ValueError) as e:  # a missing, unreadable or malformed CSV
         print(f"error: --runs={f.runs}: {e}", file=sys.stderr)
         sys.exit(2)
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> None:
         if f.holdout:
             result["holdout"] = scaling.holdout(table, f.n_column, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
-    final = scaling.final_rows(table)
+    final = run_table.final_rows(table)
     if f.out and "skipped" in result["approach3"]:
         print("no plots: they show approach 3's fit, which was skipped")
     elif f.out:
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> None:
 
         n_column = result["n_column"]
         predicted = scaling.predict_loss(result["approach3"], final[n_column], final["tokens"])
-        paths = plots.plot_all(final, scaling.budgets(final), predicted, result, out)
+        paths = plots.plot_all(final, run_table.budgets(final), predicted, result, out)
         result["plots"] = [str(p) for p in paths]
     if not f.replot:
         (out / "fit.json").write_text(scaling.to_json(result))

@@ -30,24 +30,24 @@ import numpy as np
 from absl import app, flags
 
 from llm import config as config_lib
-from llm.science import scaling
+from llm.science import run_table, scaling
 
 N_COLUMNS = ("params", "non_embedding_params")
 APPROACHES = ("approach1", "approach2", "approach3")
 MARKERS = "os^"  # one per set of runs in the exponent plot
 
 
-def restrict(table: scaling.Table, budgets: list[float]) -> scaling.Table:
+def restrict(table: run_table.Table, budgets: list[float]) -> run_table.Table:
     """The rows of `table` whose run has one of `budgets` and has finished (a row with `final`
     true, where the table says)."""
     keep = np.isclose(table["budget"][:, None], np.array(budgets)[None, :], rtol=1e-6).any(axis=1)
     if "final" in table:
         finished = set(table["run"][table["final"] == "True"])
         keep &= np.isin(table["run"], list(finished))
-    return scaling.select(table, keep)
+    return run_table.select(table, keep)
 
 
-def fit_grid(tables: dict[str, scaling.Table], bootstrap: int, seed: int) -> dict:
+def fit_grid(tables: dict[str, run_table.Table], bootstrap: int, seed: int) -> dict:
     """fit_all of each table (name -> runs) with each N column, in parallel processes:
     {name: {n_column: fit}}."""
     jobs = [(name, col) for name in tables for col in N_COLUMNS]
@@ -69,7 +69,7 @@ def exponent(fit: dict, approach: str, key: str = "a") -> dict | None:
     return entry if isinstance(entry, dict) and "value" in entry else None
 
 
-def reproduction(committed: scaling.Table, rerun: scaling.Table) -> dict:
+def reproduction(committed: run_table.Table, rerun: run_table.Table) -> dict:
     """The largest |loss difference| over the (run, step) rows the two tables share."""
     old = {(r, s): x for r, s, x in zip(committed["run"], committed["step"], committed["loss"])}
     diffs = [abs(x - old[(r, s)]) for r, s, x in zip(rerun["run"], rerun["step"], rerun["loss"])
@@ -124,7 +124,7 @@ def agreement(sp: dict, mup: dict) -> dict:
     return out
 
 
-def plot(results: dict, finals: dict[str, scaling.Table], out: pathlib.Path) -> None:
+def plot(results: dict, finals: dict[str, run_table.Table], out: pathlib.Path) -> None:
     """exponents.png: a per approach with its 95% interval, per N column and set of fits;
     isoflop.png: final loss against N per budget of `finals` (sp and mup: their last rows)."""
     from llm.science import plots  # matplotlib only when plotting
@@ -172,8 +172,8 @@ def main(argv: list[str]) -> None:
     if not (f.sp_runs and f.mup_runs and f.budgets):
         raise app.UsageError("--sp_runs=, --mup_runs= (runs.csv files), --budgets= are required.")
     budgets, out = [float(b) for b in f.budgets], pathlib.Path(f.out)
-    sp, mup = (restrict(scaling.read_runs(path), budgets) for path in (f.sp_runs, f.mup_runs))
-    finals = {"sp": scaling.final_rows(sp), "mup": scaling.final_rows(mup)}
+    sp, mup = (restrict(run_table.read_runs(path), budgets) for path in (f.sp_runs, f.mup_runs))
+    finals = {"sp": run_table.final_rows(sp), "mup": run_table.final_rows(mup)}
     if f.replot:
         plot(json.loads((out / "results.json").read_text()), finals, out)
         return
@@ -184,7 +184,7 @@ def main(argv: list[str]) -> None:
     results = {"budgets": budgets, "fits": {"sp, committed (4 budgets)": committed}}
     results["fits"] |= fit_grid({"sp": sp, "mup": mup}, f.bootstrap, f.seed)
     results["agreement"] = agreement(results["fits"]["sp"], results["fits"]["mup"])
-    results["sp_reproduction"] = reproduction(scaling.read_runs(f.committed_runs), sp)
+    results["sp_reproduction"] = reproduction(run_table.read_runs(f.committed_runs), sp)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(scaling.to_json(results) + "\n")
     (out / "results.md").write_text(tables_md(results))

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # no backend forced: Agg without a display, not
 import numpy as np
 from matplotlib.backend_bases import FigureCanvasBase
 
-Table = dict[str, np.ndarray]  # llm.scaling's table of runs (columns)
+from llm.science.run_table import Table
 
 # Okabe-Ito: distinguishable with colour-blindness and in greyscale print.
 COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from llm.science import plots, scaling
+from llm.science import plots, run_table, scaling
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 RESULTS = REPO / "experiments" / "scaling" / "results"
@@ -47,9 +47,9 @@ def drawn():
     )
     try:
         result = json.loads((RESULTS / "fit.json").read_text())
-        final = scaling.final_rows(scaling.read_runs(RESULTS / "runs.csv"))
+        final = run_table.final_rows(run_table.read_runs(RESULTS / "runs.csv"))
         predicted = scaling.predict_loss(result["approach3"], final["params"], final["tokens"])
-        plots.plot_all(final, scaling.budgets(final), predicted, result, pathlib.Path("unused"))
+        plots.plot_all(final, run_table.budgets(final), predicted, result, pathlib.Path("unused"))
     finally:
         plots.save = original
     yield result, figures

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llm import config as config_lib
-from llm.science import flops, scaling
+from llm.science import flops, run_table, scaling
 
 TRUE = {"E": 1.7, "A": 400.0, "B": 410.0, "alpha": 0.34, "beta": 0.28}
 
@@ -20,7 +20,7 @@ def law(n, d):
     return TRUE["E"] + TRUE["A"] / n ** TRUE["alpha"] + TRUE["B"] / d ** TRUE["beta"]
 
 
-def isoflop_table(noise: float, seed: int = 0, fractions=(1.0,)) -> scaling.Table:
+def isoflop_table(noise: float, seed: int = 0, fractions=(1.0,)) -> run_table.Table:
     """9 model sizes x 5 budgets; each run evaluated at `fractions` of its tokens (C = 6ND)."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -177,7 +177,7 @@ def test_sweep_runs_take_its_parametrization_and_learning_rate(tmp_path):
             config.steps, {"loss": 4.0, "eval_loss": 4.0}
         )
 
-    table = scaling.read_runs(sweep.run_sweep(mup_sweep, str(tmp_path), train_fn=fake_train))
+    table = run_table.read_runs(sweep.run_sweep(mup_sweep, str(tmp_path), train_fn=fake_train))
     assert set(table["parametrization"]) == {"mup"} and set(table["learning_rate"]) == {0.01}
 
 
@@ -236,9 +236,9 @@ def test_sweep_plans_resumes_and_collects(tmp_path):
     sweep.run_sweep(tiny_sweep(), str(tmp_path), train_fn=fake_train)  # reruns the unfinished one
     assert calls[4:] == [str(tmp_path / runs[0].name)]
 
-    table = scaling.read_runs(csv_path)
+    table = run_table.read_runs(csv_path)
     assert set(table["run"]) == {r.name for r in runs} and len(table["run"]) >= 8
-    final = scaling.final_rows(table)
+    final = run_table.final_rows(table)
     # Each run spends its budget, short of one step at most (steps are whole).
     assert np.all(final["flops"] <= final["budget"])
     assert np.all(final["budget"] < final["flops"] * (final["step"] + 1) / final["step"])
@@ -272,12 +272,12 @@ def test_runs_that_cannot_be_fitted_are_refused(tmp_path, column, value, message
     table = {k: list(v) for k, v in isoflop_table(noise=0.0).items()}
     table[column][2] = value
     with pytest.raises(ValueError, match=message):
-        scaling.read_runs(_write(tmp_path / "runs.csv", table))
+        run_table.read_runs(_write(tmp_path / "runs.csv", table))
 
 
 def test_too_few_runs_skip_the_parametric_fit_and_the_holdout():
     full = isoflop_table(noise=0.0)
-    table = scaling.select(full, np.arange(len(full["loss"])) < 3)  # one budget's first 3 runs
-    final = scaling.final_rows(table)
+    table = run_table.select(full, np.arange(len(full["loss"])) < 3)  # one budget's first 3 runs
+    final = run_table.final_rows(table)
     assert "at least 5 runs" in scaling.approach3(final)["skipped"]
     assert "at least 3" in scaling.holdout(table)["skipped"]
