@@ -18,11 +18,20 @@ def losses(
 
 
 def cross_entropy(
-    logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float
+    logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float, one_hot: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """`losses` of logits: f32[B, L, V]; targets: int32[B, L]; weights: f32[B, L]."""
+    """`losses` of logits: f32[B, L, V]; targets: int32[B, L]; weights: f32[B, L].
+
+    one_hot: the target's logit as a sum over a one-hot mask instead of a gather, for logits
+    split over the vocabulary inside a partly manual shard_map (a pipeline stage), where XLA's
+    SPMD partitioner cannot split the gather; it costs another pass over the logits.
+    """
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    if one_hot:
+        hit = jnp.arange(logits.shape[-1]) == targets[..., None]  # [B, L, V]
+        target_logit = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    else:
+        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return losses(lse, target_logit, weights, z_loss)
 
 

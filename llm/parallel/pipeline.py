@@ -168,7 +168,9 @@ def make_value_and_grad(
     """(params, rest, batch) -> ((loss_sum, (ce_sum, MoE values {layer: {name: value}})), grads),
     as jax.value_and_grad of the step's loss, pipelined over the mesh's stage axis.
     head_loss(model, hidden after the final norm, microbatch) -> (summed loss, summed
-    cross-entropy)."""
+    cross-entropy); its logits are split over the vocabulary as the rules table says, so it must
+    not gather from them (XLA's SPMD partitioner aborts on that inside the partly manual
+    shard_map: llm.training.step's head takes the target's logit by a one-hot sum)."""
 
     def value_and_grad(params: nnx.State, rest: nnx.State, batch: dict):
         mesh = jax.sharding.get_abstract_mesh()
@@ -220,18 +222,11 @@ def make_value_and_grad(
 
             return jax.vjp(fn, *known, x, has_aux=True)
 
-        # The loss sees whole vocabulary rows: XLA's SPMD partitioner aborts on the label gather
-        # of vocab-split logits inside a partly manual shard_map (mesh.tensor > 1).
-        whole_vocab = [
-            (n, None if n == "vocab" else a) for n, a in partitioning.current_rules() or ()
-        ]
-
         def f_last(known, x, mb, fixed):  # known = (chunk, head)
             def fn(chunk, head_state, x):
                 model = merged(head_state, chunk)
                 x, penalty, aux = run_chunk(chunk, x, mb, fixed)
-                with partitioning.axis_rules(whole_vocab):
-                    loss, ce = head_loss(model, model.final_norm(x), mb)
+                loss, ce = head_loss(model, model.final_norm(x), mb)
                 return loss + penalty, (ce, aux)
 
             return jax.vjp(fn, *known, x, has_aux=True)

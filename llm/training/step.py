@@ -50,13 +50,19 @@ def token_losses(
 
 
 def hidden_losses(
-    model: Transformer, hidden: jax.Array, batch: Batch, z_loss: float, loss: LossConfig
+    model: Transformer,
+    hidden: jax.Array,
+    batch: Batch,
+    z_loss: float,
+    loss: LossConfig,
+    one_hot: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed weighted loss (with z_loss) and summed cross-entropy of hidden: [B, L, D] (after
-    the final norm)."""
+    the final norm); one_hot: the plain loss takes the target's logit without a gather (a
+    pipeline's last stage, whose logits are split over the vocabulary)."""
     targets, weights = batch["targets"], batch["weights"]
     if loss.impl == "plain":
-        return cross_entropy(model.logits(hidden), targets, weights, z_loss)
+        return cross_entropy(model.logits(hidden), targets, weights, z_loss, one_hot)
     return cross_entropy_api.linear_cross_entropy(
         hidden,
         model.unembedding(),
@@ -104,7 +110,7 @@ def make_train_step(
 
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     if pipeline_cfg is not None and pipeline.stages_of(jax.sharding.get_abstract_mesh()) > 1:
-        head = functools.partial(hidden_losses, z_loss=z_loss, loss=loss)
+        head = functools.partial(hidden_losses, z_loss=z_loss, loss=loss, one_hot=True)
         pipelined = pipeline.make_value_and_grad(graphdef, pipeline_cfg, head)
 
         def value_and_grad(params, rest, batch: Batch, teacher):  # no teacher with stages

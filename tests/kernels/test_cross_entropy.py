@@ -85,6 +85,25 @@ def test_xla_implementation_is_the_reference():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("z_loss", [0.0, 1e-4])
+def test_reference_one_hot_target_equals_the_gather(z_loss):
+    """reference.cross_entropy(one_hot=True) (a pipeline's last stage): values and gradients
+    w.r.t. the logits equal the gather's and optax's."""
+    hidden, unembed, targets, weights = _inputs(2, 7, 16, 37, jnp.float32)
+    logits = jnp.einsum("bld,dv->blv", hidden, unembed)
+
+    def loss(one_hot):
+        return jax.value_and_grad(
+            lambda x: reference.cross_entropy(x, targets, weights, z_loss, one_hot)[0]
+        )(logits)
+
+    (got, d_got), (want, d_want) = loss(True), loss(False)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(d_got, d_want, rtol=1e-6, atol=1e-7)
+    ce = reference.cross_entropy(logits, targets, weights, z_loss, one_hot=True)[1]
+    np.testing.assert_allclose(ce, _optax_loss(hidden, unembed, targets, weights, 0.0)[1], 1e-5)
+
+
 def test_tied_embedding_gradient_flows_through_the_transpose():
     """unembed = embed.T and hidden from embed rows, as a tied model has them."""
     _, _, targets, weights = _inputs(2, 7, 16, 37, jnp.float32)

@@ -115,15 +115,16 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipelined(tmp_path_factory):
-    """(schedule, S, M, v=1, moe=False, **other mesh axes) -> its Run, each compiled once per
-    module."""
+    """(schedule, S, M, v=1, moe=False, loss impl="plain", **other mesh axes) -> its Run, each
+    compiled once per module."""
     runs = {}
 
-    def run(schedule, stages, micro, virtual=1, moe=False, **mesh):
-        key = (schedule, stages, micro, virtual, moe, tuple(sorted(mesh.items())))
+    def run(schedule, stages, micro, virtual=1, moe=False, loss="plain", **mesh):
+        key = (schedule, stages, micro, virtual, moe, loss, tuple(sorted(mesh.items())))
         if key not in runs:
             exp = experiment(
                 **(MOE if moe else {}),
+                **{"loss.impl": loss},
                 **{f"mesh.{k}": v for k, v in mesh.items()},
                 **{
                     "mesh.stage": stages,
@@ -155,6 +156,18 @@ def test_matches_one_device(reference, pipelined, schedule, stages, micro, virtu
     np.testing.assert_allclose(run.losses, reference.losses, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(run.norms, reference.norms, rtol=1e-5, atol=1e-6)
     assert_same_and_placed(run.state, reference.state)
+
+
+@pytest.mark.parametrize("loss", ["plain", "chunked"])
+def test_last_stage_splits_the_vocabulary_over_tensor(reference, pipelined, loss):
+    """With mesh.tensor = 2 the last stage's output projection and loss are split over the
+    vocabulary (no device holds a microbatch's whole logits) and train like one device."""
+    run = pipelined("1f1b", 2, 2, 1, loss=loss, data=2, tensor=2)
+    np.testing.assert_allclose(run.losses, reference.losses, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run.norms, reference.norms, rtol=1e-5, atol=1e-6)
+    rows = B // 2 // 2  # a microbatch's rows on one device: B / M / data
+    assert f"f32[{rows},{L},{V // 2}]" in run.hlo  # half the vocabulary's logits or tiles
+    assert f"f32[{rows},{L},{V}]" not in run.hlo  # never the whole vocabulary's
 
 
 def assert_same_and_placed(state: TrainState, reference: TrainState) -> None:
