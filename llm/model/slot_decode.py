@@ -152,7 +152,9 @@ def decode(
     Every position a row writes must lie below `length`, the cache positions attended (static,
     like rows and max_steps); a step's draw for a row uses the key fold_in(seed, count + step).
     Rows of idle slots compute and are ignored; one slot per row, no sequence axis: each row
-    writes and attends at its own position (the per-row cache index of llm.model.transformer)."""
+    writes and attends at its own position (the per-row cache index of llm.model.transformer).
+    The loop carries the attended part of the cache as a list of layers (unstack_layers: a step
+    reads a layer in place), stacked back into the cache once at the end."""
     model = nnx.merge(graph.graphdef, state)
     kv = unstack_layers(model.cfg, {n: cache[n][:, :rows, :, :length] for n in ("k", "v")})
 
