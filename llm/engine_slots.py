@@ -33,12 +33,7 @@ class SlotCache:
         decode_steps: int,
         vocab_limit: int | None,
     ):
-        self.slots, self.chunk, self.decode_steps, self.vocab_limit = (
-            slots,
-            chunk,
-            decode_steps,
-            vocab_limit,
-        )
+        self.slots, self.decode_steps, self.vocab_limit = slots, decode_steps, vocab_limit
         length = -(-max_len // chunk) * chunk  # a last chunk never writes past the cache
         self.lengths = sorted({min(chunk * 2**i, length) for i in range(length.bit_length())})
         self.rows = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
