@@ -1,6 +1,7 @@
 """Throughput and latency of three ways to serve one skewed mix of requests, in one run.
 
     python -m llm.engine_benchmark                        # the default model at random init
+    python -m llm.engine_benchmark --config.model.embed_dim=512 --config.model.num_layers=8
     python -m llm.engine_benchmark --workdir=/tmp/default --requests=64 --slots=8
 
 The mix: most prompts short and a few long, most outputs short and a few long (all requests
@@ -41,6 +42,7 @@ from llm.errors import ConfigError, check
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
 from llm.runs import load_model
+from llm.science.flops import param_counts
 
 PROMPT_LENGTHS = ((8, 0.35), (16, 0.3), (32, 0.2), (128, 0.15))  # (tokens, share of requests)
 OUTPUT_LENGTHS = ((8, 0.45), (16, 0.4), (128, 0.15))
@@ -182,6 +184,12 @@ def main(argv: list[str]) -> None:
             max_queue=f.requests,
             decode_steps=f.decode_steps,
         )
+        check(
+            not ((f.workdir or f.hf) and any(a.startswith("--config") for a in sys.argv)),
+            "--config describes the model at random init; a --workdir or --hf model has its own: "
+            "pass one or the other.",
+        )
+        model_cfg = None if f.workdir or f.hf else config_lib.model_config(f.config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -189,13 +197,14 @@ def main(argv: list[str]) -> None:
     if f.workdir or f.hf:
         model, _, _ = load_model(f.workdir, f.hf)
     else:
-        cfg = config_lib.model_config(config_lib.load_config(config_lib.DEFAULT_CONFIG))
-        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        model = Transformer(model_cfg, rngs=nnx.Rngs(0))
     mix = skewed_mix(f.requests, model.cfg.vocab_size, f.seed)
     total = sum(n for _, n in mix)
     print(
         f"{len(mix)} requests, prompts {sorted({len(p) for p, _ in mix})} tokens, outputs "
-        f"{sorted({n for _, n in mix})}; {total} tokens generated per way; load average "
+        f"{sorted({n for _, n in mix})}; {total} tokens generated per way; the model "
+        f"{param_counts(model.cfg)['total'] / 1e6:.1f}M "
+        f"parameters, {model.cfg.dtype}; load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; {jax.devices()[0].device_kind}"
     )
     rounds = []  # the ways interleaved, so a change in the machine's load hits them alike
@@ -252,6 +261,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    config_lib.define_config_flag()  # the model at random init, without --workdir or --hf
     flags.DEFINE_string("workdir", None, "A training run (DIR[@STEP]); default: random init.")
     flags.DEFINE_string("hf", None, "A Hugging Face model directory.")
     flags.DEFINE_integer("requests", 32, "Requests in the mix.")
@@ -263,4 +273,4 @@ if __name__ == "__main__":
     )
     flags.DEFINE_integer("seed", 0, "Seed of the mix.")
     flags.DEFINE_integer("repeats", 3, "Rounds of all three ways; each way's fastest is shown.")
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

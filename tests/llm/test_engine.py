@@ -203,6 +203,21 @@ def test_the_benchmark_refuses_bad_settings_in_one_line(run_module, flag, messag
     ]
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--config.model.num_kv_heads=3"], "is not divisible by config.model.num_kv_heads=3"),
+        (["--workdir=/nonexistent", "--config.model.num_layers=2"], "pass one or the other."),
+    ],
+)
+def test_the_benchmark_refuses_a_bad_model_config_in_one_line(run_module, flags, message):
+    """--config.* shapes the model at random init: a bad field, or one beside --workdir (whose
+    model has its own), is one line and exit status 2."""
+    done = run_module("llm.engine_benchmark", *flags)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+
+
 def test_a_request_moved_to_a_freed_lower_slot_continues_exactly(monkeypatch):
     """Once nothing waits, a request in a high slot moves into a freed lower one (decode steps
     then compute fewer rows); its tokens are the sampler's all the same."""
