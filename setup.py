@@ -35,7 +35,9 @@ EXTRAS_REQUIRE = {
         "ipykernel>=6.29",
         "wandb>=0.17",  # the offline run of --config.tracker=wandb (tests/llm/training/test_metrics.py)
         "peft>=0.17",  # LoRA adapters in PEFT's format, both ways (tests/llm/test_lora_peft.py)
-        "lm-eval>=0.4.13",  # llm.harness: its backend, the shipped tasks, parity with lm-eval's hf
+        # llm.harness: its backend and the shipped tasks equal lm-eval's hf backend; [api]: its
+        # OpenAI-style client (local-completions) scores through llm.serve (tests/llm/test_serve.py)
+        "lm-eval[api]>=0.4.13",
         "aiohttp>=3.9",  # the llm.serve endpoint tests (tests/llm/test_serve.py)
     ],
     # lm-evaluation-harness on our models: python -m llm.evaluate --tasks=..., config.eval.harness_tasks.

@@ -6,9 +6,11 @@
       -d '{"prompt": "The list type", "max_tokens": 32, "temperature": 0}'
 
 POST /v1/completions takes prompt (text, or token ids), max_tokens (default 16), temperature
-(0 = greedy), top_p, top_k, stop, seed, stream, n (1 only), model and user (ignored); any other
-field is refused. With "stream": true the answer is server-sent events, one chunk per delta, then
-`data: [DONE]`. POST /v1/chat/completions takes messages ([{"role", "content": text}, ...])
+(0 = greedy), top_p, top_k, stop, seed, stream, n (1 only), logprobs (0-5: each token's
+log-probability and that many likeliest alternatives, llm.serve_logprobs), echo (the prompt
+before the completion, with its tokens' logprobs), model and user (ignored); any other field is
+refused. With "stream": true the answer is server-sent events, one chunk per delta, then
+`data: [DONE]` (logprobs and echo are answered whole, not streamed). POST /v1/chat/completions takes messages ([{"role", "content": text}, ...])
 instead of prompt, rendered by the tokenizer's chat template (data.sft) with the assistant's turn
 opened; it answers choices[0].message (streamed: choices[0].delta chunks), and 400 when the
 tokenizer has no chat template. GET /v1/models names the model. It binds 127.0.0.1 unless --host
@@ -38,9 +40,11 @@ from data.sft import chat_encoder
 from llm.engine import TRUNCATE, Delta, Engine, EngineConfig, QueueFull, Request
 from llm.errors import ConfigError
 from llm.runs import load_model
+from llm.serve_logprobs import MAX_TOP, Logprobs, token_texts
 
 CHAT = Callable[[list], list[int]]  # messages -> the prompt ids of the assistant's reply
 FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "n"}
+SCORING = {"logprobs", "echo"}  # completions only
 IGNORED = {"model", "user"}
 
 
@@ -92,7 +96,7 @@ def parse_request(
     the engine Request's fields and `stream`; BadRequest otherwise."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object.")
-    fields = FIELDS if chat is None else FIELDS - {"prompt"} | {"messages"}
+    fields = FIELDS | SCORING if chat is None else FIELDS - {"prompt"} | {"messages"}
     unknown = sorted(set(body) - fields - IGNORED)
     if unknown:
         raise BadRequest(
@@ -127,9 +131,17 @@ def parse_request(
     ):
         raise BadRequest("stop must be a non-empty string or a list of up to 4 of them.")
     temperature = float(_number(body, "temperature", 1.0))
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest(f"stream must be true or false, got {stream!r}.")
+    stream, echo = body.get("stream", False), body.get("echo", False)
+    for name, value in (("stream", stream), ("echo", echo)):
+        if not isinstance(value, bool):
+            raise BadRequest(f"{name} must be true or false, got {value!r}.")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and _number(body, "logprobs", 0, True) not in range(MAX_TOP + 1):
+        raise BadRequest(
+            f"logprobs must be an integer from 0 to {MAX_TOP} or null, got {logprobs}."
+        )
+    if stream and (echo or logprobs is not None):
+        raise BadRequest("logprobs and echo are answered whole: set stream to false.")
     return {
         "prompt": ids,
         "max_tokens": max_tokens,
@@ -140,6 +152,8 @@ def parse_request(
         "stop": tuple(stop),
         "seed": _number(body, "seed", 0, integer=True) % 2**32,
         "stream": stream,
+        "logprobs": logprobs,
+        "echo": echo,
     }
 
 
@@ -160,9 +174,11 @@ def make_app(
     max_tokens_cap: int = 256,
     timeout: float = 30.0,
     chat: CHAT | None = None,
+    scorer: Logprobs | None = None,
 ) -> web.Application:
     """The aiohttp application; its startup starts the engine's thread, its cleanup stops it.
-    `chat` (data.sft.chat_encoder's) serves /v1/chat/completions; without it that answers 400."""
+    `chat` (data.sft.chat_encoder's) serves /v1/chat/completions; without it that answers 400.
+    `scorer` answers logprobs and echo; without it a request asking for them is a 400."""
 
     @web.middleware
     async def guard(request: web.Request, handler):
@@ -217,7 +233,9 @@ def make_app(
             return _error(400, f"the body is not valid JSON: {e}.")
         except BadRequest as e:
             return _error(400, str(e))
-        stream = fields.pop("stream")
+        stream, top, echo = (fields.pop(name) for name in ("stream", "logprobs", "echo"))
+        if (top is not None or echo) and scorer is None:
+            return _error(400, "this server answers no logprobs or echo.")
         loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
         on_delta = lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, delta)
         try:
@@ -231,18 +249,23 @@ def make_app(
         finished = False
         try:
             if not stream:
-                text, tokens, delta = "", 0, Delta("", ())
+                text, tokens, delta = "", [], Delta("", ())
                 while delta.finish_reason is None:
                     delta = await deltas.get()
-                    text, tokens = text + delta.text, tokens + len(delta.tokens)
+                    text, tokens = text + delta.text, tokens + list(delta.tokens)
                 finished = True
                 if delta.finish_reason == "error":
                     return _error(500, "the engine failed on this request; retry.")
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens}
-                usage["total_tokens"] = prompt_tokens + tokens
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens)}
+                usage["total_tokens"] = prompt_tokens + len(tokens)
                 extra = {"truncated_prompt_tokens": truncated} if truncated else {}
-                choices = [choice_of(text, delta.finish_reason, None)]
-                return web.json_response({**head, "choices": choices, "usage": usage, **extra})
+                choice = choice_of(text, delta.finish_reason, None)
+                prompt = fields["prompt"][truncated:]
+                if top is not None:  # the scoring pass off the event loop, beside the engine
+                    choice["logprobs"] = await asyncio.to_thread(scorer, prompt, tokens, top, echo)
+                if echo:
+                    choice["text"] = "".join(token_texts(scorer.tokenizer, prompt)) + text
+                return web.json_response({**head, "choices": [choice], "usage": usage, **extra})
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             response.headers["Cache-Control"] = "no-cache"
             await response.prepare(request)
@@ -299,6 +322,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     vocab = tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None
     engine = Engine(model, config, tokenizer=tokenizer, eos_id=tokenizer.eos_id, vocab_limit=vocab)
+    scorer = Logprobs(model, tokenizer, engine.max_len, vocab)
     engine.warmup()
     name = pathlib.Path((f.workdir or f.hf).split("@")[0]).name
     application = make_app(
@@ -310,6 +334,7 @@ def main(argv: list[str]) -> None:
         max_tokens_cap=f.max_tokens_cap,
         timeout=f.timeout,
         chat=chat_encoder(tokenizer),
+        scorer=scorer,
     )
     web.run_app(application, host=f.host, port=f.port, **connection_settings(f.timeout))
 

@@ -117,3 +117,34 @@ def train_until_first_save(monkeypatch):
                 train.train_and_evaluate(config, workdir)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, hf_tokenizer_dir) -> pathlib.Path:
+    """A small random Hugging Face Llama with hf_tokenizer_dir's tokenizer, saved by transformers
+    (tests/llm/harness, tests/llm/test_serve.py)."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # logits far from uniform, so the scores tell tokens apart
+        model.lm_head.weight.mul_(20.0)
+    directory = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

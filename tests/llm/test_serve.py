@@ -25,6 +25,7 @@ from llm.engine import Engine, EngineConfig
 from llm.model.config import ModelConfig
 from llm.model.decode import generate
 from llm.model.transformer import Transformer
+from llm.serve_logprobs import Logprobs
 
 KEY = "test-key"
 TIMEOUT = 5  # seconds a client may stall
@@ -69,6 +70,7 @@ def server(chat_tokenizer_dir):
     app = serve.make_app(
         engine, tokenizer.encode, api_key=KEY, max_body_bytes=2048, max_tokens_cap=48,
         timeout=TIMEOUT, chat=sft.chat_encoder(tokenizer),
+        scorer=Logprobs(model, tokenizer, 64, vocab_limit=tokenizer.vocab_size),
     )  # fmt: skip
     with running(app) as port:
         yield port, engine, model, tokenizer
@@ -87,15 +89,20 @@ def post(port, body, headers=AUTH, path="/v1/completions"):
     return response.status, raw
 
 
-def greedy_text(model, tokenizer, prompt: str, n: int) -> str:
-    """The single-request sampler's greedy continuation, cut at end of sequence, as text."""
+def greedy_ids(model, tokenizer, prompt: str, n: int) -> list[int]:
+    """The single-request sampler's greedy continuation, cut at end of sequence."""
     ids = tokenizer.encode(prompt)
     out = generate(
         model, jnp.array([ids]), max_new_tokens=n, rng=jax.random.key(0), greedy=True,
         eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size,
     )  # fmt: skip
     new = np.asarray(out)[0, len(ids) :].tolist()
-    new = new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
+    return new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
+
+
+def greedy_text(model, tokenizer, prompt: str, n: int) -> str:
+    """greedy_ids as text."""
+    ids, new = tokenizer.encode(prompt), greedy_ids(model, tokenizer, prompt, n)
     return tokenizer.decode(ids[-4:] + new)[len(tokenizer.decode(ids[-4:])) :]
 
 
@@ -117,6 +124,49 @@ def test_completion_and_stream_over_http(server):
     assert chunks[-1]["choices"][0]["finish_reason"] == answer["choices"][0]["finish_reason"]
 
 
+def reference_logprobs(model, tokenizer, ids: list[int]) -> np.ndarray:
+    """log-softmax of the model's logits after each of `ids` over the tokenizer's vocabulary:
+    [len(ids), vocabulary]."""
+    logits = np.asarray(model(jnp.array([ids]))[0], np.float64)[:, : tokenizer.vocab_size]
+    return (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))[:, None]
+        - logits.max(-1, keepdims=True)
+    )
+
+
+@pytest.mark.parametrize("echo", [True, False])
+def test_logprobs_are_the_models_log_softmax(server, echo):
+    """Each token's logprob and the likeliest alternatives equal the model's log-softmax after
+    the tokens before it; with echo the prompt comes first (its first token without one); the
+    text is the prompt's (echo) then the completion, each token's text at its offset."""
+    port, _, model, tokenizer = server
+    body = {"prompt": "The list type of", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    status, plain = post(port, {**body, "logprobs": None})
+    status, answer = post(port, {**body, "echo": echo})
+    assert status == 200, answer
+    choice, prompt = answer["choices"][0], tokenizer.encode(body["prompt"])
+    logprobs, n = choice["logprobs"], answer["usage"]["completion_tokens"]
+    assert n > 0 and choice["text"].endswith(plain["choices"][0]["text"])
+    first = 0 if echo else len(prompt)
+    assert len(logprobs["tokens"]) == len(prompt) + n - first
+    for i, offset in enumerate(logprobs["text_offset"]):
+        assert choice["text"][offset:].startswith(logprobs["tokens"][i])
+    assert choice["text"] == "".join(logprobs["tokens"])[: len(choice["text"])]
+    if echo:
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    ids = prompt + greedy_ids(model, tokenizer, body["prompt"], n)
+    want = reference_logprobs(model, tokenizer, ids)
+    for i in range(max(first, 1), len(ids)):
+        got_top = logprobs["top_logprobs"][i - first]
+        assert logprobs["token_logprobs"][i - first] == pytest.approx(want[i - 1, ids[i]], abs=1e-4)
+        best = np.sort(want[i - 1])[::-1][:2]  # two alternatives may read alike: one kept
+        assert max(got_top.values()) == pytest.approx(best[0], abs=1e-4)
+        assert all(np.isclose(best, p, atol=1e-4).any() for p in got_top.values())
+        if i >= len(prompt):  # greedy: the chosen token is the likeliest
+            assert logprobs["token_logprobs"][i - first] == pytest.approx(max(got_top.values()))
+
+
 def test_refusals_keep_the_server_serving(server):
     port = server[0]
     good = {"prompt": "def f", "max_tokens": 4, "temperature": 0}
@@ -132,6 +182,10 @@ def test_refusals_keep_the_server_serving(server):
         ({**good, "max_tokens": 100}, 400, "cap of 48"),
         ({**good, "temperature": -1}, 400, "temperature must be"),
         ({**good, "prompt": "word " * 70}, 400, "exceeds the context of 64 tokens"),
+        ({**good, "logprobs": 6}, 400, "logprobs must be an integer from 0 to 5"),
+        ({**good, "logprobs": "2"}, 400, "logprobs must be an integer"),
+        ({**good, "echo": "yes"}, 400, "echo must be true or false"),
+        ({**good, "logprobs": 1, "stream": True}, 400, "set stream to false"),
     ]:
         got, answer = post(port, body)
         assert got == status and message in answer["error"]["message"], answer
@@ -227,3 +281,41 @@ def test_malformed_chat_requests_are_400(server, hf_tokenizer_dir):
     with running(serve.make_app(engine, plain.encode, chat=None)) as other:
         got, answer = post(other, good, headers={}, path="/v1/chat/completions")
     assert got == 400 and "no chat template" in answer["error"]["message"], answer
+
+
+def test_lm_evals_api_client_scores_like_our_backend(llama_dir):
+    """lm-eval's own OpenAI-style client (`local-completions`: echo and logprobs) against this
+    server on a small random Hugging Face Llama scores the shipped cloze task per document as our
+    lm-eval backend (llm.harness) does on the same model, within 1e-4."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from llm.evaluate import harness_model
+    from llm.harness import run
+    from llm.runs import load_model
+
+    # Contexts short enough that neither truncates: lm-eval's API client keeps max_length - 1
+    # tokens (room for the one generated token), its hf backend and ours max_length + 1.
+    task, limit, max_length = "llm_lab_cloze", 6, 256
+    model, tokenizer, encode = load_model(None, str(llama_dir))
+    engine = Engine(model, EngineConfig(slots=2, max_len=max_length), tokenizer=tokenizer)
+    scorer = Logprobs(model, tokenizer, engine.max_len)
+    with running(serve.make_app(engine, encode, scorer=scorer)) as port:
+        client = LocalCompletionsAPI(
+            base_url=f"http://127.0.0.1:{port}/v1/completions", model="llama",
+            tokenizer=str(llama_dir), tokenizer_backend="huggingface", max_length=max_length,
+            max_retries=1,
+        )  # fmt: skip
+        theirs = run.evaluate(client, [task], limit=limit, bootstrap_iters=0, log_samples=True)
+    ours = run.evaluate(
+        harness_model(hf_dir=str(llama_dir), max_length=max_length), [task], limit=limit,
+        bootstrap_iters=0, log_samples=True,
+    )  # fmt: skip
+    ours_docs, their_docs = ours["samples"][task], theirs["samples"][task]
+    assert len(ours_docs) == len(their_docs) == limit
+    for a, b in zip(ours_docs, their_docs, strict=True):
+        assert a["doc_id"] == b["doc_id"] and a["arguments"] == b["arguments"]
+        assert [r[0][0] for r in a["resps"]] == pytest.approx(
+            [r[0][0] for r in b["resps"]], abs=1e-4
+        )
+        assert [r[0][1] for r in a["resps"]] == [r[0][1] for r in b["resps"]]  # is greedy
+    assert ours["results"][task]["acc,none"] == theirs["results"][task]["acc,none"]

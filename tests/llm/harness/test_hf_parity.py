@@ -1,42 +1,14 @@
-"""Our lm-eval backend on a small random Hugging Face Llama (built here with transformers, loaded
+"""Our lm-eval backend on a small random Hugging Face Llama (tests/llm/conftest.py, loaded
 by llm.hf) scores the shipped tasks as lm-eval's own `hf` backend (torch) does, per document
 within 1e-4: multiple-choice log-likelihoods (long ones truncated from the left) and rolling
 perplexity over several windows."""
 
 import pytest
-import torch
-import transformers
 
 from llm.evaluate import harness_model
 from llm.harness import run
 
 MAX_LENGTH = 128  # the perplexity passages span several windows
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, hf_tokenizer_dir):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_tokenizer_dir)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():  # logits far from uniform, so the scores tell tokens apart
-        model.lm_head.weight.mul_(20.0)
-    directory = tmp_path_factory.mktemp("llama")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def _results(lm, tasks, limit):
