@@ -323,6 +323,7 @@ def main(argv: list[str]) -> None:
     vocab = tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None
     engine = Engine(model, config, tokenizer=tokenizer, eos_id=tokenizer.eos_id, vocab_limit=vocab)
     scorer = Logprobs(model, tokenizer, engine.max_len, vocab)
+    scorer.warmup()
     engine.warmup()
     name = pathlib.Path((f.workdir or f.hf).split("@")[0]).name
     application = make_app(

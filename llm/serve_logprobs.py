@@ -10,7 +10,7 @@ The answer's `tokens` are each token's text as it reads mid-text (llm.engine_req
 and `text_offset` where each starts in the answer's text. With `echo` the prompt's tokens come
 first, the first of them with no log-probability (None), as OpenAI's API answers; lm-eval's
 `local-completions` backend scores a continuation this way. Lengths are padded to a power of two
-from 16 tokens, each compiled at its first use.
+from 16 tokens, one compilation each (`warmup` compiles them all).
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ MAX_TOP = 5  # the most alternatives a request may ask for, as OpenAI's completi
 MIN_LENGTH = 16  # the shortest padded length
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "top", "vocab_limit"))
-def _score(graph: Graph, state, tokens, top: int, vocab_limit: int | None):
-    """tokens: int32[1, L] -> (log p(tokens[t + 1] | tokens[..t]) f32[L - 1], the `top` likeliest
-    ids after each position int32[L, top] and their log-probabilities f32[L, top])."""
+@functools.partial(jax.jit, static_argnames=("graph", "vocab_limit"))
+def _score(graph: Graph, state, tokens, vocab_limit: int | None):
+    """tokens: int32[1, L] -> (log p(tokens[t + 1] | tokens[..t]) f32[L - 1], the MAX_TOP
+    likeliest ids after each position int32[L, MAX_TOP] and their log-probabilities)."""
     logits = nnx.merge(graph.graphdef, state)(tokens)[0]  # [L, V] float32
     if vocab_limit is not None:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs[:-1], tokens[0, 1:, None], axis=-1)[:, 0]
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, top)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_TOP)
     return chosen, top_ids, top_logprobs
 
 
@@ -55,6 +55,12 @@ class Logprobs:
         graphdef, self._state = nnx.split(model)
         self._graph, self.tokenizer = Graph(graphdef), tokenizer
         self.max_len, self.vocab_limit = max_len, vocab_limit
+        self.lengths = sorted({min(MIN_LENGTH << i, max_len) for i in range(max_len.bit_length())})
+
+    def warmup(self) -> None:
+        """Compiles the scoring pass at every padded length."""
+        for length in self.lengths:
+            _score(self._graph, self._state, np.zeros((1, length), np.int32), self.vocab_limit)
 
     def __call__(
         self, prompt: Sequence[int], completion: Sequence[int], top: int, echo: bool
@@ -62,10 +68,9 @@ class Logprobs:
         """OpenAI's logprobs object of `completion` after `prompt` (and of the prompt too with
         `echo`), listing the `top` (0..MAX_TOP) likeliest tokens at each position."""
         ids = [int(t) for t in (*prompt, *completion)]
-        length = min(max(MIN_LENGTH, 1 << (len(ids) - 1).bit_length()), self.max_len)
-        tokens = np.zeros((1, length), np.int32)
+        tokens = np.zeros((1, next(n for n in self.lengths if n >= len(ids))), np.int32)
         tokens[0, : len(ids)] = ids
-        scored = _score(self._graph, self._state, tokens, max(top, 1), self.vocab_limit)
+        scored = _score(self._graph, self._state, tokens, self.vocab_limit)
         chosen, top_ids, top_logprobs = map(np.asarray, scored)
         first = 0 if echo else len(prompt)
         texts = token_texts(self.tokenizer, ids)[first:]

@@ -20,7 +20,7 @@ from flax import nnx
 
 from data import sft
 from data.hf_tokenizer import HFTokenizer
-from llm import serve
+from llm import serve, serve_logprobs
 from llm.engine import Engine, EngineConfig
 from llm.model.config import ModelConfig
 from llm.model.decode import generate
@@ -67,10 +67,12 @@ def server(chat_tokenizer_dir):
         eos_id=tokenizer.eos_id,
         vocab_limit=tokenizer.vocab_size,
     )
+    scorer = Logprobs(model, tokenizer, 64, vocab_limit=tokenizer.vocab_size)
+    scorer.warmup()
     app = serve.make_app(
         engine, tokenizer.encode, api_key=KEY, max_body_bytes=2048, max_tokens_cap=48,
         timeout=TIMEOUT, chat=sft.chat_encoder(tokenizer),
-        scorer=Logprobs(model, tokenizer, 64, vocab_limit=tokenizer.vocab_size),
+        scorer=scorer,
     )  # fmt: skip
     with running(app) as port:
         yield port, engine, model, tokenizer
@@ -139,8 +141,10 @@ def reference_logprobs(model, tokenizer, ids: list[int]) -> np.ndarray:
 def test_logprobs_are_the_models_log_softmax(server, echo):
     """Each token's logprob and the likeliest alternatives equal the model's log-softmax after
     the tokens before it; with echo the prompt comes first (its first token without one); the
-    text is the prompt's (echo) then the completion, each token's text at its offset."""
+    text is the prompt's (echo) then the completion, each token's text at its offset. Nothing
+    compiles after the scorer's warmup."""
     port, _, model, tokenizer = server
+    compiled = serve_logprobs._score._cache_size()
     body = {"prompt": "The list type of", "max_tokens": 6, "temperature": 0, "logprobs": 2}
     status, plain = post(port, {**body, "logprobs": None})
     status, answer = post(port, {**body, "echo": echo})
@@ -165,6 +169,7 @@ def test_logprobs_are_the_models_log_softmax(server, echo):
         assert all(np.isclose(best, p, atol=1e-4).any() for p in got_top.values())
         if i >= len(prompt):  # greedy: the chosen token is the likeliest
             assert logprobs["token_logprobs"][i - first] == pytest.approx(max(got_top.values()))
+    assert serve_logprobs._score._cache_size() == compiled
 
 
 def test_refusals_keep_the_server_serving(server):
