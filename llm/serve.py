@@ -10,14 +10,15 @@ POST /v1/completions takes prompt (text, or token ids), max_tokens (default 16),
 log-probability and that many likeliest alternatives, llm.serve_logprobs), echo (the prompt
 before the completion, with its tokens' logprobs), model and user (ignored); any other field is
 refused. With "stream": true the answer is server-sent events, one chunk per delta, then
-`data: [DONE]` (logprobs and echo are answered whole, not streamed). POST /v1/chat/completions takes messages ([{"role", "content": text}, ...])
-instead of prompt, rendered by the tokenizer's chat template (data.sft) with the assistant's turn
-opened; it answers choices[0].message (streamed: choices[0].delta chunks), and 400 when the
-tokenizer has no chat template. GET /v1/models names the model. It binds 127.0.0.1 unless --host
-says otherwise; with --api_key every request needs `Authorization: Bearer KEY` (else 401). A body over
---max_body_bytes is 413, a bad request 400 (one message, the server keeps serving), a full queue
-429; a client that stalls sending its headers or body or reading the stream for --timeout seconds
-is dropped, and a client that goes away frees its slot.
+`data: [DONE]` (logprobs and echo are answered whole, not streamed). POST /v1/chat/completions
+takes messages ([{"role", "content": text}, ...]) instead of prompt, rendered by the tokenizer's
+chat template (data.sft) with the assistant's turn opened; it answers choices[0].message
+(streamed: choices[0].delta chunks), and 400 when the tokenizer has no chat template.
+GET /v1/models names the model. It binds 127.0.0.1 unless --host says otherwise; with --api_key
+every request needs `Authorization: Bearer KEY` (else 401). A body over --max_body_bytes is 413,
+a bad request 400 (one message, the server keeps serving), a full queue 429; a client that stalls
+sending its headers or body or reading the stream for --timeout seconds is dropped, and a client
+that goes away frees its slot.
 """
 
 from __future__ import annotations
