@@ -31,7 +31,7 @@ from flax import nnx
 
 from llm.model.config import ModelConfig
 from llm.model.decode import top_k_filter, top_p_filter
-from llm.model.transformer import init_cache, stack_layers, unstack_layers
+from llm.model.transformer import init_cache, unstack_layers
 
 
 class Sampling(NamedTuple):
@@ -154,7 +154,8 @@ def decode(
     Rows of idle slots compute and are ignored; one slot per row, no sequence axis: each row
     writes and attends at its own position (the per-row cache index of llm.model.transformer).
     The loop carries the attended part of the cache as a list of layers (unstack_layers: a step
-    reads a layer in place), stacked back into the cache once at the end."""
+    reads a layer in place); the positions the steps wrote are then scattered into the cache, not
+    the whole part written back."""
     model = nnx.merge(graph.graphdef, state)
     kv = unstack_layers(model.cfg, {n: cache[n][:, :rows, :, :length] for n in ("k", "v")})
 
@@ -166,8 +167,19 @@ def decode(
 
     out = jnp.zeros((max_steps, rows), jnp.int32)
     out, _, kv = jax.lax.fori_loop(0, steps, step, (out, tokens, kv))
-    kv = stack_layers(kv)
-    return out, {n: jax.lax.dynamic_update_slice(cache[n], kv[n], (0,) * 5) for n in kv}
+    # Back into the cache: only the positions the steps wrote (row r: index[r] + 0..steps-1).
+    step_index = jnp.arange(max_steps)
+    written = index[:, None] + step_index  # [rows, max_steps]
+    row = jnp.arange(rows)[:, None]
+    read = jnp.minimum(written, length - 1)
+    positions = jnp.where(step_index < steps, written, cache["k"].shape[3])  # unrun steps: dropped
+
+    def new(x):  # -> [rows, max_steps, layers, K, Dh]
+        if isinstance(x, list):
+            return jnp.stack([layer[row, :, read] for layer in x], axis=2)
+        return x[:, row, :, read]
+
+    return out, {n: cache[n].at[:, row, :, positions].set(new(kv[n]), mode="drop") for n in kv}
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))

@@ -271,11 +271,3 @@ def unstack_layers(cfg: ModelConfig, cache: dict[str, Any]) -> dict[str, Any]:
         return cache
     split = lambda a: [jax.tree.map(lambda x, i=i: x[i], a) for i in range(cfg.num_layers)]
     return {**cache, "k": split(cache["k"]), "v": split(cache["v"])}
-
-
-def stack_layers(cache: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `unstack_layers`."""
-    if not isinstance(cache["k"], list):
-        return cache
-    stack = lambda layers: jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-    return {**cache, "k": stack(cache["k"]), "v": stack(cache["v"])}

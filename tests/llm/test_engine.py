@@ -25,10 +25,11 @@ NEW = [5, 9, 3, 12]
 
 
 @functools.cache
-def tiny_model(pattern: str = "dense") -> Transformer:
+def tiny_model(pattern: str = "dense", scan: bool = False) -> Transformer:
     cfg = ModelConfig(
         vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
         max_seq_len=MAX_LEN, attention_pattern=pattern, attention_window=4, attention_global=2,
+        scan_layers=scan,
     )  # fmt: skip
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     # Larger weights: peaked logits, so greedy tokens vary along a sequence.
@@ -37,12 +38,13 @@ def tiny_model(pattern: str = "dense") -> Transformer:
 
 
 @functools.cache
-def reference(pattern: str, i: int) -> list[int]:
+def reference(pattern: str, i: int, scan: bool = False) -> list[int]:
     """The single-request sampler's greedy continuation of PROMPTS[i]."""
     prompt = jnp.array([PROMPTS[i]], jnp.int32)
     out = generate(
-        tiny_model(pattern), prompt, max_new_tokens=NEW[i], rng=jax.random.key(0), greedy=True
-    )
+        tiny_model(pattern, scan), prompt, max_new_tokens=NEW[i], rng=jax.random.key(0),
+        greedy=True,
+    )  # fmt: skip
     return np.asarray(out)[0, len(PROMPTS[i]) :].tolist()
 
 
@@ -106,6 +108,18 @@ def test_greedy_equals_the_sampler_whatever_the_join_order(pattern):
         assert completion.tokens == np.asarray(alone)[0, len(prompt) :].tolist()
     if pattern != "dense":  # the pattern is applied: same weights, other tokens
         assert expected != [reference("dense", i) for i in range(len(PROMPTS))]
+
+
+def test_scanned_layers_decode_as_the_sampler():
+    """A scan_layers model (its cache stacked [layers, ...] in the decode loop too) joins and
+    leaves slots with the sampler's tokens; two decode steps per call, so most of a request's
+    keys and values are read back from the cache, written there by earlier calls."""
+    config = EngineConfig(slots=2, max_len=MAX_LEN, prefill_chunk=CHUNK, decode_steps=2)
+    eng = Engine(tiny_model(scan=True), config)
+    requests = [Request(p, max_tokens=n, greedy=True) for p, n in zip(PROMPTS, NEW)]
+    expected = [reference("dense", i, scan=True) for i in range(len(PROMPTS))]
+    assert [c.tokens for c in eng.generate(requests)] == expected
+    assert run_staggered(eng, requests, [3, 0, 7, 1]) == expected
 
 
 def test_slots_are_reused_after_finish_and_cancel():

@@ -10,7 +10,7 @@ from flax import nnx
 
 from llm.model.config import ModelConfig
 from llm.model.decode import check_sampling, generate, top_k_filter, top_p_filter
-from llm.model.transformer import Transformer, init_cache, stack_layers, unstack_layers
+from llm.model.transformer import Transformer, init_cache, unstack_layers
 
 PROMPT, NEW = 5, 8
 
@@ -77,18 +77,19 @@ def test_a_cache_position_per_row_equals_each_row_alone(scan, int8):
 @pytest.mark.parametrize("index", [[4], [3, 9, 0]], ids=["scalar", "per_row"])
 def test_a_cache_unstacked_into_layers_equals_the_stacked_one(int8, index):
     """unstack_layers (how the decode loops carry the cache): the logits and the keys and values
-    written equal the stacked cache's; stack_layers gives the stacked layout back."""
+    written equal the stacked cache's."""
     model = tiny_model()
     index = jnp.array(index[0] if len(index) == 1 else index, jnp.int32)
     tokens = jax.random.randint(jax.random.key(2), (3, 2), 0, 64, jnp.int32)
     kv = filled_cache(model.cfg, 3, 16, int8)
     layered = unstack_layers(model.cfg, kv)
     assert isinstance(layered["k"], list) and len(layered["v"]) == model.cfg.num_layers
-    jax.tree.map(np.testing.assert_array_equal, stack_layers(layered), kv)
+    stack = lambda c: {n: jax.tree.map(lambda *xs: jnp.stack(xs), *c[n]) for n in ("k", "v")}
+    jax.tree.map(np.testing.assert_array_equal, stack(layered), kv)
     logits, new = model(tokens, cache={**kv, "index": index})
     got_logits, got = model(tokens, cache={**layered, "index": index})
     np.testing.assert_array_equal(got_logits, logits)
-    jax.tree.map(np.testing.assert_array_equal, stack_layers(got), new)
+    jax.tree.map(np.testing.assert_array_equal, stack(got), {n: new[n] for n in ("k", "v")})
     scanned = tiny_model(scan=True).cfg
     assert unstack_layers(scanned, kv) is kv  # scanned layers index the stack
 
