@@ -29,7 +29,9 @@ EXTRAS_REQUIRE = {
         "pytest>=8",
         "pytest-xdist>=3.6",  # test files on every core (pytest.ini)
         "torch==2.13.0",
-        "transformers>=4.50",
+        # <5.25: transformers 5.25 requires Hugging Face's `kernels` package and imports it on
+        # load, but this repo's own top-level `kernels` package has that import name and wins.
+        "transformers>=4.50,<5.25",
         "nbclient>=0.10",
         "nbformat>=5.10",
         "ipykernel>=6.29",
