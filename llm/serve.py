@@ -264,8 +264,10 @@ def make_app(
                 prompt = fields["prompt"][truncated:]
                 if top is not None:  # the scoring pass off the event loop, beside the engine
                     choice["logprobs"] = await asyncio.to_thread(scorer, prompt, tokens, top, echo)
-                if echo:
-                    choice["text"] = "".join(token_texts(scorer.tokenizer, prompt)) + text
+                if echo:  # the prompt's token texts (the logprobs list them first)
+                    texts = choice["logprobs"] and choice["logprobs"]["tokens"]
+                    texts = texts or token_texts(scorer.tokenizer, prompt)
+                    choice["text"] = "".join(texts[: len(prompt)]) + text
                 return web.json_response({**head, "choices": [choice], "usage": usage, **extra})
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             response.headers["Cache-Control"] = "no-cache"

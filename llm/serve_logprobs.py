@@ -73,7 +73,7 @@ class Logprobs:
         scored = _score(self._graph, self._state, tokens, self.vocab_limit)
         chosen, top_ids, top_logprobs = map(np.asarray, scored)
         first = 0 if echo else len(prompt)
-        texts = token_texts(self.tokenizer, ids)[first:]
+        texts = token_texts(self.tokenizer, ids, start=first)
         answer = {"tokens": texts, "token_logprobs": [], "top_logprobs": []}
         answer["text_offset"] = np.cumsum([0] + [len(t) for t in texts])[:-1].tolist()
         for i in range(first, len(ids)):
@@ -89,7 +89,8 @@ class Logprobs:
         return answer
 
 
-def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    """Each token's text as it reads after the tokens before it (word boundaries as the
-    tokenizer writes them mid-text; sentencepiece drops a token's leading space at the start)."""
-    return [detokenize(tokenizer, list(ids[:i]), [ids[i]]) for i in range(len(ids))]
+def token_texts(tokenizer: Any, ids: Sequence[int], start: int = 0) -> list[str]:
+    """The text of each token from `start` on, as it reads after the tokens before it (word
+    boundaries as the tokenizer writes them mid-text; sentencepiece drops a token's leading space
+    at the start)."""
+    return [detokenize(tokenizer, list(ids[:i]), [ids[i]]) for i in range(start, len(ids))]
