@@ -28,6 +28,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.6",  # test files on every core (pytest.ini)
+        "filelock>=3.12",  # locks the test run's shared compilation cache (tests/conftest.py)
         "torch==2.13.0",
         # <5.25: transformers 5.25 requires Hugging Face's `kernels` package and imports it on
         # load, but this repo's own top-level `kernels` package has that import name and wins.

@@ -15,6 +15,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# One compilation cache on disk for the test run's processes (the workers, and the commands and
+# notebooks tests start), so a computation many tests build alike (the tiny model's train step,
+# ...) compiles once: the same executable, loaded instead of compiled again. Only what took a
+# second or more to compile is kept (jax's default), so entries stay few: with a size cap jax
+# locks the cache (filelock), so processes never read each other's half-written files, and
+# scans all of it on every write. Kept between runs (gitignored).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax-tests"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30))
+
 
 @pytest.fixture(scope="session")
 def run_module():
